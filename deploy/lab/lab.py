@@ -1,0 +1,765 @@
+#!/usr/bin/env python3
+"""arbor's lab: a fleet behind bastions on one machine, across an emulated WAN.
+
+Every host is a network namespace running its own sshd, in its own mount and
+UTS namespace: its own /root (Debian's default dot files), /etc/ssh (its own
+host keys), /tmp and /var/tmp. The lab's run directory, which holds the
+controller's private key, is masked inside every host.
+
+    controller (root ns, arb-wan0 10.240.0.1)
+        |  veth
+    arb-wan: arbor-wan bridges "wa" <-> "wb" with delay, rate and loss
+        |  bridge "wbr"
+    bastionB (10.240.0.(10+B), LAN bridge "lan" 10.241.B.1/24)
+        |  --depth 2: rackR (10.241.B.x, LAN bridge "lan" 10.242.R.1/24)
+    targetN (10.241.B.x or 10.242.R.x)
+
+The root namespace has an `unreachable` route for 10.240.0.0/12, so a target
+address is refused at once on the controller instead of leaking to the
+machine's real network; only the WAN /24 is connected.
+
+Commands: up, down, wan (stats|reset|set), cpu. Standard library only.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_DIR = Path(os.environ.get("ARBOR_LAB_DIR", "/run/arbor-lab"))
+NS_PREFIX = "arb-"
+ROOT_IF = "arb-wan0"
+CONTROLLER_ADDR = "10.240.0.1"
+WAN_NET = "10.240.0"
+LAB_SUPERNET = "10.240.0.0/12"
+BASTION_LAN = "10.241.{b}"
+RACK_LAN = "10.242.{r}"
+HOSTS_PER_LAN_MAX = 240
+BASTIONS_MAX = 200
+RACKS_MAX = 250
+CGROUP_NAME = "arbor-lab"
+SSHD_READY_TIMEOUT_S = 30.0
+WAN_READY_TIMEOUT_S = 10.0
+KILL_GRACE_S = 2.0
+
+SSHD_CONFIG = """\
+# arbor lab host {name}
+ListenAddress {addr}
+HostKey /etc/ssh/ssh_host_ed25519_key
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PidFile none
+UseDNS no
+# Fleet tests open many connections and multiplexed sessions at once.
+MaxStartups 1000:30:2000
+MaxSessions 1000
+AllowAgentForwarding yes
+AllowTcpForwarding yes
+X11Forwarding no
+PrintMotd no
+PrintLastLog no
+AcceptEnv LANG LC_*
+Subsystem sftp /usr/lib/openssh/sftp-server
+"""
+
+# Runs inside the host's namespaces (after `ip netns exec` and `unshare`).
+HOST_INIT = r"""
+set -eu
+exec >>"$HD/sshd.log" 2>&1
+hostname "$NAME"
+mount --bind "$HD/home" /root
+mount --bind "$HD/etc-ssh" /etc/ssh
+mount -t tmpfs -o mode=1777,size=2g tmpfs /tmp
+mount -t tmpfs -o mode=1777,size=256m tmpfs /var/tmp
+if [ "$NOPYTHON" = 1 ]; then
+    # Whiteouts in an overlay make every python binary truly absent.
+    mount -t tmpfs -o size=1m tmpfs "$HD/ovl"
+    mkdir "$HD/ovl/upper" "$HD/ovl/work"
+    for f in /usr/bin/python* /usr/bin/pydoc* /usr/bin/*-python3*; do
+        [ -e "$f" ] || [ -L "$f" ] || continue
+        mknod "$HD/ovl/upper/${f##*/}" c 0 0
+    done
+    mount -t overlay overlay \
+        -o "lowerdir=/usr/bin,upperdir=$HD/ovl/upper,workdir=$HD/ovl/work" /usr/bin
+fi
+# Hide the lab's run directory (the controller's private key) from the host.
+mount -t tmpfs -o size=64k,mode=0700 tmpfs "$RUN"
+exec /usr/sbin/sshd -D -e -f /etc/ssh/sshd_config
+"""
+
+
+# `sh -c JOIN_CGROUP CGROUP CMD...`: moves itself into CGROUP, then runs CMD.
+JOIN_CGROUP = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+
+
+class LabError(Exception):
+    pass
+
+
+def log(msg):
+    print(f"lab: {msg}", file=sys.stderr, flush=True)
+
+
+def sh(*args, check=True, capture=False, input=None):
+    """Runs a command; raises LabError with its stderr on failure."""
+    res = subprocess.run(
+        [str(a) for a in args],
+        input=input,
+        capture_output=True,
+        text=True,
+    )
+    if check and res.returncode != 0:
+        raise LabError(f"{' '.join(map(str, args))}: {res.stderr.strip() or res.returncode}")
+    return res.stdout if capture else res
+
+
+def ns_exec(ns, *args, **kw):
+    return sh("ip", "netns", "exec", ns, *args, **kw)
+
+
+# ---------------------------------------------------------------- cgroups
+
+
+def cgroup_base():
+    """Returns (kind, path) of the lab's cgroup parent for CPU accounting."""
+    v1 = Path("/sys/fs/cgroup/cpuacct")
+    if (v1 / "cpuacct.usage").exists():
+        return "v1", v1 / CGROUP_NAME
+    for v2 in (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")):
+        if (v2 / "cgroup.procs").exists() and (v2 / "cgroup.controllers").exists():
+            return "v2", v2 / CGROUP_NAME
+    raise LabError("no cgroup hierarchy with CPU accounting found")
+
+
+def cgroup_cpu_seconds(path):
+    """CPU seconds used by every process that ever ran in the cgroup."""
+    path = Path(path)
+    usage = path / "cpuacct.usage"
+    if usage.exists():
+        return int(usage.read_text()) / 1e9
+    for line in (path / "cpu.stat").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "usage_usec":
+            return int(value) / 1e6
+    raise LabError(f"no CPU usage in {path}")
+
+
+def cgroup_pids(path):
+    procs = Path(path) / "cgroup.procs"
+    try:
+        return [int(p) for p in procs.read_text().split()]
+    except OSError:
+        return []
+
+
+def remove_cgroup_tree(path):
+    path = Path(path)
+    if not path.is_dir():
+        return
+    for child in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if child.is_dir():
+            kill_pids(cgroup_pids(child))
+            rmdir_retry(child)
+    kill_pids(cgroup_pids(path))
+    rmdir_retry(path)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def kill_pids(pids):
+    pids = [p for p in pids if p != os.getpid()]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for p in pids:
+            try:
+                os.kill(p, sig)
+                alive.append(p)
+            except ProcessLookupError:
+                pass
+        reap(alive)
+        if not alive:
+            return
+        deadline = time.monotonic() + KILL_GRACE_S
+        while time.monotonic() < deadline:
+            reap(alive)
+            alive = [p for p in alive if Path(f"/proc/{p}").exists() and not is_zombie(p)]
+            if not alive:
+                return
+            time.sleep(0.02)
+        pids = alive
+
+
+def reap(pids):
+    """Reaps those of `pids` that are our own children and have exited."""
+    for p in pids:
+        try:
+            os.waitpid(p, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def rmdir_retry(path):
+    """rmdir a cgroup; its last processes may take a moment to be released."""
+    deadline = time.monotonic() + KILL_GRACE_S
+    while True:
+        try:
+            path.rmdir()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise LabError(f"cgroup {path} still holds {cgroup_pids(path)}")
+            kill_pids(cgroup_pids(path))
+            time.sleep(0.02)
+
+
+def is_zombie(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def lab_namespaces():
+    out = sh("ip", "netns", "list", capture=True, check=False)
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return [n for n in names if n.startswith(NS_PREFIX)]
+
+
+def ns_pids(ns):
+    out = sh("ip", "netns", "pids", ns, capture=True, check=False)
+    return [int(p) for p in out.split()]
+
+
+# ---------------------------------------------------------------- down
+
+
+def down(_args=None):
+    """Removes every trace of the lab; safe to run at any time."""
+    for ns in lab_namespaces():
+        kill_pids(ns_pids(ns))
+    try:
+        _, cg = cgroup_base()
+        remove_cgroup_tree(cg)
+    except LabError:
+        pass
+    for ns in lab_namespaces():
+        sh("ip", "netns", "del", ns, check=False)
+    sh("ip", "link", "del", ROOT_IF, check=False)
+    sh("ip", "route", "del", "unreachable", LAB_SUPERNET, check=False)
+    if RUN_DIR.exists():
+        shutil.rmtree(RUN_DIR)
+    left = leftovers()
+    if left:
+        raise LabError("down left behind: " + "; ".join(left))
+    log("down: no lab namespace, interface, process, cgroup, mount or route left")
+
+
+def leftovers():
+    """Everything of the lab still present, as readable strings."""
+    left = [f"netns {n}" for n in lab_namespaces()]
+    links = sh("ip", "-o", "link", "show", capture=True, check=False)
+    left += [f"interface {l.split(':')[1].strip()}" for l in links.splitlines()
+             if l.split(":")[1].strip().split("@")[0].startswith("arb")]
+    routes = sh("ip", "route", "show", LAB_SUPERNET, capture=True, check=False)
+    left += [f"route {r}" for r in routes.splitlines() if r.strip()]
+    mounts = Path("/proc/self/mountinfo").read_text()
+    left += [f"mount {l.split()[4]}" for l in mounts.splitlines()
+             if str(RUN_DIR) in l or "/run/netns/" + NS_PREFIX in l]
+    try:
+        _, cg = cgroup_base()
+        if cg.exists():
+            left.append(f"cgroup {cg}")
+    except LabError:
+        pass
+    if RUN_DIR.exists():
+        left.append(f"run dir {RUN_DIR}")
+    return left
+
+
+# ---------------------------------------------------------------- up
+
+
+class Host:
+    def __init__(self, name, role, addr, via, lan_bridge_ns, python3):
+        self.name = name
+        self.role = role
+        self.addr = addr
+        self.via = via
+        self.parent_ns = lan_bridge_ns
+        self.python3 = python3
+        self.ns = NS_PREFIX + name
+        self.lan = None  # "a.b.c" prefix of the LAN it serves, if any
+        self.cgroup = None
+
+    @property
+    def dir(self):
+        return RUN_DIR / "hosts" / self.name
+
+
+def plan(args):
+    """Names and addresses for every host, in creation order."""
+    hosts = []
+    rack_no = 0
+    target_no = 0
+    for b in range(1, args.bastions + 1):
+        bastion = Host(f"bastion{b}", "bastion", f"{WAN_NET}.{10 + b}", None, None,
+                       python3=not args.no_python_bastion)
+        bastion.lan = BASTION_LAN.format(b=b)
+        hosts.append(bastion)
+        parents = [bastion]
+        if args.depth == 2:
+            parents = []
+            for k in range(args.racks):
+                rack_no += 1
+                rack = Host(f"rack{rack_no}", "rack", f"{bastion.lan}.{10 + k}", bastion.name,
+                            bastion.ns, python3=True)
+                rack.lan = RACK_LAN.format(r=rack_no)
+                hosts.append(rack)
+                parents.append(rack)
+        counts = [args.targets // len(parents)] * len(parents)
+        for i in range(args.targets % len(parents)):
+            counts[i] += 1
+        for parent, count in zip(parents, counts):
+            for k in range(count):
+                target_no += 1
+                hosts.append(Host(f"target{target_no}", "target", f"{parent.lan}.{10 + k}",
+                                  parent.name, parent.ns, python3=True))
+    return hosts
+
+
+def check_args(args):
+    if not 1 <= args.bastions <= BASTIONS_MAX:
+        raise LabError(f"--bastions must be 1..{BASTIONS_MAX}")
+    if args.depth not in (1, 2):
+        raise LabError("--depth must be 1 or 2")
+    per_lan = args.targets if args.depth == 1 else -(-args.targets // max(args.racks, 1))
+    if args.targets < 0 or per_lan > HOSTS_PER_LAN_MAX:
+        raise LabError(f"at most {HOSTS_PER_LAN_MAX} targets per LAN")
+    if args.depth == 2 and not 1 <= args.racks * args.bastions <= RACKS_MAX:
+        raise LabError(f"--racks × --bastions must be 1..{RACKS_MAX}")
+    if args.wan_delay_ms < 0 or args.wan_rate_mbit < 0 or not 0 <= args.wan_loss_pct <= 100:
+        raise LabError("WAN settings must be non-negative, loss at most 100")
+    for tool in ("ip", "ssh-keygen", "ethtool", "unshare"):
+        if not shutil.which(tool):
+            raise LabError(f"{tool} not found: run deploy/setup first")
+    if not Path("/usr/sbin/sshd").exists():
+        raise LabError("/usr/sbin/sshd not found: run deploy/setup first")
+
+
+def wan_binary():
+    env = os.environ.get("ARBOR_WAN_BIN")
+    if env:
+        return Path(env)
+    sh("cargo", "build", "--quiet", "--release", "-p", "arbor-wanem",
+       "--manifest-path", REPO / "Cargo.toml")
+    return REPO / "target" / "release" / "arbor-wan"
+
+
+def offloads_off(ns, dev):
+    """Segmentation and checksum offloads make veth frames bigger than the MTU
+    or leave checksums for hardware; the emulator needs plain frames."""
+    cmd = ["ethtool", "-K", dev, "tx", "off", "tso", "off", "gso", "off", "gro", "off"]
+    if ns:
+        ns_exec(ns, *cmd, check=False)
+    else:
+        sh(*cmd, check=False)
+
+
+def host_sysctls(ns):
+    ns_exec(ns, "sh", "-c",
+            "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 "
+            "net.ipv4.ip_forward=0 && ip link set lo up")
+
+
+def make_network(hosts):
+    sh("ip", "netns", "add", "arb-wan")
+    host_sysctls("arb-wan")
+    sh("ip", "link", "add", ROOT_IF, "type", "veth", "peer", "name", "wa", "netns", "arb-wan")
+    sh("ip", "addr", "add", f"{CONTROLLER_ADDR}/24", "dev", ROOT_IF)
+    sh("sysctl", "-qw", f"net.ipv6.conf.{ROOT_IF}.disable_ipv6=1")
+    sh("ip", "link", "set", ROOT_IF, "up")
+    sh("ip", "route", "add", "unreachable", LAB_SUPERNET)
+    offloads_off(None, ROOT_IF)
+    w = ["ip", "-n", "arb-wan"]
+    sh(*w, "link", "add", "wb", "type", "veth", "peer", "name", "wbp")
+    sh(*w, "link", "add", "wbr", "type", "bridge")
+    sh(*w, "link", "set", "wbp", "master", "wbr")
+    for dev in ("wa", "wb", "wbp", "wbr"):
+        sh(*w, "link", "set", dev, "up")
+    for dev in ("wa", "wb"):
+        sh(*w, "link", "set", dev, "promisc", "on")
+        offloads_off("arb-wan", dev)
+
+    for h in hosts:
+        sh("ip", "netns", "add", h.ns)
+        host_sysctls(h.ns)
+        if h.role == "bastion":
+            sh("ip", "link", "add", "eth0", "netns", h.ns, "type", "veth",
+               "peer", "name", h.name[:15], "netns", "arb-wan")
+            sh("ip", "-n", "arb-wan", "link", "set", h.name[:15], "master", "wbr", "up")
+            offloads_off(h.ns, "eth0")
+        else:
+            peer = ("t" if h.role == "target" else "r") + h.name.lstrip("targetrack")
+            sh("ip", "link", "add", "eth0", "netns", h.ns, "type", "veth",
+               "peer", "name", peer, "netns", h.parent_ns)
+            sh("ip", "-n", h.parent_ns, "link", "set", peer, "master", "lan", "up")
+        n = ["ip", "-n", h.ns]
+        sh(*n, "addr", "add", f"{h.addr}/24", "dev", "eth0")
+        sh(*n, "link", "set", "eth0", "up")
+        if h.lan:
+            sh(*n, "link", "add", "lan", "type", "bridge")
+            sh(*n, "addr", "add", f"{h.lan}.1/24", "dev", "lan")
+            sh(*n, "link", "set", "lan", "up")
+
+
+def debian_dotfiles():
+    """Debian's default dot files for root (base-files), else /etc/skel."""
+    base = Path("/usr/share/base-files")
+    files = {".bashrc": base / "dot.bashrc", ".profile": base / "dot.profile"}
+    if not all(p.exists() for p in files.values()):
+        files = {p.name: p for p in Path("/etc/skel").iterdir() if p.is_file()}
+    return files
+
+
+def make_keys_and_configs(hosts, args):
+    RUN_DIR.mkdir(mode=0o700, parents=True)
+    key = RUN_DIR / "id_lab"
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "arbor-lab", "-f", key)
+    pub = (RUN_DIR / "id_lab.pub").read_text()
+
+    known = []
+    for h in hosts:
+        etc = h.dir / "etc-ssh"
+        etc.mkdir(parents=True)
+        for entry in Path("/etc/ssh").iterdir():
+            if entry.name.startswith("ssh_host_") or entry.name == "sshd_config":
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, etc / entry.name, symlinks=True)
+            else:
+                shutil.copy2(entry, etc / entry.name)
+        hk = etc / "ssh_host_ed25519_key"
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", h.name, "-f", hk)
+        (etc / "sshd_config").write_text(SSHD_CONFIG.format(name=h.name, addr=h.addr))
+        kind, blob = (Path(str(hk) + ".pub").read_text().split()[:2])
+        known.append(f"{h.name},{h.addr} {kind} {blob}\n")
+    (RUN_DIR / "known_hosts").write_text("".join(known))
+
+    dotfiles = debian_dotfiles()
+    for h in hosts:
+        home = h.dir / "home"
+        (home / ".ssh").mkdir(parents=True, mode=0o700)
+        home.chmod(0o700)
+        for name, src in dotfiles.items():
+            shutil.copy(src, home / name)
+        (home / ".ssh" / "authorized_keys").write_text(pub)
+        (home / ".ssh" / "known_hosts").write_text("".join(known))
+        for f in (home / ".ssh").iterdir():
+            f.chmod(0o600)
+        (h.dir / "ovl").mkdir()
+
+
+def start_host(h, cg_kind, cg_root):
+    h.cgroup = cg_root / h.name
+    h.cgroup.mkdir()
+    env = dict(os.environ, CGROUP=str(h.cgroup), HD=str(h.dir), NAME=h.name,
+               RUN=str(RUN_DIR), NOPYTHON="0" if h.python3 else "1")
+    # Join the cgroup first: `ip netns exec` remounts /sys without the cgroup mounts.
+    subprocess.Popen(
+        ["sh", "-c", JOIN_CGROUP, str(h.cgroup),
+         "ip", "netns", "exec", h.ns, "unshare", "--mount", "--uts", "--propagation", "private",
+         "sh", "-c", HOST_INIT],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=open(h.dir / "init.log", "wb"), start_new_session=True)
+
+
+def wait_sshd(hosts):
+    deadline = time.monotonic() + SSHD_READY_TIMEOUT_S
+    pending = list(hosts)
+    while pending:
+        still = []
+        for h in pending:
+            out = sh("ss", "-N", h.ns, "-Hltn", "sport = :22", capture=True, check=False)
+            if not out.strip():
+                still.append(h)
+        pending = still
+        dead = [h for h in pending if not ns_pids(h.ns)]
+        if dead or (pending and time.monotonic() > deadline):
+            pending = dead or pending
+            details = []
+            for h in pending[:5]:
+                for f in ("init.log", "sshd.log"):
+                    p = h.dir / f
+                    if p.exists() and p.read_text().strip():
+                        details.append(f"{h.name} {f}: {p.read_text().strip()[-400:]}")
+            raise LabError("sshd did not start (or died) on " + ", ".join(h.name for h in pending)
+                           + ("\n" + "\n".join(details) if details else ""))
+        if pending:
+            time.sleep(0.05)
+
+
+def start_wan(args, cg_root):
+    binary = wan_binary()
+    if not binary.exists():
+        raise LabError(f"WAN emulator {binary} missing")
+    local = RUN_DIR / "arbor-wan"
+    shutil.copy2(binary, local)
+    cg = cg_root / "wan"
+    cg.mkdir()
+    ctl = RUN_DIR / "wan.sock"
+    cmd = ["ip", "netns", "exec", "arb-wan", str(local), "run", "--a", "wa", "--b", "wb",
+           "--control", str(ctl), "--stats-file", str(RUN_DIR / "wan-stats.json"),
+           "--delay-ms", str(args.wan_delay_ms), "--rate-mbit", str(args.wan_rate_mbit),
+           "--loss-pct", str(args.wan_loss_pct)]
+    if args.wan_delay_up_ms is not None:
+        cmd += ["--delay-up-ms", str(args.wan_delay_up_ms)]
+    if args.wan_delay_down_ms is not None:
+        cmd += ["--delay-down-ms", str(args.wan_delay_down_ms)]
+    cmd = ["sh", "-c", JOIN_CGROUP, str(cg)] + cmd
+    subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=open(RUN_DIR / "wan.log", "wb"), start_new_session=True)
+    deadline = time.monotonic() + WAN_READY_TIMEOUT_S
+    while True:
+        res = sh(local, "ctl", "--control", ctl, "stats", check=False)
+        if res.returncode == 0:
+            return local, ctl
+        if time.monotonic() > deadline:
+            raise LabError("WAN emulator did not start: " + (RUN_DIR / "wan.log").read_text())
+        time.sleep(0.05)
+
+
+def yaml_scalar(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    return json.dumps(str(v))  # a JSON string is a valid YAML scalar
+
+
+def write_yaml(path, groups, all_vars):
+    """Writes an Ansible YAML inventory: {group: (group_vars, {host: vars})}."""
+    lines = ["# Generated by deploy/lab/up; do not edit.", "all:", "  vars:"]
+    lines += [f"    {k}: {yaml_scalar(v)}" for k, v in all_vars.items()]
+    lines.append("  children:")
+    for group, (gvars, hosts) in groups.items():
+        if not hosts:
+            continue
+        lines.append(f"    {group}:")
+        if gvars:
+            lines.append("      vars:")
+            lines += [f"        {k}: {yaml_scalar(v)}" for k, v in gvars.items()]
+        lines.append("      hosts:")
+        for name, hvars in hosts.items():
+            inner = ", ".join(f"{k}: {yaml_scalar(v)}" for k, v in hvars.items())
+            lines.append(f"        {name}: {{{inner}}}")
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def via_chain(hosts_by_name, h):
+    chain = []
+    while h.via:
+        h = hosts_by_name[h.via]
+        chain.append(h.name)
+    return list(reversed(chain))  # outermost first
+
+
+def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl):
+    by_name = {h.name: h for h in hosts}
+    key = RUN_DIR / "id_lab"
+    known = RUN_DIR / "known_hosts"
+    cfg = RUN_DIR / "ssh_config"
+
+    blocks = [f"# Generated by deploy/lab/up. Targets need a hop: ssh -F {cfg} -J bastion1 target1\n"]
+    for h in hosts:
+        blocks.append(f"Host {h.name}\n    HostName {h.addr}\n")
+    blocks.append(
+        "Host *\n    User root\n"
+        f"    IdentityFile {key}\n    IdentitiesOnly yes\n"
+        f"    UserKnownHostsFile {known}\n    GlobalKnownHostsFile /dev/null\n"
+        "    StrictHostKeyChecking yes\n    BatchMode yes\n    ConnectTimeout 10\n")
+    cfg.write_text("\n".join(blocks))
+
+    base_vars = {"ansible_user": "root", "ansible_python_interpreter": "/usr/bin/python3"}
+    strict = (f"-o UserKnownHostsFile={known} -o GlobalKnownHostsFile=/dev/null "
+              "-o StrictHostKeyChecking=yes")
+
+    def group(role):
+        return [h for h in hosts if h.role == role]
+
+    # inventory.yml: hops declared with mitogen_via; the controller holds the
+    # key, and hops behind the first authenticate with the forwarded agent.
+    groups = {
+        "bastions": ({"ansible_ssh_private_key_file": str(key),
+                      "ansible_ssh_common_args": strict + " -o IdentitiesOnly=yes -o ForwardAgent=yes"},
+                     {h.name: {"ansible_host": h.addr} for h in group("bastion")}),
+        "racks": ({"ansible_ssh_common_args": "-o ForwardAgent=yes"},
+                  {h.name: {"ansible_host": h.addr, "mitogen_via": h.via} for h in group("rack")}),
+        "targets": ({}, {h.name: {"ansible_host": h.addr, "mitogen_via": h.via}
+                         for h in group("target")}),
+    }
+    write_yaml(RUN_DIR / "inventory.yml", groups, base_vars)
+
+    # inventory-vanilla.yml: plain OpenSSH, ProxyJump through the chain.
+    common = f"-F {cfg}"
+    vgroups = {
+        "bastions": ({}, {h.name: {"ansible_host": h.name} for h in group("bastion")}),
+        "racks": ({}, {h.name: {"ansible_host": h.name,
+                                "ansible_ssh_common_args": f"{common} -o ProxyJump={','.join(via_chain(by_name, h))}"}
+                       for h in group("rack")}),
+        "targets": ({}, {h.name: {"ansible_host": h.name,
+                                  "ansible_ssh_common_args": f"{common} -o ProxyJump={','.join(via_chain(by_name, h))}"}
+                         for h in group("target")}),
+    }
+    write_yaml(RUN_DIR / "inventory-vanilla.yml", vgroups,
+               dict(base_vars, ansible_ssh_private_key_file=str(key), ansible_ssh_common_args=common))
+
+    lab = {
+        "run_dir": str(RUN_DIR),
+        "settings": {
+            "bastions": args.bastions, "targets_per_bastion": args.targets, "depth": args.depth,
+            "racks_per_bastion": args.racks if args.depth == 2 else 0,
+            "no_python_bastion": args.no_python_bastion,
+            "wan": {"delay_ms": args.wan_delay_ms,
+                    "delay_up_ms": args.wan_delay_up_ms if args.wan_delay_up_ms is not None else args.wan_delay_ms,
+                    "delay_down_ms": args.wan_delay_down_ms if args.wan_delay_down_ms is not None else args.wan_delay_ms,
+                    "rate_mbit": args.wan_rate_mbit, "loss_pct": args.wan_loss_pct},
+        },
+        "controller": {"address": CONTROLLER_ADDR, "interface": ROOT_IF},
+        "wan": {"namespace": "arb-wan", "binary": str(wan_bin), "control_socket": str(wan_ctl),
+                "stats_path": str(RUN_DIR / "wan-stats.json"), "log": str(RUN_DIR / "wan.log"),
+                "cgroup": str(cg_root / "wan"),
+                "directions": {"up": "controller to bastions", "down": "bastions to controller"}},
+        "cgroups": {"kind": cg_kind, "root": str(cg_root)},
+        "ssh_config": str(cfg), "known_hosts": str(known), "private_key": str(key),
+        "inventory": str(RUN_DIR / "inventory.yml"),
+        "inventory_vanilla": str(RUN_DIR / "inventory-vanilla.yml"),
+        "agent_note": "hops behind the first authenticate with a forwarded agent: ssh-add " + str(key),
+        "hosts": {h.name: {"role": h.role, "address": h.addr, "via": h.via,
+                           "via_chain": via_chain(by_name, h), "netns": h.ns,
+                           "python3": h.python3, "cgroup": str(h.cgroup),
+                           "lan": f"{h.lan}.0/24" if h.lan else None,
+                           "home": str(h.dir / "home")}
+                  for h in hosts},
+    }
+    (RUN_DIR / "lab.json").write_text(json.dumps(lab, indent=2) + "\n")
+
+
+def up(args):
+    check_args(args)
+    down()
+    t0 = time.monotonic()
+    hosts = plan(args)
+    try:
+        cg_kind, cg_root = cgroup_base()
+        cg_root.mkdir()
+        make_keys_and_configs(hosts, args)
+        make_network(hosts)
+        # sshd's privilege separation directory; shared by every host.
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        wan_bin, wan_ctl = start_wan(args, cg_root)
+        for h in hosts:
+            start_host(h, cg_kind, cg_root)
+        wait_sshd(hosts)
+        write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl)
+    except BaseException:
+        log("up failed; removing the partial lab")
+        try:
+            down()
+        except LabError as e:
+            log(str(e))
+        raise
+    log(f"up: {len(hosts)} hosts in {time.monotonic() - t0:.1f} s; "
+        f"WAN {args.wan_delay_ms} ms one-way, "
+        f"{args.wan_rate_mbit or 'unlimited'} Mbit/s, {args.wan_loss_pct}% loss")
+    print(RUN_DIR)
+
+
+# ---------------------------------------------------------------- wan, cpu
+
+
+def load_lab():
+    path = RUN_DIR / "lab.json"
+    if not path.exists():
+        raise LabError(f"no lab is up ({path} missing): run deploy/lab/up")
+    return json.loads(path.read_text())
+
+
+def wan(args):
+    lab = load_lab()
+    cmd = [lab["wan"]["binary"], "ctl", "--control", lab["wan"]["control_socket"], args.verb]
+    if args.verb == "set":
+        for flag in ("delay_ms", "delay_up_ms", "delay_down_ms", "rate_mbit", "loss_pct"):
+            v = getattr(args, flag)
+            if v is not None:
+                cmd += ["--" + flag.replace("_", "-"), str(v)]
+    res = sh(*cmd, check=False)
+    if res.returncode != 0:
+        raise LabError(res.stderr.strip())
+    sys.stdout.write(res.stdout)
+    if args.verb == "set":
+        s = json.loads(res.stdout)["settings"]
+        lab["settings"]["wan"].update(
+            delay_ms=s["delay_up_ms"], delay_up_ms=s["delay_up_ms"],
+            delay_down_ms=s["delay_down_ms"], rate_mbit=s["rate_bps"] / 1e6,
+            loss_pct=s["loss_pct"])
+        (RUN_DIR / "lab.json").write_text(json.dumps(lab, indent=2) + "\n")
+
+
+def cpu(_args):
+    """Prints CPU seconds per lab host (and the WAN emulator) as JSON."""
+    lab = load_lab()
+    out = {name: cgroup_cpu_seconds(h["cgroup"]) for name, h in lab["hosts"].items()}
+    out["wan"] = cgroup_cpu_seconds(lab["wan"]["cgroup"])
+    print(json.dumps(out))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="deploy/lab", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    u = sub.add_parser("up", help="create the lab (removing any old one first)")
+    u.add_argument("--bastions", type=int, default=int(os.environ.get("LAB_BASTIONS", 1)))
+    u.add_argument("--targets", type=int, default=int(os.environ.get("LAB_TARGETS", 3)),
+                   help="targets behind each bastion (spread over its racks at depth 2)")
+    u.add_argument("--depth", type=int, default=int(os.environ.get("LAB_DEPTH", 1)),
+                   help="1: bastion -> targets; 2: bastion -> rack -> targets")
+    u.add_argument("--racks", type=int, default=int(os.environ.get("LAB_RACKS", 2)),
+                   help="rack relay hosts behind each bastion at depth 2")
+    u.add_argument("--wan-delay-ms", type=float, default=float(os.environ.get("LAB_WAN_DELAY_MS", 0)))
+    u.add_argument("--wan-delay-up-ms", type=float, default=None, help="controller to bastions")
+    u.add_argument("--wan-delay-down-ms", type=float, default=None, help="bastions to controller")
+    u.add_argument("--wan-rate-mbit", type=float, default=float(os.environ.get("LAB_WAN_RATE_MBIT", 0)),
+                   help="0 = unlimited")
+    u.add_argument("--wan-loss-pct", type=float, default=float(os.environ.get("LAB_WAN_LOSS_PCT", 0)))
+    u.add_argument("--no-python-bastion", action="store_true",
+                   default=os.environ.get("LAB_NO_PYTHON_BASTION") == "1",
+                   help="mask python3 on every bastion")
+    sub.add_parser("down", help="remove the lab and everything it made")
+    w = sub.add_parser("wan", help="read or change the WAN link")
+    w.add_argument("verb", choices=["stats", "reset", "set"])
+    for flag in ("--delay-ms", "--delay-up-ms", "--delay-down-ms", "--rate-mbit", "--loss-pct"):
+        w.add_argument(flag, type=float)
+    sub.add_parser("cpu", help="CPU seconds per host as JSON")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("lab: must run as root (namespaces, mounts, cgroups)", file=sys.stderr)
+        return 1
+    try:
+        {"up": up, "down": down, "wan": wan, "cpu": cpu}[args.cmd](args)
+    except LabError as e:
+        print(f"lab: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
