@@ -243,10 +243,28 @@ def ns_pids(ns):
 # ---------------------------------------------------------------- down
 
 
+def lab_client_pids():
+    """Controller-side processes using the lab's files, such as ssh
+    ControlPersist masters' ProxyJump children: their links die with the lab."""
+    needle = (str(RUN_DIR) + "/").encode()
+    mine = {os.getpid(), os.getppid()}
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) in mine:
+            continue
+        try:
+            if needle in (d / "cmdline").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            pass
+    return pids
+
+
 def down(_args=None):
     """Removes every trace of the lab; safe to run at any time."""
     for ns in lab_namespaces():
         kill_pids(ns_pids(ns))
+    kill_pids(lab_client_pids())
     try:
         _, cg = cgroup_base()
         remove_cgroup_tree(cg)
@@ -267,6 +285,7 @@ def down(_args=None):
 def leftovers():
     """Everything of the lab still present, as readable strings."""
     left = [f"netns {n}" for n in lab_namespaces()]
+    left += [f"process {p}" for p in lab_client_pids()]
     links = sh("ip", "-o", "link", "show", capture=True, check=False)
     left += [f"interface {l.split(':')[1].strip()}" for l in links.splitlines()
              if l.split(":")[1].strip().split("@")[0].startswith("arb")]
