@@ -319,6 +319,7 @@ class Host:
         self.ns = NS_PREFIX + name
         self.lan = None  # "a.b.c" prefix of the LAN it serves, if any
         self.cgroup = None
+        self.proc = None  # the host's init, which becomes its sshd
 
     @property
     def dir(self):
@@ -379,9 +380,14 @@ def wan_binary():
     env = os.environ.get("ARBOR_WAN_BIN")
     if env:
         return Path(env)
-    sh("cargo", "build", "--quiet", "--release", "-p", "arbor-wanem",
-       "--manifest-path", REPO / "Cargo.toml")
-    return REPO / "target" / "release" / "arbor-wan"
+    built = REPO / "target" / "release" / "arbor-wan"
+    cargo = shutil.which("cargo") or shutil.which(Path.home() / ".cargo" / "bin" / "cargo")
+    if cargo:
+        sh(cargo, "build", "--quiet", "--release", "-p", "arbor-wanem",
+           "--manifest-path", REPO / "Cargo.toml")
+    elif not built.exists():
+        raise LabError("cargo not found and arbor-wan not built: run deploy/setup")
+    return built
 
 
 def offloads_off(ns, dev):
@@ -482,6 +488,9 @@ def make_keys_and_configs(hosts, args):
         for name, src in dotfiles.items():
             shutil.copy(src, home / name)
         (home / ".ssh" / "authorized_keys").write_text(pub)
+        if args.key_on_bastions and h.role in ("bastion", "rack"):
+            # Off by default: the controller's key stays on the controller.
+            shutil.copy(key, home / ".ssh" / "id_ed25519")
         (home / ".ssh" / "known_hosts").write_text("".join(known))
         for f in (home / ".ssh").iterdir():
             f.chmod(0o600)
@@ -494,7 +503,7 @@ def start_host(h, cg_kind, cg_root):
     env = dict(os.environ, CGROUP=str(h.cgroup), HD=str(h.dir), NAME=h.name,
                RUN=str(RUN_DIR), NOPYTHON="0" if h.python3 else "1")
     # Join the cgroup first: `ip netns exec` remounts /sys without the cgroup mounts.
-    subprocess.Popen(
+    h.proc = subprocess.Popen(
         ["sh", "-c", JOIN_CGROUP, str(h.cgroup),
          "ip", "netns", "exec", h.ns, "unshare", "--mount", "--uts", "--propagation", "private",
          "sh", "-c", HOST_INIT],
@@ -512,7 +521,7 @@ def wait_sshd(hosts):
             if not out.strip():
                 still.append(h)
         pending = still
-        dead = [h for h in pending if not ns_pids(h.ns)]
+        dead = [h for h in pending if h.proc.poll() is not None]
         if dead or (pending and time.monotonic() > deadline):
             pending = dead or pending
             details = []
@@ -648,6 +657,7 @@ def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl):
             "bastions": args.bastions, "targets_per_bastion": args.targets, "depth": args.depth,
             "racks_per_bastion": args.racks if args.depth == 2 else 0,
             "no_python_bastion": args.no_python_bastion,
+            "key_on_bastions": args.key_on_bastions,
             "wan": {"delay_ms": args.wan_delay_ms,
                     "delay_up_ms": args.wan_delay_up_ms if args.wan_delay_up_ms is not None else args.wan_delay_ms,
                     "delay_down_ms": args.wan_delay_down_ms if args.wan_delay_down_ms is not None else args.wan_delay_ms,
@@ -759,6 +769,10 @@ def main(argv=None):
     u.add_argument("--wan-rate-mbit", type=float, default=float(os.environ.get("LAB_WAN_RATE_MBIT", 0)),
                    help="0 = unlimited")
     u.add_argument("--wan-loss-pct", type=float, default=float(os.environ.get("LAB_WAN_LOSS_PCT", 0)))
+    u.add_argument("--key-on-bastions", action="store_true",
+                   default=os.environ.get("LAB_KEY_ON_BASTIONS") == "1",
+                   help="also install the lab's private key on bastions and racks, for peers "
+                        "that reach targets with a key stored on the hop (Mitogen's fast setup)")
     u.add_argument("--no-python-bastion", action="store_true",
                    default=os.environ.get("LAB_NO_PYTHON_BASTION") == "1",
                    help="mask python3 on every bastion")

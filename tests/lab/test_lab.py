@@ -7,6 +7,7 @@ module ends with `down`, asserting nothing is left. Needs root.
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import time
@@ -45,6 +46,41 @@ def ssh(lab, *args, jump=None, timeout=30):
 def ping_rtts_ms(addr, count=12, interval=0.2):
     res = run("ping", "-n", "-c", count, "-i", interval, addr, check=False)
     return [float(m) for m in re.findall(r"time=([\d.]+) ms", res.stdout)], res.stdout
+
+
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 9999))
+s.settimeout(30)
+for _ in range(int(sys.argv[2])):
+    data, peer = s.recvfrom(2048)
+    s.sendto(data, peer)
+"""
+
+
+def udp_rtts_ms(lab, count=10):
+    """Round trips of UDP datagrams to an echo server on bastion1."""
+    h = lab["hosts"]["bastion1"]
+    server = subprocess.Popen(["ip", "netns", "exec", h["netns"], "python3", "-c", UDP_ECHO,
+                               h["address"], str(count)])
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        rtts = []
+        for i in range(count):
+            t0 = time.monotonic()
+            s.sendto(b"x%d" % i, (h["address"], 9999))
+            try:
+                if s.recvfrom(2048)[0] == b"x%d" % i:
+                    rtts.append((time.monotonic() - t0) * 1e3)
+            except socket.timeout:
+                pass  # the server may still be starting
+            time.sleep(0.05)
+        return rtts
+    finally:
+        server.kill()
+        server.wait()
 
 
 def wan(*args):
@@ -113,8 +149,10 @@ def test_default_up_writes_the_run_dir_and_inventories():
     assert res.returncode == 0, res.stderr
     assert "pyenv" not in res.stdout and res.stdout.split()[-1] == "target1"
     # The run dir (with the controller's private key) is masked on hosts.
-    res = ssh(lab, "bastion1", f"ls {run_dir}")
+    res = ssh(lab, "bastion1", f"ls {run_dir}; ls ~/.ssh")
     assert res.returncode == 0 and "id_lab" not in res.stdout
+    assert "id_" not in res.stdout, res.stdout  # no private key on the bastion by default
+    assert lab["settings"]["key_on_bastions"] is False
 
 
 def test_target_needs_the_hop():
@@ -138,6 +176,9 @@ def test_wan_delay_rate_loss_and_counters():
     # The first ping also pays ARP across the WAN; the median is the link's RTT.
     rtt = statistics.median(rtts)
     assert abs(rtt - 100) <= 10, out
+    # UDP crosses the same path and sees the same delay.
+    rtts = udp_rtts_ms(lab)
+    assert len(rtts) >= 5 and abs(statistics.median(rtts) - 100) <= 10, rtts
 
     wan("reset")
     down_rate = iperf_mbit(lab, reverse=True)

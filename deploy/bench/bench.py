@@ -1,0 +1,494 @@
+"""arbor's side-by-side benchmark: one playbook, several connection layers, interleaved.
+
+    deploy/bench/run --workload seed:50x50|fleet|file3m --modes floor,vanilla,mitogen
+                     --reps N [--targets N] [--wan-delay-ms D] --out DIR
+
+It brings up the lab (deploy/lab) with the given settings, then runs the
+workload's playbook in every mode, interleaved (A B C, B C A, ...), `reps`
+times each, with a real ansible-playbook. Per run it records wall time, CPU
+seconds of the controller side (a cgroup holding ansible-playbook and all it
+spawns, ssh masters included) and of bastions, racks and targets (their
+sshd cgroups), WAN bytes each way (the emulator's counters), and the play
+recap, which must be all-ok: a run with a failed or unreachable host is
+recorded as failed and never timed as a success.
+
+Modes:
+  floor    a connection plugin of the harness that answers every call at
+           once: Ansible's own controller cost, the limit under any layer
+  vanilla  ansible-core, pipelining, ControlMaster/ControlPersist, ProxyJump
+  mitogen  mitogen from PyPI, strategy mitogen_linear, targets via mitogen_via;
+           the hop's ssh uses a copy of the lab key on the bastion (lab
+           --key-on-bastions), Mitogen's fastest common setup
+  mitogen-agent  the same, but the hop authenticates with the controller's
+           forwarded ssh-agent, as arbor does (one WAN round trip per target)
+"""
+
+import argparse
+import datetime
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO / "deploy" / "lab"))
+import lab  # noqa: E402  (deploy/lab/lab.py)
+
+VENV = REPO / ".venv"
+RUN_TIMEOUT_S_DEFAULT = 1800
+PAYLOAD_BYTES = 3 * 1024 * 1024
+METRICS = ["wall_s", "cpu_controller_s", "cpu_bastions_s", "cpu_racks_s", "cpu_targets_s",
+           "wan_up_bytes", "wan_down_bytes"]
+RECAP = re.compile(
+    r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)"
+    r"\s+skipped=(\d+)\s+rescued=(\d+)\s+ignored=(\d+)", re.M)
+ALL_MODES = ("floor", "vanilla", "mitogen", "mitogen-agent")
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def parse_workload(spec):
+    """'seed:FILESxEDITS' | 'fleet' | 'file3m' -> (name, playbook, extra vars)."""
+    name, _, arg = spec.partition(":")
+    if name == "seed":
+        m = re.fullmatch(r"(\d+)x(\d+)", arg or "50x50")
+        if not m:
+            raise BenchError(f"seed wants FILESxEDITS, e.g. seed:50x50, got {spec!r}")
+        return "seed", HERE / "workloads" / "seed.yml", {"files": int(m[1]), "edits": int(m[2])}
+    if name in ("fleet", "file3m") and not arg:
+        return name, HERE / "workloads" / f"{name}.yml", {}
+    raise BenchError(f"unknown workload {spec!r}: seed:FxE, fleet or file3m")
+
+
+def make_payload(out):
+    path = out / "payload-3m.bin"
+    if not path.exists():
+        path.write_bytes(random.Random(3).randbytes(PAYLOAD_BYTES))
+    return path
+
+
+# ---------------------------------------------------------------- modes
+
+
+def site_packages():
+    return next((VENV / "lib").glob("python3*/site-packages"))
+
+
+def ansible_cfg(mode, forks):
+    lines = [
+        "[defaults]",
+        f"forks = {forks}",
+        "host_key_checking = True",
+        "retry_files_enabled = False",
+        "deprecation_warnings = False",
+        "timeout = 30",
+    ]
+    if mode.startswith("mitogen"):
+        lines += [f"strategy_plugins = {site_packages() / 'ansible_mitogen/plugins/strategy'}",
+                  "strategy = mitogen_linear"]
+    if mode == "floor":
+        lines.append(f"connection_plugins = {HERE / 'plugins/connection'}")
+    lines += [
+        "",
+        "[ssh_connection]",
+        "pipelining = True",
+        "ssh_args = -C -o ControlMaster=auto -o ControlPersist=60s",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def mode_setup(mode, labinfo, out, forks, agent_sock):
+    """(ansible.cfg path, inventory, extra args, extra env) for one mode."""
+    cfg = out / "cfg" / f"{mode}.cfg"
+    cfg.parent.mkdir(exist_ok=True)
+    cfg.write_text(ansible_cfg(mode, forks))
+    if mode == "vanilla":
+        return cfg, labinfo["inventory_vanilla"], [], {}
+    if mode == "floor":
+        return cfg, labinfo["inventory_vanilla"], ["-e", "ansible_connection=arbor_floor"], {}
+    if mode == "mitogen":
+        if not labinfo["settings"].get("key_on_bastions"):
+            raise BenchError("mode mitogen needs a lab with --key-on-bastions")
+        return cfg, labinfo["inventory"], [], {}
+    if mode == "mitogen-agent":
+        return cfg, labinfo["inventory"], [], {"SSH_AUTH_SOCK": str(agent_sock)}
+    raise BenchError(f"unknown mode {mode!r}; known: {', '.join(ALL_MODES)}")
+
+
+def start_agent(out, key):
+    """An ssh-agent holding the lab key, for modes whose hops use a forwarded agent."""
+    sock = Path(tempfile.mkdtemp(prefix="arbor-bench-agent-")) / "agent.sock"
+    proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        if sock.exists():
+            break
+        time.sleep(0.02)
+    res = subprocess.run(["ssh-add", "-q", key], env=dict(os.environ, SSH_AUTH_SOCK=str(sock)),
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        proc.kill()
+        raise BenchError(f"ssh-add: {res.stderr.strip()}")
+    return proc, sock
+
+
+# ---------------------------------------------------------------- one run
+
+
+def wan_ctl(labinfo, verb):
+    res = subprocess.run([labinfo["wan"]["binary"], "ctl", "--control",
+                          labinfo["wan"]["control_socket"], verb],
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout)
+
+
+def host_cpu(labinfo):
+    by_role = {"bastion": 0.0, "rack": 0.0, "target": 0.0}
+    for h in labinfo["hosts"].values():
+        by_role[h["role"]] += lab.cgroup_cpu_seconds(h["cgroup"])
+    return by_role
+
+
+def parse_recap(text):
+    return {m[1]: dict(zip(("ok", "changed", "unreachable", "failed", "skipped", "rescued",
+                             "ignored"), map(int, m.groups()[1:])))
+            for m in RECAP.finditer(text)}
+
+
+def check_recap(recap, rc, expected_hosts):
+    """None if the run is all-ok, else what went wrong, naming hosts first."""
+    unreachable = sorted(h for h, r in recap.items() if r["unreachable"])
+    failed = sorted(h for h, r in recap.items() if r["failed"])
+    missing = sorted(set(expected_hosts) - set(recap))
+    problems = [f"{what}: {', '.join(hosts[:5])}" + (" …" if len(hosts) > 5 else "")
+                for what, hosts in (("unreachable", unreachable), ("failed", failed),
+                                    ("no recap", missing)) if hosts]
+    idle = sorted(h for h, r in recap.items() if r["ok"] == 0)
+    if idle and not problems:
+        problems.append(f"ran no task: {', '.join(idle[:5])}")
+    if rc != 0:
+        problems.append(f"ansible-playbook exited {rc}")
+    return "; ".join(problems) or None
+
+
+def controller_cgroup():
+    """The cgroup that holds one run's ansible-playbook and all it spawns."""
+    _, cg_root = lab.cgroup_base()
+    return cg_root.parent / "arbor-bench" / f"run-{os.getpid()}"
+
+
+def run_once(mode, rep, order, ctx):
+    labinfo, out = ctx["lab"], ctx["out"]
+    cfg, inventory, extra, env_extra = ctx["modes"][mode]
+    run_id = f"{rep:02d}-{order}-{mode}"
+    logfile = out / "logs" / f"{run_id}.log"
+    cp_dir = Path(tempfile.mkdtemp(prefix="abcp-"))
+    cg = controller_cgroup()
+    cg.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, ANSIBLE_CONFIG=str(cfg), ANSIBLE_SSH_CONTROL_PATH_DIR=str(cp_dir),
+               ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", PATH=f"{VENV / 'bin'}:{os.environ['PATH']}",
+               **env_extra)
+    if "SSH_AUTH_SOCK" not in env_extra:
+        env.pop("SSH_AUTH_SOCK", None)  # only the modes that ask for an agent get one
+    cmd = [str(VENV / "bin" / "ansible-playbook"), "-i", inventory, str(ctx["playbook"]),
+           *[a for k, v in ctx["extra_vars"].items() for a in ("-e", f"{k}={v}")], *extra]
+
+    wan_ctl(labinfo, "reset")
+    cpu0 = host_cpu(labinfo)
+    t0 = time.monotonic()
+    with open(logfile, "w") as f:
+        proc = subprocess.Popen(["sh", "-c", lab.JOIN_CGROUP, str(cg), *cmd], env=env,
+                                stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=ctx["run_timeout_s"])
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+            timed_out = True
+    wall = time.monotonic() - t0
+    wan = wan_ctl(labinfo, "stats")
+    cpu1 = host_cpu(labinfo)
+    leftover = lab.cgroup_pids(cg)
+    lab.kill_pids(leftover)  # ssh ControlPersist masters, stray helpers
+    cpu_controller = lab.cgroup_cpu_seconds(cg)
+    lab.rmdir_retry(cg)
+    shutil.rmtree(cp_dir, ignore_errors=True)
+
+    text = logfile.read_text(errors="replace")
+    recap = parse_recap(text)
+    error = "timed out" if timed_out else check_recap(recap, rc, ctx["targets"])
+    return {
+        "workload": ctx["workload_spec"], "mode": mode, "rep": rep, "order": order,
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "ok": error is None, "error": error, "rc": rc,
+        "wall_s": round(wall, 3),
+        "cpu_controller_s": round(cpu_controller, 3),
+        "cpu_bastions_s": round(cpu1["bastion"] - cpu0["bastion"], 3),
+        "cpu_racks_s": round(cpu1["rack"] - cpu0["rack"], 3),
+        "cpu_targets_s": round(cpu1["target"] - cpu0["target"], 3),
+        "wan_up_bytes": wan["up"]["bytes"], "wan_down_bytes": wan["down"]["bytes"],
+        "wan_up_packets": wan["up"]["packets"], "wan_down_packets": wan["down"]["packets"],
+        "wan_dropped": sum(wan[d]["dropped_loss"] + wan[d]["dropped_queue"] for d in ("up", "down")),
+        "controller_leftover_processes": len(leftover),
+        "hosts": len(recap), "recap": recap, "log": str(logfile.relative_to(out)),
+    }
+
+
+# ---------------------------------------------------------------- summary
+
+
+def summarize(runs, config):
+    modes = {}
+    for mode in config["modes"]:
+        mine = [r for r in runs if r["mode"] == mode]
+        ok = [r for r in mine if r["ok"]]
+        entry = {"runs_ok": len(ok), "runs_failed": len(mine) - len(ok),
+                 "errors": sorted({r["error"] for r in mine if not r["ok"]})}
+        for m in METRICS:
+            vals = [r[m] for r in ok]
+            if vals:
+                entry[m] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+        modes[mode] = entry
+    ratios = {}
+    for base in ("vanilla", "mitogen", "mitogen-agent"):
+        if "wall_s" not in modes.get(base, {}):
+            continue
+        for mode, entry in modes.items():
+            if mode == base or "wall_s" not in entry:
+                continue
+            ratios[f"{mode}/{base}"] = {
+                m: round(entry[m]["median"] / modes[base][m]["median"], 3)
+                for m in METRICS if m in entry and modes[base][m]["median"] > 0}
+    return {"config": config, "modes": modes, "ratios": ratios}
+
+
+def human_bytes(n):
+    for unit, size in (("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def markdown(summary):
+    c = summary["config"]
+    lines = [
+        f"### {c['workload']} — {c['targets']} target(s) behind {c['bastions']} bastion(s), "
+        f"WAN {c['wan_delay_ms']:g} ms one-way"
+        + (f", {c['wan_rate_mbit']:g} Mbit/s" if c["wan_rate_mbit"] else "")
+        + f", forks={c['forks']}",
+        "",
+        f"{c['reps']} interleaved reps per mode; median (min–max). "
+        f"ansible-core {c['versions']['ansible_core']}, mitogen {c['versions']['mitogen']}, {c['date']}.",
+        "",
+        "| mode | ok runs | wall s | controller CPU s | bastion CPU s | target CPU s "
+        "| WAN up | WAN down | wall vs vanilla | wall vs mitogen |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, e in summary["modes"].items():
+        def cell(m, fmt=lambda v: f"{v:.2f}"):
+            if m not in e:
+                return "–"
+            v = e[m]
+            return f"{fmt(v['median'])} ({fmt(v['min'])}–{fmt(v['max'])})"
+        def ratio(base):
+            r = summary["ratios"].get(f"{mode}/{base}", {}).get("wall_s")
+            return f"{r:.2f}×" if r is not None else ("1×" if mode == base and "wall_s" in e else "–")
+        lines.append(
+            f"| {mode} | {e['runs_ok']}/{e['runs_ok'] + e['runs_failed']} | {cell('wall_s')} "
+            f"| {cell('cpu_controller_s')} | {cell('cpu_bastions_s')} | {cell('cpu_targets_s')} "
+            f"| {human_bytes(e['wan_up_bytes']['median']) if 'wan_up_bytes' in e else '–'} "
+            f"| {human_bytes(e['wan_down_bytes']['median']) if 'wan_down_bytes' in e else '–'} "
+            f"| {ratio('vanilla')} | {ratio('mitogen')} |")
+    errors = [(m, e["errors"]) for m, e in summary["modes"].items() if e["errors"]]
+    for mode, errs in errors:
+        lines.append(f"\nFailed {mode} runs: {'; '.join(errs)}")
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m, e in summary["modes"].items() if "wall_s" in e]
+    if not modes:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    c = summary["config"]
+    fig.suptitle(f"{c['workload']}: {c['targets']} target(s), WAN {c['wan_delay_ms']:g} ms one-way "
+                 f"(median of {c['reps']}, bars min–max)")
+    e = summary["modes"]
+    wall = [e[m]["wall_s"]["median"] for m in modes]
+    err = [[w - e[m]["wall_s"]["min"] for m, w in zip(modes, wall)],
+           [e[m]["wall_s"]["max"] - w for m, w in zip(modes, wall)]]
+    axes[0].bar(modes, wall, yerr=err, capsize=4, color="#4878a8")
+    axes[0].set_ylabel("wall time, s")
+    bottom = [0.0] * len(modes)
+    for metric, label, color in (("cpu_controller_s", "controller", "#4878a8"),
+                                 ("cpu_bastions_s", "bastions", "#e0a030"),
+                                 ("cpu_targets_s", "targets", "#60a060")):
+        vals = [e[m][metric]["median"] for m in modes]
+        axes[1].bar(modes, vals, bottom=bottom, label=label, color=color)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    axes[1].set_ylabel("CPU, s")
+    axes[1].legend()
+    up = [e[m]["wan_up_bytes"]["median"] / 1e6 for m in modes]
+    down = [e[m]["wan_down_bytes"]["median"] / 1e6 for m in modes]
+    axes[2].bar(modes, up, label="up", color="#a05050")
+    axes[2].bar(modes, down, bottom=up, label="down", color="#d09090")
+    axes[2].set_ylabel("WAN MB")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+
+
+def versions():
+    def pkg(name):
+        try:
+            from importlib.metadata import version
+            return version(name)
+        except Exception:
+            return None
+    ssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
+    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True).stdout.strip()
+    return {"ansible_core": pkg("ansible-core"), "mitogen": pkg("mitogen"), "openssh": ssh,
+            "kernel": os.uname().release, "arbor_git": rev}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="deploy/bench/run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", required=True, help="seed:FILESxEDITS | fleet | file3m")
+    p.add_argument("--modes", default="floor,vanilla,mitogen")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--targets", type=int, default=None,
+                   help="targets behind each bastion (default: 1 for seed, else 10)")
+    p.add_argument("--bastions", type=int, default=1)
+    p.add_argument("--wan-delay-ms", type=float, default=0.0)
+    p.add_argument("--wan-rate-mbit", type=float, default=0.0, help="0 = unlimited")
+    p.add_argument("--forks", type=int, default=None, help="default: max(targets, 5), at most 50")
+    p.add_argument("--run-timeout-s", type=float, default=RUN_TIMEOUT_S_DEFAULT)
+    p.add_argument("--keep-lab", action="store_true", help="leave the lab up afterwards")
+    p.add_argument("--reuse-lab", action="store_true",
+                   help="run against the lab that is up now, as it is (implies --keep-lab)")
+    p.add_argument("--out", required=True, type=Path)
+    args = p.parse_args(argv)
+
+    try:
+        name, playbook, extra_vars = parse_workload(args.workload)
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        for m in modes:
+            if m not in ALL_MODES:
+                raise BenchError(f"unknown mode {m!r}; known: {', '.join(ALL_MODES)}")
+        if args.reps < 1:
+            raise BenchError("--reps must be at least 1")
+        targets = args.targets if args.targets is not None else (1 if name == "seed" else 10)
+        out = args.out.resolve()
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        if name == "file3m":
+            extra_vars["payload"] = str(make_payload(out))
+
+        if args.reuse_lab:
+            args.keep_lab = True
+            try:
+                labinfo = lab.load_lab()
+            except lab.LabError as e:
+                raise BenchError(str(e))
+            s = labinfo["settings"]
+            targets, args.bastions = s["targets_per_bastion"], s["bastions"]
+            args.wan_delay_ms, args.wan_rate_mbit = s["wan"]["delay_ms"], s["wan"]["rate_mbit"]
+        else:
+            up = subprocess.run(
+                [str(REPO / "deploy/lab/up"), "--bastions", str(args.bastions),
+                 "--targets", str(targets), "--wan-delay-ms", str(args.wan_delay_ms),
+                 "--wan-rate-mbit", str(args.wan_rate_mbit),
+                 *(["--key-on-bastions"] if "mitogen" in modes else [])],
+                capture_output=True, text=True)
+            if up.returncode != 0:
+                raise BenchError(f"lab up failed: {up.stderr.strip()}")
+            labinfo = json.loads(
+                (Path(up.stdout.strip().splitlines()[-1]) / "lab.json").read_text())
+        forks = args.forks or min(max(targets * args.bastions, 5), 50)
+        agent = None
+        try:
+            agent, agent_sock = start_agent(out, labinfo["private_key"])
+            ctx = {
+                "lab": labinfo, "out": out, "playbook": playbook, "extra_vars": extra_vars,
+                "workload_spec": args.workload, "run_timeout_s": args.run_timeout_s,
+                "targets": [h for h, v in labinfo["hosts"].items() if v["role"] == "target"],
+                "modes": {m: mode_setup(m, labinfo, out, forks, agent_sock) for m in modes},
+            }
+            config = {
+                "workload": args.workload, "modes": modes, "reps": args.reps, "targets": targets,
+                "bastions": args.bastions, "wan_delay_ms": args.wan_delay_ms,
+                "wan_rate_mbit": args.wan_rate_mbit, "forks": forks,
+                "date": datetime.date.today().isoformat(), "versions": versions(),
+                "command": "deploy/bench/run " + " ".join(argv if argv is not None else sys.argv[1:]),
+            }
+            runs = []
+            with open(out / "runs.jsonl", "w") as jl:
+                for rep in range(args.reps):
+                    # Rotate the order each rep so no mode always runs first.
+                    order = modes[rep % len(modes):] + modes[:rep % len(modes)]
+                    for i, mode in enumerate(order):
+                        r = run_once(mode, rep, i, ctx)
+                        runs.append(r)
+                        jl.write(json.dumps(r) + "\n")
+                        jl.flush()
+                        log(f"rep {rep + 1}/{args.reps} {mode:8s} "
+                            + (f"{r['wall_s']:7.2f} s  ctl CPU {r['cpu_controller_s']:6.2f} s  "
+                               f"WAN {human_bytes(r['wan_up_bytes'])} up / "
+                               f"{human_bytes(r['wan_down_bytes'])} down"
+                               if r["ok"] else f"FAILED: {r['error']} (see {out / r['log']})"))
+        finally:
+            if agent:
+                agent.kill()
+                agent.wait()
+                shutil.rmtree(agent_sock.parent, ignore_errors=True)
+            if not args.keep_lab:
+                subprocess.run([str(REPO / "deploy/lab/down")], capture_output=True)
+            try:
+                controller_cgroup().parent.rmdir()
+            except OSError:
+                pass  # another bench is running, or it was never made
+
+        summary = summarize(runs, config)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        md = markdown(summary)
+        (out / "summary.md").write_text(md)
+        chart(summary, out / "chart.png")
+        print(md)
+        log(f"wrote {out}/runs.jsonl, summary.json, summary.md, chart.png")
+        failed = sum(e["runs_failed"] for e in summary["modes"].values())
+        return 1 if failed else 0
+    except BenchError as e:
+        log(f"error: {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
