@@ -21,6 +21,9 @@ Modes:
            --key-on-bastions), Mitogen's fastest common setup
   mitogen-agent  the same, but the hop authenticates with the controller's
            forwarded ssh-agent, as arbor does (one WAN round trip per target)
+  arbor    arbor, switched on by one variable (ANSIBLE_CONNECTION_PLUGINS),
+           targets via mitogen_via in the same inventory as mitogen; the
+           controller daemon and its ssh processes count as controller CPU
 """
 
 import argparse
@@ -51,7 +54,9 @@ METRICS = ["wall_s", "cpu_controller_s", "cpu_bastions_s", "cpu_racks_s", "cpu_t
 RECAP = re.compile(
     r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)"
     r"\s+skipped=(\d+)\s+rescued=(\d+)\s+ignored=(\d+)", re.M)
-ALL_MODES = ("floor", "vanilla", "mitogen", "mitogen-agent")
+ALL_MODES = ("floor", "vanilla", "mitogen", "mitogen-agent", "arbor")
+ARBOR_BIN = REPO / "target" / "release" / "arbor"
+GLUE = REPO / "ansible-glue" / "plugins" / "connection"
 
 
 class BenchError(Exception):
@@ -130,6 +135,11 @@ def mode_setup(mode, labinfo, out, forks, agent_sock):
         return cfg, labinfo["inventory"], [], {}
     if mode == "mitogen-agent":
         return cfg, labinfo["inventory"], [], {"SSH_AUTH_SOCK": str(agent_sock)}
+    if mode == "arbor":
+        if not ARBOR_BIN.exists():
+            raise BenchError(f"{ARBOR_BIN} not built: run deploy/setup")
+        return cfg, labinfo["inventory"], [], {"ANSIBLE_CONNECTION_PLUGINS": str(GLUE),
+                                               "ARBOR_BIN": str(ARBOR_BIN)}
     raise BenchError(f"unknown mode {mode!r}; known: {', '.join(ALL_MODES)}")
 
 

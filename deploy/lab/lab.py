@@ -14,9 +14,11 @@ controller's private key, is masked inside every host.
         |  --depth 2: rackR (10.241.B.x, LAN bridge "lan" 10.242.R.1/24)
     targetN (10.241.B.x or 10.242.R.x)
 
-The root namespace has an `unreachable` route for 10.240.0.0/12, so a target
-address is refused at once on the controller instead of leaking to the
-machine's real network; only the WAN /24 is connected.
+The root namespace has `unreachable` routes for the target LANs
+(10.241.0.0/16, 10.242.0.0/16), so a target address is refused at once on the
+controller instead of leaking to the machine's real network; only the WAN
+/24 (10.240.0.0/24) is connected. `up` refuses to run if the machine already
+uses any of these ranges (a route or a nameserver).
 
 Commands: up, down, wan (stats|reset|set), cpu. Standard library only.
 """
@@ -37,7 +39,11 @@ NS_PREFIX = "arb-"
 ROOT_IF = "arb-wan0"
 CONTROLLER_ADDR = "10.240.0.1"
 WAN_NET = "10.240.0"
-LAB_SUPERNET = "10.240.0.0/12"
+# Target LANs are unroutable from the controller: refused at once instead of
+# leaking to the machine's real network. Only these ranges are blocked (a
+# wider one could swallow the machine's own nameserver).
+LAB_UNREACHABLE = ("10.241.0.0/16", "10.242.0.0/16")
+LAB_RANGES = ("10.240.0.0/24",) + LAB_UNREACHABLE
 BASTION_LAN = "10.241.{b}"
 RACK_LAN = "10.242.{r}"
 HOSTS_PER_LAN_MAX = 240
@@ -91,8 +97,10 @@ if [ "$NOPYTHON" = 1 ]; then
     mount -t overlay overlay \
         -o "lowerdir=/usr/bin,upperdir=$HD/ovl/upper,workdir=$HD/ovl/work" /usr/bin
 fi
-# Hide the lab's run directory (the controller's private key) from the host.
-mount -t tmpfs -o size=64k,mode=0700 tmpfs "$RUN"
+# Hide the controller's private key and every host's secrets; the public
+# files (known_hosts, inventories, lab.json) stay readable, as they would be.
+mount -t tmpfs -o size=64k,mode=0700 tmpfs "$RUN/controller"
+mount -t tmpfs -o size=64k,mode=0700 tmpfs "$RUN/hosts"
 exec /usr/sbin/sshd -D -e -f /etc/ssh/sshd_config
 """
 
@@ -273,13 +281,51 @@ def down(_args=None):
     for ns in lab_namespaces():
         sh("ip", "netns", "del", ns, check=False)
     sh("ip", "link", "del", ROOT_IF, check=False)
-    sh("ip", "route", "del", "unreachable", LAB_SUPERNET, check=False)
+    for route in lab_routes():
+        sh("ip", "route", "del", *route.split(), check=False)
     if RUN_DIR.exists():
         shutil.rmtree(RUN_DIR)
     left = leftovers()
     if left:
         raise LabError("down left behind: " + "; ".join(left))
     log("down: no lab namespace, interface, process, cgroup, mount or route left")
+
+
+def lab_routes():
+    """The lab's unreachable routes in the root namespace, as `ip route`
+    arguments (also the 10.240.0.0/12 of earlier versions)."""
+    out = sh("ip", "route", "show", "type", "unreachable", capture=True, check=False)
+    routes = []
+    for line in out.splitlines():
+        words = line.split()
+        prefix = words[1] if words[:1] == ["unreachable"] and len(words) > 1 else ""
+        if prefix.startswith("10.24"):
+            routes.append(f"unreachable {prefix}")
+    return routes
+
+
+def check_ranges_free():
+    """Refuses to build the lab over addresses this machine already uses."""
+    import ipaddress
+    lab_nets = [ipaddress.ip_network(r) for r in LAB_RANGES]
+    used = []
+    try:
+        for line in Path("/etc/resolv.conf").read_text().splitlines():
+            if line.startswith("nameserver"):
+                used.append(("nameserver", line.split()[1]))
+    except OSError:
+        pass
+    for line in sh("ip", "-4", "route", "show", capture=True, check=False).splitlines():
+        dst = line.split()[0]
+        if dst != "default" and not line.startswith("unreachable") and ROOT_IF not in line:
+            used.append(("route", dst))
+    for what, addr in used:
+        try:
+            net = ipaddress.ip_network(addr, strict=False)
+        except ValueError:
+            continue
+        if any(net.overlaps(n) for n in lab_nets):
+            raise LabError(f"this machine's {what} {addr} overlaps the lab's ranges {', '.join(LAB_RANGES)}")
 
 
 def leftovers():
@@ -289,8 +335,7 @@ def leftovers():
     links = sh("ip", "-o", "link", "show", capture=True, check=False)
     left += [f"interface {l.split(':')[1].strip()}" for l in links.splitlines()
              if l.split(":")[1].strip().split("@")[0].startswith("arb")]
-    routes = sh("ip", "route", "show", LAB_SUPERNET, capture=True, check=False)
-    left += [f"route {r}" for r in routes.splitlines() if r.strip()]
+    left += [f"route {r}" for r in lab_routes()]
     mounts = Path("/proc/self/mountinfo").read_text()
     left += [f"mount {l.split()[4]}" for l in mounts.splitlines()
              if str(RUN_DIR) in l or "/run/netns/" + NS_PREFIX in l]
@@ -413,7 +458,8 @@ def make_network(hosts):
     sh("ip", "addr", "add", f"{CONTROLLER_ADDR}/24", "dev", ROOT_IF)
     sh("sysctl", "-qw", f"net.ipv6.conf.{ROOT_IF}.disable_ipv6=1")
     sh("ip", "link", "set", ROOT_IF, "up")
-    sh("ip", "route", "add", "unreachable", LAB_SUPERNET)
+    for net in LAB_UNREACHABLE:
+        sh("ip", "route", "add", "unreachable", net)
     offloads_off(None, ROOT_IF)
     w = ["ip", "-n", "arb-wan"]
     sh(*w, "link", "add", "wb", "type", "veth", "peer", "name", "wbp")
@@ -457,10 +503,11 @@ def debian_dotfiles():
 
 
 def make_keys_and_configs(hosts, args):
-    RUN_DIR.mkdir(mode=0o700, parents=True)
-    key = RUN_DIR / "id_lab"
+    RUN_DIR.mkdir(mode=0o755, parents=True)
+    (RUN_DIR / "controller").mkdir(mode=0o700)
+    key = RUN_DIR / "controller" / "id_lab"
     sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "arbor-lab", "-f", key)
-    pub = (RUN_DIR / "id_lab.pub").read_text()
+    pub = Path(str(key) + ".pub").read_text()
 
     known = []
     for h in hosts:
@@ -603,7 +650,7 @@ def via_chain(hosts_by_name, h):
 
 def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl):
     by_name = {h.name: h for h in hosts}
-    key = RUN_DIR / "id_lab"
+    key = RUN_DIR / "controller" / "id_lab"
     known = RUN_DIR / "known_hosts"
     cfg = RUN_DIR / "ssh_config"
 
@@ -626,16 +673,18 @@ def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl):
 
     # inventory.yml: hops declared with mitogen_via; the controller holds the
     # key, and hops behind the first authenticate with the forwarded agent.
+    # Every host's key is checked against the lab's known_hosts (a public
+    # file, readable on the hosts too).
     groups = {
         "bastions": ({"ansible_ssh_private_key_file": str(key),
                       "ansible_ssh_common_args": strict + " -o IdentitiesOnly=yes -o ForwardAgent=yes"},
                      {h.name: {"ansible_host": h.addr} for h in group("bastion")}),
-        "racks": ({"ansible_ssh_common_args": "-o ForwardAgent=yes"},
+        "racks": ({"ansible_ssh_common_args": strict + " -o ForwardAgent=yes"},
                   {h.name: {"ansible_host": h.addr, "mitogen_via": h.via} for h in group("rack")}),
         "targets": ({}, {h.name: {"ansible_host": h.addr, "mitogen_via": h.via}
                          for h in group("target")}),
     }
-    write_yaml(RUN_DIR / "inventory.yml", groups, base_vars)
+    write_yaml(RUN_DIR / "inventory.yml", groups, dict(base_vars, ansible_ssh_common_args=strict))
 
     # inventory-vanilla.yml: plain OpenSSH, ProxyJump through the chain.
     common = f"-F {cfg}"
@@ -686,6 +735,7 @@ def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl):
 def up(args):
     check_args(args)
     down()
+    check_ranges_free()
     t0 = time.monotonic()
     hosts = plan(args)
     try:

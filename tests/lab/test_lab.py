@@ -119,7 +119,8 @@ def assert_nothing_left():
     assert not [l for l in netns.splitlines() if l.startswith("arb-")], netns
     links = run("ip", "-o", "link").stdout
     assert " arb" not in links, links
-    assert not run("ip", "route", "show", "10.240.0.0/12").stdout.strip()
+    routes = run("ip", "route", "show", "type", "unreachable").stdout
+    assert "10.241." not in routes and "10.242." not in routes and "10.240." not in routes, routes
     mounts = Path("/proc/self/mountinfo").read_text()
     assert "arbor-lab" not in mounts and "/run/netns/arb-" not in mounts
     procs = run("ps", "-eo", "pid,args").stdout
@@ -148,10 +149,15 @@ def test_default_up_writes_the_run_dir_and_inventories():
     res = ssh(lab, "target1", "cat ~/.bashrc; hostname", jump="bastion1")
     assert res.returncode == 0, res.stderr
     assert "pyenv" not in res.stdout and res.stdout.split()[-1] == "target1"
-    # The run dir (with the controller's private key) is masked on hosts.
-    res = ssh(lab, "bastion1", f"ls {run_dir}; ls ~/.ssh")
-    assert res.returncode == 0 and "id_lab" not in res.stdout
+    # The controller's private key and the hosts' secrets are masked on
+    # hosts; the public known_hosts is readable there.
+    res = ssh(lab, "bastion1", f"ls {run_dir}/controller {run_dir}/hosts; ls ~/.ssh; "
+                               f"grep -c . {run_dir}/known_hosts")
+    assert res.returncode == 0, res.stderr
     assert "id_" not in res.stdout, res.stdout  # no private key on the bastion by default
+    assert "bastion1" not in res.stdout.split()  # hosts/ is empty there
+    assert res.stdout.split()[-1] == "4"  # 1 bastion + 3 targets
+    assert Path(lab["private_key"]).parent.stat().st_mode & 0o777 == 0o700
     assert lab["settings"]["key_on_bastions"] is False
 
 
