@@ -1,0 +1,367 @@
+# arbor's Ansible glue: a connection plugin named `ssh` that shadows the
+# builtin one when its directory is on `connection_plugins`. One line turns
+# arbor on; playbooks and inventories stay as they are.
+#
+# Every ssh host is then reached through arbor's controller daemon (one per
+# ansible-playbook run, started here on first use): hosts that declare
+# `mitogen_via` / `arbor_via` go through a relay on their via host; the rest
+# directly. The via host's own settings come from its own inventory
+# variables, resolved by Ansible's config system exactly as for that host.
+#
+# Set `arbor_disable: true` on a host to use Ansible's own ssh for it.
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+
+import yaml
+
+import ansible.constants as C
+from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
+from ansible.module_utils.common.text.converters import to_bytes, to_text
+import ansible.plugins.connection as _connection_pkg
+from ansible.utils.display import Display
+from ansible.utils.shlex import shlex_split
+
+display = Display()
+
+
+def _load_builtin_ssh():
+    """Ansible's own ssh plugin, loaded from its file under a private name:
+    Ansible imports this file as `ansible.plugins.connection.ssh`, so a
+    plain import of that name would return this module."""
+    path = os.path.join(os.path.dirname(_connection_pkg.__file__), "ssh.py")
+    spec = importlib.util.spec_from_file_location("ansible.plugins.connection._arbor_builtin_ssh", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_vanilla = _load_builtin_ssh()
+
+
+def _documentation():
+    """The builtin ssh plugin's options, plus arbor's."""
+    doc = yaml.safe_load(_vanilla.DOCUMENTATION)
+    doc["short_description"] = "connect via ssh through arbor's relay tree"
+    doc["options"].update({
+        "arbor_via": {
+            "description": "The host to reach this one through (Mitogen's spelling is honoured).",
+            "type": "str",
+            "vars": [{"name": "arbor_via"}, {"name": "mitogen_via"}],
+        },
+        "arbor_hostvars": {
+            "description": "Every host's variables, to resolve via hosts' settings.",
+            "type": "raw",
+            "vars": [{"name": "hostvars"}],
+        },
+        "arbor_inventory_hostname": {
+            "description": "The host's inventory name, for messages and via cycles.",
+            "type": "str",
+            "vars": [{"name": "inventory_hostname"}],
+        },
+        "arbor_python": {
+            "description": "The interpreter that runs arbor's agent on the target.",
+            "type": "str",
+            "vars": [{"name": "ansible_python_interpreter"}],
+        },
+        "arbor_disable": {
+            "description": "Use Ansible's own ssh for this host.",
+            "type": "bool",
+            "default": False,
+            "vars": [{"name": "arbor_disable"}],
+            "env": [{"name": "ARBOR_DISABLE"}],
+        },
+    })
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+DOCUMENTATION = _documentation()
+
+_HOP_MAX = 16
+_PART_BYTES = 4 << 20
+_DAEMON_START_S = 15.0
+# Options whose value Ansible templates for the via host as for any host.
+_HOP_OPTIONS = ("host", "remote_user", "port", "private_key_file", "ssh_args",
+                "ssh_common_args", "ssh_extra_args", "host_key_checking", "timeout")
+
+
+def _arbor_bin():
+    env = os.environ.get("ARBOR_BIN")
+    if env:
+        return env
+    found = shutil.which("arbor")
+    if found:
+        return found
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    return os.path.join(repo, "target", "release", "arbor")
+
+
+def _run_pid():
+    """The ansible-playbook process this worker serves."""
+    if multiprocessing.current_process().name == "MainProcess":
+        return os.getpid()
+    return os.getppid()
+
+
+def _private_dir(path):
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise AnsibleConnectionFailure("arbor: %s is not a private directory of this user" % path)
+
+
+class _Client(object):
+    """The daemon's local API: [u32 length][u32 json length][json][blob]."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+
+    def send(self, obj, blob=b""):
+        j = json.dumps(obj).encode()
+        body = struct.pack("<I", len(j)) + j + blob
+        self.sock.sendall(struct.pack("<I", len(body)) + body)
+
+    def _exact(self, n):
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise AnsibleConnectionFailure("arbor: the controller daemon closed the connection")
+            buf.extend(chunk)
+        return bytes(buf)
+
+    def recv(self):
+        (n,) = struct.unpack("<I", self._exact(4))
+        body = self._exact(n)
+        (jn,) = struct.unpack_from("<I", body)
+        obj = json.loads(body[4:4 + jn])
+        if "error" in obj:
+            if obj.get("unreachable"):
+                raise AnsibleConnectionFailure(obj["error"])
+            raise AnsibleError("arbor: %s" % obj["error"])
+        return obj, body[4 + jn:]
+
+    def close(self):
+        self.sock.close()
+
+
+def _connect_daemon():
+    """Connects to this run's daemon, starting it if it is not up yet."""
+    base = os.path.join(os.environ.get("TMPDIR", "/tmp"), "arbor-%d" % os.getuid())
+    _private_dir(base)
+    run_dir = os.path.join(base, str(_run_pid()))
+    sock = os.path.join(run_dir, "sock")
+    try:
+        return _Client(sock)
+    except OSError:
+        pass
+    _private_dir(run_dir)
+    with open(os.path.join(run_dir, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _Client(sock)
+        except OSError:
+            pass
+        binary = _arbor_bin()
+        log = open(os.path.join(run_dir, "daemon.log"), "ab")
+        try:
+            proc = subprocess.Popen([binary, "daemon", "--run-dir", run_dir,
+                                     "--parent-pid", str(_run_pid())],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=log, start_new_session=True, close_fds=True)
+        except OSError as e:
+            raise AnsibleConnectionFailure("arbor: cannot start %s: %s" % (binary, e))
+        finally:
+            log.close()
+        deadline = time.monotonic() + _DAEMON_START_S
+        while True:
+            try:
+                return _Client(sock)
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AnsibleConnectionFailure("arbor: the controller daemon did not start (exit %s); "
+                                                   "see %s/daemon.log" % (proc.poll(), run_dir))
+                time.sleep(0.01)
+
+
+class Connection(_vanilla.Connection):
+    """Ansible's ssh plugin, carried by arbor's tree unless disabled."""
+
+    has_pipelining = True
+
+    def __init__(self, *args, **kwargs):
+        super(Connection, self).__init__(*args, **kwargs)
+        self._arbor = None
+        self._chain = None
+
+    def _enabled(self):
+        return not self.get_option("arbor_disable")
+
+    # ---------------------------------------------------------------- chain
+
+    def _hop_from(self, name, get):
+        """One hop from a getter of the ssh plugin's options for that host."""
+        args = []
+        for opt in ("ssh_args", "ssh_common_args", "ssh_extra_args"):
+            value = get(opt)
+            if value:
+                args.extend(shlex_split(to_text(value)))
+        host = get("host")
+        if not host or host == "inventory_hostname":
+            host = name
+        port = get("port")
+        timeout = get("timeout")
+        return {
+            "name": name,
+            "method": "ssh",
+            "host": to_text(host),
+            "port": int(port) if port not in (None, "") else None,
+            "user": to_text(get("remote_user")) if get("remote_user") else None,
+            "key_file": os.path.expanduser(to_text(get("private_key_file"))) if get("private_key_file") else None,
+            "ssh_args": args,
+            "host_key_checking": bool(get("host_key_checking")) if get("host_key_checking") is not None else True,
+            "timeout_s": int(timeout) if timeout not in (None, "") else None,
+        }
+
+    def _via_hop(self, name, hostvars):
+        if name not in hostvars:
+            raise AnsibleConnectionFailure("%s: via host %r is not in the inventory"
+                                           % (self.get_option("arbor_inventory_hostname"), name))
+        hv = hostvars[name]
+
+        def get(opt):
+            try:
+                return C.config.get_config_value(opt, plugin_type="connection", plugin_name="ssh",
+                                                  variables=hv)
+            except Exception:
+                return None
+        return self._hop_from(name, get), hv
+
+    def _build_chain(self):
+        name = to_text(self.get_option("arbor_inventory_hostname") or self.get_option("host"))
+        target = self._hop_from(name, self.get_option)
+        python = self.get_option("arbor_python")
+        if python and not to_text(python).startswith("auto"):
+            target["python"] = to_text(python)
+        chain = [target]
+        hostvars = self.get_option("arbor_hostvars") or {}
+        via = self.get_option("arbor_via")
+        seen = [name]
+        while via:
+            via = to_text(via)
+            user = None
+            if "@" in via:
+                user, via = via.rsplit("@", 1)
+            if ":" in via and via.split(":", 1)[0] in ("ssh",):
+                via = via.split(":", 1)[1]
+            if via in seen:
+                raise AnsibleConnectionFailure("%s: via cycle: %s" % (name, " -> ".join(seen + [via])))
+            if len(chain) >= _HOP_MAX:
+                raise AnsibleConnectionFailure("%s: via chain longer than %d hops" % (name, _HOP_MAX))
+            hop, hv = self._via_hop(via, hostvars)
+            if user:
+                hop["user"] = user
+            chain.insert(0, hop)
+            seen.append(via)
+            nxt = hv.get("arbor_via") or hv.get("mitogen_via")
+            via = nxt
+        return chain
+
+    # ---------------------------------------------------------------- calls
+
+    def _connect(self):
+        if not self._enabled():
+            return super(Connection, self)._connect()
+        if self._arbor is None:
+            self._chain = self._build_chain()
+            self._arbor = _connect_daemon()
+            self._connected = True
+        return self
+
+    def exec_command(self, cmd, in_data=None, sudoable=True):
+        if not self._enabled():
+            return super(Connection, self).exec_command(cmd, in_data=in_data, sudoable=sudoable)
+        self._connect()
+        display.vvv("ARBOR EXEC %s" % cmd, host=self._chain[-1]["name"])
+        data = in_data or b""
+        self._arbor.send({"op": "exec", "chain": self._chain, "cmd": to_text(cmd),
+                          "stdin_size": len(data)}, data[:_PART_BYTES])
+        for i in range(_PART_BYTES, len(data), _PART_BYTES):
+            self._arbor.send({"op": "data"}, data[i:i + _PART_BYTES])
+        res, blob = self._arbor.recv()
+        parts = [blob]
+        got = len(blob)
+        while got < res.get("blob_size", got):
+            _, more = self._arbor.recv()
+            parts.append(more)
+            got += len(more)
+        blob = b"".join(parts)
+        n = res["stdout_len"]
+        return res["rc"], blob[:n], blob[n:]
+
+    def put_file(self, in_path, out_path):
+        if not self._enabled():
+            return super(Connection, self).put_file(in_path, out_path)
+        self._connect()
+        display.vvv("ARBOR PUT %s TO %s" % (in_path, out_path), host=self._chain[-1]["name"])
+        b_in = to_bytes(in_path, errors="surrogate_or_strict")
+        if not os.path.exists(b_in):
+            raise AnsibleFileNotFound("file or module does not exist: %s" % in_path)
+        with open(b_in, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            first = f.read(_PART_BYTES)
+            self._arbor.send({"op": "put", "chain": self._chain, "path": to_text(out_path),
+                              "size": size}, first)
+            while True:
+                chunk = f.read(_PART_BYTES)
+                if not chunk:
+                    break
+                self._arbor.send({"op": "data"}, chunk)
+        self._arbor.recv()
+
+    def fetch_file(self, in_path, out_path):
+        if not self._enabled():
+            return super(Connection, self).fetch_file(in_path, out_path)
+        self._connect()
+        display.vvv("ARBOR FETCH %s TO %s" % (in_path, out_path), host=self._chain[-1]["name"])
+        self._arbor.send({"op": "fetch", "chain": self._chain, "path": to_text(in_path)})
+        res, first = self._arbor.recv()
+        b_out = to_bytes(out_path, errors="surrogate_or_strict")
+        with open(b_out, "wb") as f:
+            f.write(first)
+            if res.get("streamed"):
+                while True:
+                    m, blob = self._arbor.recv()
+                    if m.get("op") == "end":
+                        break
+                    f.write(blob)
+
+    def close(self):
+        if self._arbor is not None:
+            self._arbor.close()
+            self._arbor = None
+        self._connected = False
+        if not self._enabled():
+            return super(Connection, self).close()
+
+    def reset(self):
+        if not self._enabled():
+            return super(Connection, self).reset()
+        self.close()

@@ -1,0 +1,496 @@
+# arbor agent: one persistent interpreter per (host, account) on a target.
+#
+# Sent by the first stage (first_stage.py) over the ssh channel and run from
+# memory: nothing of it is written to disk. It speaks arbor frames on fd 0
+# and fd 1 (layout: relay/wire/src/lib.rs; golden frames: tests/golden/).
+# Payloads are a JSON object plus a binary blob (relay/wire/src/msg.rs).
+#
+# Standard library only, Python 3.6 and later.
+#
+# Requests (JSON "op"):
+#   exec   {"cmd", "cwd"?}, blob: stdin      -> {"rc", "stdout_len"}, blob: stdout + stderr
+#   put    {"path", "size", "mode"?}, blob: first bytes; then Data frames and End
+#                                            -> {"size"}
+#   fetch  {"path"}                          -> {"size"}, blob: first bytes; then Data, End
+#   ping   {}                                -> {"pid", "served"}
+# Errors come back as {"error": message}.
+# A request whose JSON has "streamed": true continues in Data frames and an
+# End; so does a reply (its blob is then only the first part).
+
+import errno
+import json
+import os
+import pwd
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import traceback
+
+MAGIC = 0xA7
+VERSION = 1
+HEADER = struct.Struct("<BBBBIIII")
+HEADER_BYTES = HEADER.size
+PAYLOAD_MAX = 1 << 20
+CHUNK_BYTES = 256 * 1024
+READ_BYTES = 64 * 1024
+# Largest request body (e.g. a module's stdin) gathered from a stream.
+BODY_BYTES_MAX = 256 * 1024 * 1024
+# Frames buffered while a command runs, before the link counts as abused.
+PENDING_BYTES_MAX = 64 * 1024 * 1024
+FLAG_LZ4 = 0x01
+
+REQUEST, REPLY, DATA, END, ROUTE_ADD, ROUTE_DEL, UNDELIVERABLE, PING, PONG = range(1, 10)
+KINDS = frozenset(range(1, 10))
+CONTROLLER = 0
+
+# The command Ansible sends for a pipelined module: the interpreter reads the
+# AnsiballZ script from stdin.
+PIPELINED = re.compile(r"^/bin/sh -c '(?P<python>/[^' ]+|python3?) && sleep 0'$")
+
+
+class WireError(Exception):
+    """Bytes that are not a frame; the link must close."""
+
+
+class LinkGone(Exception):
+    """The link to the tree ended (EOF): everything this agent runs stops."""
+
+
+def decode(buf):
+    """(frame, used) for the frame at the front of buf, or (None, needed).
+
+    frame is (kind, flags, dst, src, stream, payload). Mirrors the Rust
+    decoder: the header is checked before the payload is looked at.
+    """
+    if len(buf) >= 1 and buf[0] != MAGIC:
+        raise WireError("BadMagic: %#04x" % buf[0])
+    if len(buf) >= 2 and buf[1] != VERSION:
+        raise WireError("BadVersion: %d" % buf[1])
+    if len(buf) < HEADER_BYTES:
+        return None, HEADER_BYTES
+    _, _, kind, flags, dst, src, stream, length = HEADER.unpack_from(buf)
+    if kind not in KINDS:
+        raise WireError("UnknownKind: %d" % kind)
+    if flags:
+        # The only flag (lz4) is link-local between Rust nodes.
+        raise WireError("UnknownFlags: %#04x" % flags)
+    if length > PAYLOAD_MAX:
+        raise WireError("TooLarge: %d" % length)
+    total = HEADER_BYTES + length
+    if len(buf) < total:
+        return None, total
+    return (kind, flags, dst, src, stream, bytes(buf[HEADER_BYTES:total])), total
+
+
+def encode(kind, dst, src, stream, payload=b""):
+    if len(payload) > PAYLOAD_MAX:
+        raise ValueError("payload over the frame limit")
+    return HEADER.pack(MAGIC, VERSION, kind, 0, dst, src, stream, len(payload)) + payload
+
+
+def msg(obj, blob=b""):
+    j = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+    return struct.pack("<I", len(j)) + j + blob
+
+
+def split_msg(payload):
+    if len(payload) < 4:
+        raise WireError("BadPayload: message shorter than its length field")
+    (n,) = struct.unpack_from("<I", payload)
+    if n > len(payload) - 4:
+        raise WireError("BadPayload: JSON length past the end")
+    obj = json.loads(payload[4:4 + n].decode("utf-8"))
+    if not isinstance(obj, dict):
+        raise WireError("BadPayload: JSON is not an object")
+    return obj, payload[4 + n:]
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except InterruptedError:
+            continue
+        view = view[n:]
+
+
+def atomic_target(path):
+    """A hidden temp file beside path, opened for writing."""
+    d, base = os.path.split(path)
+    for i in range(100):
+        tmp = os.path.join(d or ".", ".%s.arbor-%d-%d.tmp" % (base, os.getpid(), i))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            return tmp, fd
+        except OSError as e:
+            if e.errno != errno.EEXIST:
+                raise
+    raise OSError(errno.EEXIST, "no free temp name beside %s" % path)
+
+
+class Put(object):
+    """A file being written atomically: temp file, fsync, chmod, rename."""
+
+    def __init__(self, path, size, mode):
+        self.path = path
+        self.size = size
+        self.done = 0
+        try:
+            old = os.stat(path)
+            self.mode = old.st_mode & 0o7777
+        except OSError:
+            umask = os.umask(0)
+            os.umask(umask)
+            self.mode = mode if mode is not None else (0o666 & ~umask)
+        self.tmp, self.fd = atomic_target(path)
+
+    def write(self, data):
+        if self.done + len(data) > self.size:
+            raise ValueError("more bytes than announced for %s" % self.path)
+        write_all(self.fd, data)
+        self.done += len(data)
+
+    def finish(self):
+        if self.done != self.size:
+            raise ValueError("%s: got %d of %d bytes" % (self.path, self.done, self.size))
+        os.fsync(self.fd)
+        os.fchmod(self.fd, self.mode)
+        os.close(self.fd)
+        self.fd = None
+        os.rename(self.tmp, self.path)
+        dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def abort(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+
+class Agent(object):
+    def __init__(self, node, rfd=0, wfd=1):
+        self.node = node
+        self.rfd = rfd
+        self.wfd = wfd
+        self.buf = bytearray()
+        self.puts = {}  # stream -> (src, Put)
+        self.bodies = {}  # stream -> (src, request, [parts], size)
+        self.served = 0
+        self.shell = pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
+        self.python = os.path.realpath(sys.executable)
+
+    def send(self, kind, dst, stream, payload=b""):
+        write_all(self.wfd, encode(kind, dst, self.node, stream, payload))
+
+    def reply(self, src, stream, obj, blob=b""):
+        """Replies; a blob over one chunk is streamed after the reply."""
+        if len(blob) <= CHUNK_BYTES:
+            self.send(REPLY, src, stream, msg(obj, blob))
+            return
+        obj = dict(obj, streamed=True)
+        self.send(REPLY, src, stream, msg(obj, blob[:CHUNK_BYTES]))
+        for i in range(CHUNK_BYTES, len(blob), CHUNK_BYTES):
+            self.send(DATA, src, stream, blob[i:i + CHUNK_BYTES])
+        self.send(END, src, stream, b"")
+
+    def hello(self):
+        info = {"pid": os.getpid(), "python": sys.version.split()[0],
+                "uid": os.getuid(), "executable": sys.executable}
+        self.send(ROUTE_ADD, CONTROLLER, 0, msg(info))
+
+    def run(self):
+        self.hello()
+        while True:
+            try:
+                chunk = os.read(self.rfd, READ_BYTES)
+            except InterruptedError:
+                continue
+            if not chunk:
+                return 0
+            self.buf.extend(chunk)
+            # Frames that arrived while a command ran are in buf too.
+            while True:
+                frame, used = decode(self.buf)
+                if frame is None:
+                    break
+                del self.buf[:used]
+                try:
+                    self.dispatch(frame)
+                except LinkGone:
+                    return 0
+
+    def dispatch(self, frame):
+        kind, _, dst, src, stream, payload = frame
+        if dst != self.node:
+            return
+        if kind == PING:
+            self.send(PONG, src, stream, payload)
+        elif kind == REQUEST:
+            self.request(src, stream, payload)
+        elif kind in (DATA, END):
+            self.stream_part(kind, src, stream, payload)
+
+    def request(self, src, stream, payload):
+        req, blob = split_msg(payload)
+        if req.get("streamed") and req.get("op") != "put":
+            self.bodies[stream] = (src, req, [blob], len(blob))
+            return
+        self.handle(src, stream, req, blob)
+
+    def handle(self, src, stream, req, blob):
+        try:
+            op = req.get("op")
+            if op == "exec":
+                rc, out, err = self.exec_(req, blob)
+                self.reply(src, stream, {"rc": rc, "stdout_len": len(out)}, out + err)
+            elif op == "put":
+                self.put_start(src, stream, req, blob)
+            elif op == "fetch":
+                self.fetch(src, stream, req)
+            elif op == "ping":
+                self.reply(src, stream, {"pid": os.getpid(), "served": self.served})
+            else:
+                self.reply(src, stream, {"error": "unknown op %r" % (op,)})
+            self.served += 1
+        except (WireError, LinkGone):
+            raise
+        except Exception as e:
+            self.reply(src, stream, {"error": "%s: %s" % (type(e).__name__, e)})
+
+    # ------------------------------------------------------------ exec
+
+    def exec_(self, req, stdin):
+        cmd = req["cmd"]
+        m = PIPELINED.match(cmd)
+        if m and b"_ansiballz_main(" in stdin and self.same_python(m.group("python")):
+            return self.run_forked(stdin)
+        # Its own process group, so the whole command can be stopped.
+        proc = subprocess.Popen([self.shell, "-c", cmd], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=req.get("cwd"), start_new_session=True)
+        try:
+            out, err = self.pump(proc.pid, proc.stdin, stdin, [proc.stdout, proc.stderr])
+        finally:
+            proc.stdout.close()
+            proc.stderr.close()
+        return proc.wait(), out, err
+
+    def pump(self, pgid, stdin, data, outputs):
+        """Feeds `data` to stdin and reads `outputs` to EOF, while watching
+        the link: frames that arrive are kept for later, and if the link
+        ends, the process group is killed and LinkGone raised."""
+        outs = dict((f.fileno(), []) for f in outputs)
+        readers = list(outs)
+        view = memoryview(data)
+        writers = []
+        if stdin is not None:
+            if view:
+                os.set_blocking(stdin.fileno(), False)
+                writers = [stdin.fileno()]
+            else:
+                stdin.close()
+        while readers or writers:
+            watch = readers + ([self.rfd] if len(self.buf) < PENDING_BYTES_MAX else [])
+            r, w, _ = select.select(watch, writers, [])
+            if self.rfd in r:
+                chunk = os.read(self.rfd, READ_BYTES)
+                if not chunk:
+                    try:
+                        os.killpg(pgid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                    raise LinkGone()
+                self.buf.extend(chunk)
+            for fd in r:
+                if fd == self.rfd:
+                    continue
+                chunk = os.read(fd, READ_BYTES)
+                if chunk:
+                    outs[fd].append(chunk)
+                else:
+                    readers.remove(fd)
+            if w:
+                try:
+                    n = os.write(writers[0], view[:READ_BYTES])
+                    view = view[n:]
+                except BrokenPipeError:
+                    view = view[:0]
+                if not view:
+                    writers = []
+                    stdin.close()
+        return [b"".join(outs[f.fileno()]) for f in outputs]
+
+    def same_python(self, path):
+        if "/" not in path:
+            for d in os.environ.get("PATH", "").split(os.pathsep):
+                cand = os.path.join(d, path)
+                if os.access(cand, os.X_OK):
+                    path = cand
+                    break
+        return os.path.realpath(path) == self.python
+
+    def run_forked(self, script):
+        """Runs a pipelined module in a fork of this warm interpreter, as
+        `python3 < script` would: same stdout, stderr and exit status."""
+        r_out, w_out = os.pipe()
+        r_err, w_err = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            rc = 1
+            try:
+                os.setpgid(0, 0)
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                os.dup2(w_out, 1)
+                os.dup2(w_err, 2)
+                for fd in (null, r_out, w_out, r_err, w_err, self.rfd, self.wfd):
+                    if fd > 2:
+                        os.close(fd)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                sys.stdin = open(0, "r", closefd=False)
+                sys.stdout = open(1, "w", closefd=False)
+                sys.stderr = open(2, "w", closefd=False)
+                sys.argv = [""]
+                code = compile(script, "<stdin>", "exec")
+                exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+                rc = 0
+            except SystemExit as e:
+                if e.code is None:
+                    rc = 0
+                elif isinstance(e.code, int):
+                    rc = e.code & 0xFF
+                else:
+                    sys.stderr.write("%s\n" % (e.code,))
+                    rc = 1
+            except BaseException:
+                traceback.print_exc()
+                rc = 1
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(rc)
+        os.close(w_out)
+        os.close(w_err)
+        r_out, r_err = os.fdopen(r_out, "rb", 0), os.fdopen(r_err, "rb", 0)
+        try:
+            out, err = self.pump(pid, None, b"", [r_out, r_err])
+        except LinkGone:
+            os.waitpid(pid, 0)
+            raise
+        finally:
+            r_out.close()
+            r_err.close()
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            return -os.WTERMSIG(status), out, err
+        return os.WEXITSTATUS(status), out, err
+
+    # ------------------------------------------------------------ files
+
+    def put_start(self, src, stream, req, blob):
+        size = int(req["size"])
+        p = Put(req["path"], size, req.get("mode"))
+        try:
+            p.write(blob)
+        except Exception:
+            p.abort()
+            raise
+        if p.done == size and not req.get("streamed"):
+            self.put_finish(src, stream, p)
+        else:
+            old = self.puts.pop(stream, None)
+            if old:
+                old.abort()
+            self.puts[stream] = (src, p)
+
+    def put_finish(self, src, stream, p):
+        try:
+            p.finish()
+        except Exception:
+            p.abort()
+            raise
+        self.reply(src, stream, {"size": p.size})
+
+    def stream_part(self, kind, src, stream, payload):
+        body = self.bodies.get(stream)
+        if body is not None and body[0] == src:
+            _, req, parts, size = body
+            if kind == DATA:
+                size += len(payload)
+                if size > BODY_BYTES_MAX:
+                    del self.bodies[stream]
+                    self.reply(src, stream, {"error": "request body over %d bytes" % BODY_BYTES_MAX})
+                    return
+                parts.append(payload)
+                self.bodies[stream] = (src, req, parts, size)
+            else:
+                del self.bodies[stream]
+                self.handle(src, stream, req, b"".join(parts))
+            return
+        entry = self.puts.get(stream)
+        if entry is None or entry[0] != src:
+            return
+        p = entry[1]
+        try:
+            if kind == DATA:
+                p.write(payload)
+                return
+            del self.puts[stream]
+            self.put_finish(src, stream, p)
+        except Exception as e:
+            self.puts.pop(stream, None)
+            p.abort()
+            self.reply(src, stream, {"error": "%s: %s" % (type(e).__name__, e)})
+
+    def fetch(self, src, stream, req):
+        path = req["path"]
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            first = f.read(CHUNK_BYTES)
+            if len(first) < CHUNK_BYTES:
+                self.reply(src, stream, {"size": len(first)}, first)
+                return
+            # Streamed from the file, never whole in memory.
+            self.send(REPLY, src, stream, msg({"size": size, "streamed": True}, first))
+            while True:
+                chunk = f.read(CHUNK_BYTES)
+                if not chunk:
+                    break
+                self.send(DATA, src, stream, chunk)
+            self.send(END, src, stream, b"")
+
+    def close(self):
+        for _, p in self.puts.values():
+            p.abort()
+        self.puts.clear()
+
+
+def main(node):
+    # Frames own fds 0 and 1; nothing else may write to them.
+    agent = Agent(node)
+    sys.stdout = sys.stderr
+    try:
+        code = agent.run()
+    except WireError as e:
+        sys.stderr.write("arbor agent n%d: malformed frame, closing the link: %s\n" % (node, e))
+        code = 65
+    finally:
+        agent.close()
+    return code
+
+
+if __name__ == "__arbor__":
+    sys.exit(main(ARBOR_NODE))  # noqa: F821 (set by the first stage)

@@ -1,0 +1,95 @@
+//! Everything sent to a host before it speaks arbor's protocol, and the
+//! exact command lines that start it.
+//!
+//! - `stage0.sh`: POSIX sh, loads the relay binary into an in-RAM file
+//!   (memfd) and runs it; no python needed, nothing written to disk.
+//! - `agent/first_stage.py`: given to `python3 -c`, reads the compressed
+//!   agent from stdin and runs it from memory.
+//! - `agent/arbor_agent.py`: the agent itself (standard library only).
+
+use std::sync::OnceLock;
+
+use base64::Engine;
+use flate2::{write::ZlibEncoder, Compression};
+
+use arbor_wire::NodeId;
+
+pub const STAGE0_SH: &str = include_str!("../stage0.sh");
+pub const FIRST_STAGE_PY: &str = include_str!("../agent/first_stage.py");
+pub const AGENT_PY: &str = include_str!("../agent/arbor_agent.py");
+
+/// Quotes `s` for a POSIX shell: the result is one word, taken literally.
+pub fn sh_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The agent's code as sent: zlib-compressed, computed once.
+pub fn agent_payload() -> &'static [u8] {
+    static PAYLOAD: OnceLock<Vec<u8>> = OnceLock::new();
+    PAYLOAD.get_or_init(|| {
+        use std::io::Write;
+        let mut z = ZlibEncoder::new(Vec::new(), Compression::best());
+        // Writing to a Vec cannot fail.
+        let _ = z.write_all(AGENT_PY.as_bytes());
+        z.finish().unwrap_or_default()
+    })
+}
+
+/// The remote command (one string, as ssh sends it to the login shell) that
+/// starts the agent for `node` with `python`; its stdin must then carry
+/// [`agent_payload`] before any frame.
+pub fn agent_command(python: &str, node: NodeId) -> String {
+    let stage = base64::engine::general_purpose::STANDARD.encode(FIRST_STAGE_PY);
+    let boot = format!("import base64;exec(base64.b64decode('{stage}'))");
+    format!(
+        "{} -c {} {} {}",
+        sh_quote(python),
+        sh_quote(&boot),
+        node.0,
+        agent_payload().len()
+    )
+}
+
+/// The remote command that starts a relay for `node`; its stdin must then
+/// carry exactly `binary_len` bytes of the relay binary before any frame.
+pub fn relay_command(node: NodeId, binary_len: usize) -> String {
+    format!(
+        "exec /bin/sh -c {} arbor-stage0 {} {}",
+        sh_quote(STAGE0_SH),
+        binary_len,
+        node.0
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_a_shell() {
+        for s in ["plain", "two words", "it's", "$(rm -rf /)", "", "a'b'c"] {
+            let out = std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(format!("printf %s {}", sh_quote(s)))
+                .output()
+                .expect("sh");
+            assert_eq!(String::from_utf8_lossy(&out.stdout), s);
+        }
+    }
+
+    #[test]
+    fn agent_payload_decompresses_to_the_agent() {
+        use std::io::Read;
+        let mut z = flate2::read::ZlibDecoder::new(agent_payload());
+        let mut s = String::new();
+        z.read_to_string(&mut s).expect("zlib");
+        assert_eq!(s, AGENT_PY);
+        assert!(agent_payload().len() < AGENT_PY.len() / 2);
+    }
+}

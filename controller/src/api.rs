@@ -1,0 +1,401 @@
+//! The controller's local API, spoken by the Ansible glue over a private
+//! UNIX socket (a 0700 directory; peers of another uid are refused).
+//!
+//! A message is `u32 length (LE)` then a [`arbor_wire::msg`] payload: a JSON
+//! object and a blob. Requests:
+//!
+//! ```text
+//! exec   {"chain":[hop...], "cmd", "stdin_size"}, blob: stdin (first part)
+//!        -> {"rc", "stdout_len"}, blob: stdout + stderr
+//! put    {"chain", "path", "size", "mode"?}, blob: first part
+//!        -> {"size"}
+//! fetch  {"chain", "path"} -> {"size", "parts"}, blob: first part
+//! ping   {} -> {"pid", "version"}
+//! ```
+//! A request or reply larger than one message continues in `{"op":"data"}`
+//! messages (blob: the next part) and ends with `{"op":"end"}`. A failure
+//! is `{"error": message, "unreachable": bool}`; the message names the host
+//! and the hop.
+
+use std::time::Duration;
+
+use arbor_topology::Hop;
+use arbor_wire::{msg, Frame, Kind, NodeId, StreamId, CHUNK_BYTES};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+use crate::tree::{Role2, TreeHandle};
+
+/// Largest API message; bigger data is split into data messages.
+pub const MESSAGE_BYTES_MAX: usize = 8 << 20;
+/// Largest command output gathered for one reply.
+pub const OUTPUT_BYTES_MAX: usize = 256 << 20;
+/// How long a glue connection may stay silent between messages.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug)]
+pub struct ApiError {
+    message: String,
+    unreachable: bool,
+}
+
+impl ApiError {
+    fn failed(message: impl Into<String>) -> Self {
+        ApiError {
+            message: message.into(),
+            unreachable: false,
+        }
+    }
+    fn unreachable(message: impl Into<String>) -> Self {
+        ApiError {
+            message: message.into(),
+            unreachable: true,
+        }
+    }
+}
+
+pub async fn read_message(conn: &mut UnixStream) -> std::io::Result<Option<(Value, Vec<u8>)>> {
+    let mut len = [0u8; 4];
+    match tokio::time::timeout(IDLE_TIMEOUT, conn.read_exact(&mut len)).await {
+        Err(_) => return Ok(None),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(_)) => {}
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MESSAGE_BYTES_MAX {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("API message of {len} bytes"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    conn.read_exact(&mut buf).await?;
+    let (j, blob) = msg::split(&buf)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let v: Value = serde_json::from_slice(j)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    Ok(Some((v, blob.to_vec())))
+}
+
+pub async fn write_message(conn: &mut UnixStream, v: &Value, blob: &[u8]) -> std::io::Result<()> {
+    let body = msg::encode(v.to_string().as_bytes(), blob);
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    conn.write_all(&out).await
+}
+
+/// Serves one glue connection until it closes.
+pub async fn serve(mut conn: UnixStream, tree: TreeHandle) {
+    loop {
+        let (req, blob) = match read_message(&mut conn).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "bad API message; closing the connection");
+                return;
+            }
+        };
+        let op = req
+            .get("op")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let result = match op.as_str() {
+            "ping" => write_message(
+                &mut conn,
+                &json!({"pid": std::process::id(), "version": env!("CARGO_PKG_VERSION")}),
+                b"",
+            )
+            .await
+            .map_err(|e| ApiError::failed(e.to_string())),
+            "exec" => exec(&mut conn, &tree, &req, blob).await,
+            "put" => put(&mut conn, &tree, &req, blob).await,
+            "fetch" => fetch(&mut conn, &tree, &req).await,
+            other => Err(ApiError::failed(format!("unknown API request {other:?}"))),
+        };
+        if let Err(e) = result {
+            let v = json!({"error": e.message, "unreachable": e.unreachable});
+            if write_message(&mut conn, &v, b"").await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Target {
+    chain: Vec<Hop>,
+}
+
+async fn agent_for(tree: &TreeHandle, req: &Value) -> Result<NodeId, ApiError> {
+    let t: Target = serde_json::from_value(req.clone())
+        .map_err(|e| ApiError::failed(format!("bad chain: {e}")))?;
+    tree.ensure(&t.chain, Role2::Agent)
+        .await
+        .map_err(ApiError::unreachable)
+}
+
+/// Reads the rest of a request body sent in data messages, up to `size`.
+async fn read_body(
+    conn: &mut UnixStream,
+    mut body: Vec<u8>,
+    size: usize,
+) -> Result<Vec<u8>, ApiError> {
+    if size > OUTPUT_BYTES_MAX {
+        return Err(ApiError::failed(format!(
+            "request body of {size} bytes over the limit"
+        )));
+    }
+    while body.len() < size {
+        match read_message(conn).await {
+            Ok(Some((m, part))) if m.get("op").and_then(Value::as_str) == Some("data") => {
+                body.extend(part)
+            }
+            _ => return Err(ApiError::failed("request body ended early")),
+        }
+    }
+    Ok(body)
+}
+
+/// Sends a request to an agent, its body streamed in chunks if large.
+async fn send_request(
+    tree: &TreeHandle,
+    node: NodeId,
+    mut req: Value,
+    body: &[u8],
+) -> Result<(StreamId, mpsc::Receiver<Frame>), ApiError> {
+    let streamed = body.len() > CHUNK_BYTES;
+    if streamed {
+        req["streamed"] = Value::Bool(true);
+    }
+    let first = &body[..body.len().min(CHUNK_BYTES)];
+    let (stream, rx) = tree
+        .open(node, msg::encode(req.to_string().as_bytes(), first))
+        .await
+        .map_err(ApiError::unreachable)?;
+    if streamed {
+        for part in body[CHUNK_BYTES..].chunks(CHUNK_BYTES) {
+            tree.send(Frame::new(
+                Kind::Data,
+                node,
+                NodeId::CONTROLLER,
+                stream,
+                part.to_vec(),
+            ))
+            .await
+            .map_err(ApiError::failed)?;
+        }
+        tree.send(Frame::new(
+            Kind::End,
+            node,
+            NodeId::CONTROLLER,
+            stream,
+            Vec::new(),
+        ))
+        .await
+        .map_err(ApiError::failed)?;
+    }
+    Ok((stream, rx))
+}
+
+/// The agent's reply: its JSON, and its whole blob (gathered if streamed).
+async fn gather_reply(
+    tree: &TreeHandle,
+    stream: StreamId,
+    rx: &mut mpsc::Receiver<Frame>,
+) -> Result<(Value, Vec<u8>), ApiError> {
+    let (v, mut blob) = first_reply(rx).await?;
+    if v.get("streamed").and_then(Value::as_bool) == Some(true) {
+        loop {
+            let Some(f) = rx.recv().await else {
+                return Err(ApiError::unreachable("the agent's reply was cut off"));
+            };
+            match f.kind {
+                Kind::Data if blob.len() + f.payload.len() <= OUTPUT_BYTES_MAX => {
+                    blob.extend(f.payload)
+                }
+                Kind::Data => {
+                    tree.forget(stream).await;
+                    return Err(ApiError::failed(format!(
+                        "output over {OUTPUT_BYTES_MAX} bytes"
+                    )));
+                }
+                Kind::End => break,
+                _ => {
+                    return Err(ApiError::unreachable(
+                        String::from_utf8_lossy(&f.payload).into_owned(),
+                    ))
+                }
+            }
+        }
+    }
+    Ok((v, blob))
+}
+
+async fn first_reply(rx: &mut mpsc::Receiver<Frame>) -> Result<(Value, Vec<u8>), ApiError> {
+    let Some(f) = rx.recv().await else {
+        return Err(ApiError::unreachable(
+            "the tree closed before the agent answered",
+        ));
+    };
+    if f.kind != Kind::Reply {
+        return Err(ApiError::unreachable(
+            String::from_utf8_lossy(&f.payload).into_owned(),
+        ));
+    }
+    let (j, blob) = msg::split(&f.payload).map_err(|e| ApiError::failed(e.to_string()))?;
+    let v: Value = serde_json::from_slice(j).map_err(|e| ApiError::failed(e.to_string()))?;
+    if let Some(err) = v.get("error").and_then(Value::as_str) {
+        return Err(ApiError::failed(err.to_string()));
+    }
+    Ok((v, blob.to_vec()))
+}
+
+async fn exec(
+    conn: &mut UnixStream,
+    tree: &TreeHandle,
+    req: &Value,
+    blob: Vec<u8>,
+) -> Result<(), ApiError> {
+    let size = req
+        .get("stdin_size")
+        .and_then(Value::as_u64)
+        .unwrap_or(blob.len() as u64) as usize;
+    let stdin = read_body(conn, blob, size).await?;
+    let node = agent_for(tree, req).await?;
+    let agent_req = json!({"op": "exec", "cmd": req.get("cmd").cloned().unwrap_or(Value::Null)});
+    let (stream, mut rx) = send_request(tree, node, agent_req, &stdin).await?;
+    let (mut v, out) = gather_reply(tree, stream, &mut rx).await?;
+    v.as_object_mut().map(|o| o.remove("streamed"));
+    send_chunked(conn, v, &out).await
+}
+
+/// Replies to the glue, splitting a large blob into data messages.
+async fn send_chunked(conn: &mut UnixStream, mut v: Value, blob: &[u8]) -> Result<(), ApiError> {
+    let io = |e: std::io::Error| ApiError::failed(e.to_string());
+    let part = MESSAGE_BYTES_MAX / 2;
+    v["size"] = json!(v.get("size").cloned().unwrap_or(json!(blob.len())));
+    v["blob_size"] = json!(blob.len());
+    write_message(conn, &v, &blob[..blob.len().min(part)])
+        .await
+        .map_err(io)?;
+    if blob.len() > part {
+        for p in blob[part..].chunks(part) {
+            write_message(conn, &json!({"op": "data"}), p)
+                .await
+                .map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
+async fn put(
+    conn: &mut UnixStream,
+    tree: &TreeHandle,
+    req: &Value,
+    first: Vec<u8>,
+) -> Result<(), ApiError> {
+    let size = req
+        .get("size")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| ApiError::failed("put without size"))?;
+    let path = req
+        .get("path")
+        .cloned()
+        .ok_or_else(|| ApiError::failed("put without path"))?;
+    // Connect first, but read the whole body even if that fails, so the
+    // connection stays in step with the glue.
+    let node = agent_for(tree, req).await;
+    let mut agent_req = json!({"op": "put", "path": path, "size": size, "streamed": true});
+    if let Some(mode) = req.get("mode") {
+        agent_req["mode"] = mode.clone();
+    }
+    let opened = match &node {
+        Ok(node) => Some(
+            tree.open(*node, msg::encode(agent_req.to_string().as_bytes(), &first))
+                .await,
+        ),
+        Err(_) => None,
+    };
+    let mut sent = first.len() as u64;
+    while sent < size {
+        let part = match read_message(conn).await {
+            Ok(Some((m, part))) if m.get("op").and_then(Value::as_str) == Some("data") => part,
+            _ => return Err(ApiError::failed("file data ended early")),
+        };
+        sent += part.len() as u64;
+        if let (Ok(node), Some(Ok((stream, _)))) = (&node, &opened) {
+            for p in part.chunks(CHUNK_BYTES) {
+                tree.send(Frame::new(
+                    Kind::Data,
+                    *node,
+                    NodeId::CONTROLLER,
+                    *stream,
+                    p.to_vec(),
+                ))
+                .await
+                .map_err(ApiError::failed)?;
+            }
+        }
+    }
+    let node = node?;
+    let (stream, mut rx) = opened
+        .ok_or_else(|| ApiError::failed("put not opened"))?
+        .map_err(ApiError::unreachable)?;
+    tree.send(Frame::new(
+        Kind::End,
+        node,
+        NodeId::CONTROLLER,
+        stream,
+        Vec::new(),
+    ))
+    .await
+    .map_err(ApiError::failed)?;
+    let (v, _) = first_reply(&mut rx).await?;
+    write_message(conn, &v, b"")
+        .await
+        .map_err(|e| ApiError::failed(e.to_string()))
+}
+
+async fn fetch(conn: &mut UnixStream, tree: &TreeHandle, req: &Value) -> Result<(), ApiError> {
+    let node = agent_for(tree, req).await?;
+    let agent_req = json!({"op": "fetch", "path": req.get("path").cloned().unwrap_or(Value::Null)});
+    let (_stream, mut rx) = send_request(tree, node, agent_req, b"").await?;
+    let (v, first) = first_reply(&mut rx).await?;
+    let streamed = v.get("streamed").and_then(Value::as_bool) == Some(true);
+    let io = |e: std::io::Error| ApiError::failed(e.to_string());
+    write_message(
+        conn,
+        &json!({"size": v.get("size"), "streamed": streamed}),
+        &first,
+    )
+    .await
+    .map_err(io)?;
+    if streamed {
+        loop {
+            let Some(f) = rx.recv().await else {
+                return Err(ApiError::unreachable("the agent's file was cut off"));
+            };
+            match f.kind {
+                Kind::Data => write_message(conn, &json!({"op": "data"}), &f.payload)
+                    .await
+                    .map_err(io)?,
+                Kind::End => break,
+                _ => {
+                    return Err(ApiError::unreachable(
+                        String::from_utf8_lossy(&f.payload).into_owned(),
+                    ))
+                }
+            }
+        }
+        write_message(conn, &json!({"op": "end"}), b"")
+            .await
+            .map_err(io)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! `arbor`: the controller. A daemon per Ansible run owns the tree (relays
+//! in RAM on intermediaries, agents on targets) and serves the Ansible glue
+//! on a private UNIX socket; a small CLI speaks to people.
+//!
+//! # Layout
+//! - `main.rs`: CLI and the daemon's life (socket, peer check, teardown).
+//! - `tree.rs`: the tree task (router node 0, ssh links, hop states).
+//! - `api.rs`: the glue's requests (exec, put, fetch).
+//! - `ssh.rs`: ssh command lines, known_hosts, key files.
+//!
+//! Exit codes: 0 success; 1 runtime error; 64 usage error.
+
+mod api;
+mod ssh;
+mod tree;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::net::UnixListener;
+
+/// The relay, built static for x86_64 Linux, carried inside this binary.
+static RELAY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/arbor-relay"));
+const RELAY_BUILD: &str = env!("ARBOR_RELAY_BUILD");
+/// How often the daemon checks that its Ansible run is still alive.
+const PARENT_POLL: Duration = Duration::from_millis(100);
+
+const HELP: &str = "\
+arbor: makes Ansible fast through bastions, container hosts and slow links
+
+Turn it on with one line in ansible.cfg:
+    [defaults]
+    connection_plugins = <arbor>/ansible-glue/plugins/connection
+(or ANSIBLE_CONNECTION_PLUGINS=...), and reach hosts through a bastion with
+the inventory variable mitogen_via=<host> (or arbor_via=<host>). The glue
+starts `arbor daemon` for each ansible-playbook run; it exits with the run.
+
+USAGE:
+    arbor daemon --run-dir DIR [--parent-pid PID]
+        Serve one Ansible run on DIR/sock (DIR is made 0700). Exits, tearing
+        the tree down and removing DIR, when PID exits, on SIGTERM/SIGINT,
+        or when DIR/sock is removed.
+    arbor plugin-path     print the connection_plugins directory
+    arbor relay-info      the embedded relay: size and build
+    arbor relay-write PATH    write the embedded relay to PATH (for inspection)
+    arbor version
+    arbor --help
+
+EXIT CODES:
+    0 success, 1 error (the message says which host and hop), 64 usage error
+";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = match run(&args) {
+        Ok(()) => 0,
+        Err(e) if e.downcast_ref::<Usage>().is_some() => {
+            eprintln!("arbor: {e}\n\n{HELP}");
+            64
+        }
+        Err(e) => {
+            eprintln!("arbor: error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+fn run(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        None | Some("--help" | "-h" | "help") => {
+            print!("{HELP}");
+            Ok(())
+        }
+        Some("version" | "--version") => {
+            println!(
+                "arbor {} (relay: {} bytes, {RELAY_BUILD})",
+                env!("CARGO_PKG_VERSION"),
+                RELAY.len()
+            );
+            Ok(())
+        }
+        Some("relay-info") => {
+            println!("{{\"bytes\":{},\"build\":\"{RELAY_BUILD}\"}}", RELAY.len());
+            Ok(())
+        }
+        Some("relay-write") => {
+            let path = args
+                .get(1)
+                .ok_or_else(|| Usage("relay-write needs a PATH".into()))?;
+            std::fs::write(path, RELAY).with_context(|| format!("writing {path}"))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+            Ok(())
+        }
+        Some("plugin-path") => {
+            println!("{}", plugin_path().display());
+            Ok(())
+        }
+        Some("daemon") => {
+            let mut run_dir = None;
+            let mut parent = None;
+            let mut it = args[1..].iter();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--run-dir" => run_dir = it.next().map(PathBuf::from),
+                    "--parent-pid" => parent = it.next().and_then(|p| p.parse::<i32>().ok()),
+                    other => return Err(Usage(format!("unknown daemon flag {other}")).into()),
+                }
+            }
+            let run_dir = run_dir.ok_or_else(|| Usage("daemon needs --run-dir DIR".into()))?;
+            daemon(run_dir, parent)
+        }
+        Some(other) => Err(Usage(format!("unknown command {other:?}")).into()),
+    }
+}
+
+/// Where the glue's connection plugins are, next to this source tree or an
+/// installed share directory.
+fn plugin_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    for base in exe.ancestors().skip(1) {
+        let p = base.join("ansible-glue/plugins/connection");
+        if p.is_dir() {
+            return p;
+        }
+        let p = base.join("share/arbor/ansible-glue/plugins/connection");
+        if p.is_dir() {
+            return p;
+        }
+    }
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ansible-glue/plugins/connection"
+    ))
+}
+
+/// Makes the run directory private, or refuses one that is not ours.
+fn private_dir(dir: &Path) -> Result<()> {
+    match std::fs::create_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if !meta.is_dir() || meta.uid() != uid {
+        bail!("{} is not a directory owned by uid {uid}", dir.display());
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+fn daemon(run_dir: PathBuf, parent: Option<i32>) -> Result<()> {
+    private_dir(&run_dir)?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ARBOR_LOG")
+                .unwrap_or_else(|_| "arbor=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(serve(&run_dir, parent));
+    // The run is over: nothing of it stays behind.
+    let _ = std::fs::remove_dir_all(&run_dir);
+    result
+}
+
+async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
+    let sock = run_dir.join("sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener =
+        UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/".into());
+    let (tree, handle) = tree::Tree::new(tree::Config {
+        relay_binary: RELAY,
+        run_dir: run_dir.to_path_buf(),
+        home,
+    });
+    let tree_task = tokio::spawn(tree.run());
+    tracing::info!(socket = %sock.display(), ?parent, relay_bytes = RELAY.len(), "arbor daemon serving");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut poll = tokio::time::interval(PARENT_POLL);
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    loop {
+        tokio::select! {
+            conn = listener.accept() => {
+                let (conn, _) = conn?;
+                match conn.peer_cred() {
+                    Ok(c) if c.uid() == uid => {
+                        tokio::spawn(api::serve(conn, handle.clone()));
+                    }
+                    Ok(c) => tracing::warn!(peer_uid = c.uid(), "refused a connection from another user"),
+                    Err(e) => tracing::warn!(error = %e, "refused a connection without credentials"),
+                }
+            }
+            _ = poll.tick() => {
+                if let Some(pid) = parent {
+                    // SAFETY: signal 0 only checks that the process exists.
+                    if unsafe { libc::kill(pid, 0) } != 0
+                        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+                    {
+                        tracing::info!(pid, "the Ansible run ended; tearing the tree down");
+                        break;
+                    }
+                }
+                if !sock.exists() {
+                    tracing::info!("socket removed; tearing the tree down");
+                    break;
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    drop(listener);
+    let _ = std::fs::remove_file(&sock);
+    handle.shutdown().await;
+    let _ = tree_task.await;
+    Ok(())
+}

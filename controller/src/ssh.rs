@@ -1,0 +1,282 @@
+//! ssh command lines for each hop, and the known_hosts a remote hop checks.
+//!
+//! The first hop runs on the controller and uses the user's ssh settings as
+//! they are. Hops run by a relay get no option that names a controller file
+//! (keys, configs, known_hosts paths, control sockets): they authenticate
+//! with the forwarded agent, and check host keys against the controller's
+//! known_hosts, which the relay holds in an in-RAM file for them.
+
+use std::path::{Path, PathBuf};
+
+use arbor_topology::Hop;
+
+/// Bytes of known_hosts sent with one spawn, at most.
+pub const KNOWN_HOSTS_BYTES_MAX: usize = 4 << 20;
+/// Connect timeout when the inventory sets none (Ansible's default).
+pub const CONNECT_TIMEOUT_S_DEFAULT: u32 = 10;
+
+/// Options whose value is a controller path or a multiplexing setting.
+const CONTROLLER_ONLY: [&str; 11] = [
+    "identityfile",
+    "userknownhostsfile",
+    "globalknownhostsfile",
+    "controlpath",
+    "controlmaster",
+    "controlpersist",
+    "proxyjump",
+    "proxycommand",
+    "identityagent",
+    "certificatefile",
+    "knownhostscommand",
+];
+/// Multiplexing options arbor never wants, even on the first hop.
+const NEVER: [&str; 3] = ["controlpath", "controlmaster", "controlpersist"];
+
+/// One ssh option or flag from the user's arguments.
+#[derive(Debug, PartialEq, Eq)]
+enum Arg {
+    /// `-o Key=Value` (key lower-cased), with its original words.
+    Opt(String, String, Vec<String>),
+    /// A flag that takes a file (`-i`, `-F`, `-J`, `-E`, `-S`): dropped remotely.
+    FileFlag(Vec<String>),
+    Other(String),
+}
+
+fn parse_args(words: &[String]) -> Vec<Arg> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        let w = &words[i];
+        let (opt, used) = if w == "-o" && i + 1 < words.len() {
+            (Some(words[i + 1].clone()), 2)
+        } else if let Some(rest) = w.strip_prefix("-o").filter(|r| !r.is_empty()) {
+            (Some(rest.to_string()), 1)
+        } else {
+            (None, 1)
+        };
+        if let Some(o) = opt {
+            let (k, v) = match o.split_once(['=', ' ']) {
+                Some((k, v)) => (k.trim().to_ascii_lowercase(), v.trim().to_string()),
+                None => (o.trim().to_ascii_lowercase(), String::new()),
+            };
+            out.push(Arg::Opt(k, v, words[i..i + used].to_vec()));
+            i += used;
+            continue;
+        }
+        if ["-i", "-F", "-J", "-E", "-S"].contains(&w.as_str()) && i + 1 < words.len() {
+            out.push(Arg::FileFlag(words[i..i + 2].to_vec()));
+            i += 2;
+            continue;
+        }
+        out.push(Arg::Other(w.clone()));
+        i += 1;
+    }
+    out
+}
+
+/// The ssh command that reaches `hop` and runs `remote_cmd` there.
+/// `local`: run by the controller (else by a relay); `forward_agent`: the
+/// hop will start children that authenticate with the agent.
+pub fn argv(hop: &Hop, remote_cmd: &str, local: bool, forward_agent: bool) -> Vec<String> {
+    let mut a: Vec<String> = vec!["ssh".into()];
+    let mut o = |s: String| {
+        a.push("-o".into());
+        a.push(s);
+    };
+    o("BatchMode=yes".into());
+    o(format!(
+        "ConnectTimeout={}",
+        hop.timeout_s.unwrap_or(CONNECT_TIMEOUT_S_DEFAULT)
+    ));
+    o("ServerAliveInterval=15".into());
+    o("ServerAliveCountMax=3".into());
+    o(format!(
+        "StrictHostKeyChecking={}",
+        if hop.host_key_checking { "yes" } else { "no" }
+    ));
+    if forward_agent {
+        o("ForwardAgent=yes".into());
+    }
+    if !local {
+        o(format!(
+            "UserKnownHostsFile={}",
+            arbor_wire::control::KNOWN_HOSTS_TOKEN
+        ));
+        o("GlobalKnownHostsFile=/dev/null".into());
+    } else if let Some(key) = &hop.key_file {
+        a.push("-i".into());
+        a.push(key.clone());
+    }
+    for arg in parse_args(&hop.ssh_args) {
+        match arg {
+            Arg::Opt(k, _, _) if NEVER.contains(&k.as_str()) => {}
+            Arg::Opt(k, _, _) if !local && CONTROLLER_ONLY.contains(&k.as_str()) => {}
+            Arg::Opt(_, _, words) => a.extend(words),
+            Arg::FileFlag(_) if !local => {}
+            Arg::FileFlag(words) => a.extend(words),
+            Arg::Other(w) => a.push(w),
+        }
+    }
+    if let Some(port) = hop.port {
+        a.push("-p".into());
+        a.push(port.to_string());
+    }
+    if let Some(user) = &hop.user {
+        a.push("-l".into());
+        a.push(user.clone());
+    }
+    a.push("-T".into());
+    a.push("--".into());
+    a.push(hop.host.clone());
+    a.push(remote_cmd.into());
+    a
+}
+
+fn expand_home(p: &str, home: &Path) -> PathBuf {
+    match p.strip_prefix("~/") {
+        Some(rest) => home.join(rest),
+        None => PathBuf::from(p),
+    }
+}
+
+/// The known_hosts lines a remote hop checks `hop`'s key against: the files
+/// its ssh arguments name, else the controller's defaults, as ssh itself
+/// would read them on the controller.
+pub fn known_hosts(hop: &Hop, home: &Path) -> Vec<u8> {
+    let mut user = Vec::new();
+    let mut global = Vec::new();
+    for arg in parse_args(&hop.ssh_args) {
+        if let Arg::Opt(k, v, _) = arg {
+            let files = v.split_whitespace().map(|f| expand_home(f, home));
+            match k.as_str() {
+                "userknownhostsfile" => user.extend(files),
+                "globalknownhostsfile" => global.extend(files),
+                _ => {}
+            }
+        }
+    }
+    if user.is_empty() {
+        user = vec![
+            home.join(".ssh/known_hosts"),
+            home.join(".ssh/known_hosts2"),
+        ];
+    }
+    if global.is_empty() {
+        global = vec![
+            "/etc/ssh/ssh_known_hosts".into(),
+            "/etc/ssh/ssh_known_hosts2".into(),
+        ];
+    }
+    let mut out = Vec::new();
+    for f in user.iter().chain(global.iter()) {
+        if let Ok(data) = std::fs::read(f) {
+            if out.len() + data.len() > KNOWN_HOSTS_BYTES_MAX {
+                break;
+            }
+            out.extend_from_slice(&data);
+            if !out.ends_with(b"\n") {
+                out.push(b'\n');
+            }
+        }
+    }
+    out
+}
+
+/// Key files named by the hop (`ansible_ssh_private_key_file`, `-i`,
+/// `IdentityFile`), for the controller's private agent.
+pub fn key_files(hop: &Hop, home: &Path) -> Vec<PathBuf> {
+    let mut keys: Vec<PathBuf> = hop.key_file.iter().map(|k| expand_home(k, home)).collect();
+    for arg in parse_args(&hop.ssh_args) {
+        match arg {
+            Arg::Opt(k, v, _) if k == "identityfile" => keys.push(expand_home(&v, home)),
+            Arg::FileFlag(w) if w[0] == "-i" => keys.push(expand_home(&w[1], home)),
+            _ => {}
+        }
+    }
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hop(args: &[&str]) -> Hop {
+        Hop {
+            name: "bastion1".into(),
+            method: "ssh".into(),
+            host: "10.0.0.1".into(),
+            port: Some(2222),
+            user: Some("root".into()),
+            key_file: Some("/keys/id".into()),
+            ssh_args: args.iter().map(|s| s.to_string()).collect(),
+            host_key_checking: true,
+            ..Hop::default()
+        }
+    }
+
+    #[test]
+    fn local_hop_keeps_user_settings_but_not_multiplexing() {
+        let h = hop(&[
+            "-C",
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            "ControlPersist=60s",
+            "-o",
+            "UserKnownHostsFile=/lab/known_hosts",
+            "-F",
+            "/lab/cfg",
+        ]);
+        let a = argv(&h, "run", true, true);
+        let s = a.join(" ");
+        assert!(s.contains("-i /keys/id") && s.contains("UserKnownHostsFile=/lab/known_hosts"));
+        assert!(s.contains("-F /lab/cfg") && s.contains("ForwardAgent=yes") && s.contains(" -C "));
+        assert!(!s.contains("Control"));
+        assert_eq!(&a[a.len() - 4..], ["-T", "--", "10.0.0.1", "run"]);
+        assert!(s.contains("-p 2222 -l root"));
+    }
+
+    #[test]
+    fn remote_hop_names_no_controller_file() {
+        let h = hop(&[
+            "-o",
+            "UserKnownHostsFile=/lab/known_hosts",
+            "-oIdentityFile=/k",
+            "-i",
+            "/other",
+            "-F",
+            "/cfg",
+            "-o",
+            "Ciphers=aes128-ctr",
+        ]);
+        let s = argv(&h, "run", false, false).join(" ");
+        assert!(
+            !s.contains("/lab")
+                && !s.contains("/k")
+                && !s.contains("/other")
+                && !s.contains("/cfg")
+        );
+        assert!(
+            s.contains("UserKnownHostsFile=@ARBOR_KNOWN_HOSTS@")
+                && s.contains("Ciphers=aes128-ctr")
+        );
+        assert!(!s.contains("ForwardAgent"));
+    }
+
+    #[test]
+    fn known_hosts_come_from_the_named_files() {
+        let dir = std::env::temp_dir().join(format!("arbor-kh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let f = dir.join("kh");
+        std::fs::write(&f, "target1 ssh-ed25519 AAAA").expect("write");
+        let h = hop(&[
+            "-o",
+            &format!("UserKnownHostsFile={}", f.display()),
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+        ]);
+        assert_eq!(known_hosts(&h, &dir), b"target1 ssh-ed25519 AAAA\n");
+        assert_eq!(key_files(&h, &dir), vec![PathBuf::from("/keys/id")]);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}

@@ -1,0 +1,649 @@
+//! The tree the controller owns: node 0 of the router, the ssh processes to
+//! first hops, and which hop is which node.
+//!
+//! One task ([`Tree::run`]) owns all of it and is reached through
+//! [`TreeHandle`]. Hops are started on demand, once each: a relay for every
+//! intermediary, an agent for every target. Connects to different hosts
+//! proceed in parallel; callers for a hop that is connecting wait for it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use arbor_core::{Event, Limits, LinkId, Node, Role};
+use arbor_io::{
+    signal, spawn_reader, watch_child, write_frames, LinkEvent as Input, LINK_QUEUE_FRAMES,
+};
+use arbor_topology::{Hop, HopKey};
+use arbor_wire::control::{self, Reply, Request, Spawn};
+use arbor_wire::{Frame, Kind, NodeId, StreamId};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::ssh;
+
+const INBOX_FRAMES: usize = 1024;
+const CMD_QUEUE: usize = 1024;
+/// Frames queued toward one caller before the tree waits for it.
+pub const REPLY_QUEUE_FRAMES: usize = 64;
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// What a hop runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role2 {
+    Relay,
+    Agent,
+}
+
+enum HopState {
+    Connecting {
+        node: NodeId,
+        waiters: Vec<oneshot::Sender<Result<NodeId, String>>>,
+    },
+    Up(NodeId),
+    Failed(String),
+}
+
+enum Cmd {
+    Ensure {
+        chain: Vec<Hop>,
+        role: Role2,
+        done: oneshot::Sender<Result<NodeId, String>>,
+    },
+    Open {
+        dst: NodeId,
+        payload: Vec<u8>,
+        replies: mpsc::Sender<Frame>,
+        done: oneshot::Sender<StreamId>,
+    },
+    Send(Frame),
+    Forget(StreamId),
+    Shutdown(oneshot::Sender<()>),
+}
+
+struct LocalLink {
+    pid: u32,
+    writer: mpsc::Sender<Frame>,
+}
+
+/// Settings of the tree.
+pub struct Config {
+    pub relay_binary: &'static [u8],
+    pub run_dir: PathBuf,
+    pub home: PathBuf,
+}
+
+/// A cheap handle to the tree task.
+#[derive(Clone)]
+pub struct TreeHandle {
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl TreeHandle {
+    /// Makes sure every hop of `chain` is up, the last running `role`;
+    /// returns the last hop's node, or a message naming the host and hop.
+    pub async fn ensure(&self, chain: &[Hop], role: Role2) -> Result<NodeId, String> {
+        arbor_topology::validate(chain).map_err(|e| e.to_string())?;
+        let mut node = NodeId::CONTROLLER;
+        for i in 0..chain.len() {
+            let r = if i + 1 == chain.len() {
+                role
+            } else {
+                Role2::Relay
+            };
+            let (done, wait) = oneshot::channel();
+            self.tx
+                .send(Cmd::Ensure {
+                    chain: chain[..=i].to_vec(),
+                    role: r,
+                    done,
+                })
+                .await
+                .map_err(|_| "arbor controller is shutting down".to_string())?;
+            node = wait
+                .await
+                .map_err(|_| "arbor controller is shutting down".to_string())??;
+        }
+        Ok(node)
+    }
+
+    /// Opens a stream to `dst` with a request; frames of its answer arrive
+    /// on the returned receiver.
+    pub async fn open(
+        &self,
+        dst: NodeId,
+        payload: Vec<u8>,
+    ) -> Result<(StreamId, mpsc::Receiver<Frame>), String> {
+        let (replies, rx) = mpsc::channel(REPLY_QUEUE_FRAMES);
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Cmd::Open {
+                dst,
+                payload,
+                replies,
+                done,
+            })
+            .await
+            .map_err(|_| "arbor controller is shutting down".to_string())?;
+        let stream = wait
+            .await
+            .map_err(|_| "arbor controller is shutting down".to_string())?;
+        Ok((stream, rx))
+    }
+
+    pub async fn send(&self, frame: Frame) -> Result<(), String> {
+        self.tx
+            .send(Cmd::Send(frame))
+            .await
+            .map_err(|_| "arbor controller is shutting down".to_string())
+    }
+
+    pub async fn forget(&self, stream: StreamId) {
+        let _ = self.tx.send(Cmd::Forget(stream)).await;
+    }
+
+    pub async fn shutdown(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Cmd::Shutdown(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+pub struct Tree {
+    cfg: Config,
+    core: Node,
+    cmds: mpsc::Receiver<Cmd>,
+    inbox: mpsc::Receiver<Input>,
+    inbox_tx: mpsc::Sender<Input>,
+    links: HashMap<LinkId, LocalLink>,
+    /// The node each local ssh link carries.
+    local_nodes: HashMap<LinkId, NodeId>,
+    next_link: u32,
+    next_node: u32,
+    next_stream: u32,
+    hops: HashMap<(HopKey, Role2), HopState>,
+    node_hop: HashMap<NodeId, ((HopKey, Role2), String)>,
+    streams: HashMap<StreamId, (NodeId, mpsc::Sender<Frame>)>,
+    spawns: HashMap<StreamId, NodeId>,
+    agent: Option<Child>,
+    agent_keys: Vec<PathBuf>,
+}
+
+impl Tree {
+    pub fn new(cfg: Config) -> (Tree, TreeHandle) {
+        let (tx, cmds) = mpsc::channel(CMD_QUEUE);
+        let (inbox_tx, inbox) = mpsc::channel(INBOX_FRAMES);
+        let tree = Tree {
+            cfg,
+            core: Node::new(NodeId::CONTROLLER, Limits::default()),
+            cmds,
+            inbox,
+            inbox_tx,
+            links: HashMap::new(),
+            local_nodes: HashMap::new(),
+            next_link: 1,
+            next_node: 1,
+            next_stream: 1,
+            hops: HashMap::new(),
+            node_hop: HashMap::new(),
+            streams: HashMap::new(),
+            spawns: HashMap::new(),
+            agent: None,
+            agent_keys: Vec::new(),
+        };
+        (tree, TreeHandle { tx })
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            tokio::select! {
+                cmd = self.cmds.recv() => match cmd {
+                    Some(Cmd::Shutdown(done)) => {
+                        self.shutdown().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(cmd) => self.command(cmd).await,
+                    None => {
+                        self.shutdown().await;
+                        return;
+                    }
+                },
+                Some(input) = self.inbox.recv() => self.input(input),
+            }
+            self.pump().await;
+        }
+    }
+
+    async fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Ensure { chain, role, done } => self.ensure(chain, role, done).await,
+            Cmd::Open {
+                dst,
+                payload,
+                replies,
+                done,
+            } => {
+                let stream = self.stream_id();
+                self.streams.insert(stream, (dst, replies));
+                let f = Frame::new(Kind::Request, dst, NodeId::CONTROLLER, stream, payload);
+                self.core.send(Instant::now(), f);
+                let _ = done.send(stream);
+            }
+            Cmd::Send(frame) => self.core.send(Instant::now(), frame),
+            Cmd::Forget(stream) => {
+                self.streams.remove(&stream);
+            }
+            Cmd::Shutdown(_) => {}
+        }
+    }
+
+    fn stream_id(&mut self) -> StreamId {
+        let s = StreamId(self.next_stream);
+        self.next_stream = self.next_stream.wrapping_add(1).max(1);
+        s
+    }
+
+    async fn ensure(
+        &mut self,
+        chain: Vec<Hop>,
+        role: Role2,
+        done: oneshot::Sender<Result<NodeId, String>>,
+    ) {
+        let key = (HopKey::of(&chain), role);
+        match self.hops.get_mut(&key) {
+            Some(HopState::Up(node)) => {
+                let _ = done.send(Ok(*node));
+                return;
+            }
+            Some(HopState::Failed(why)) => {
+                let _ = done.send(Err(why.clone()));
+                return;
+            }
+            Some(HopState::Connecting { waiters, .. }) => {
+                waiters.push(done);
+                return;
+            }
+            None => {}
+        }
+        let Some(hop) = chain.last().cloned() else {
+            return;
+        };
+        let node = NodeId(self.next_node);
+        self.next_node += 1;
+        let what = match role {
+            Role2::Relay => "relay",
+            Role2::Agent => "agent",
+        };
+        let parent_name = (chain.len() > 1).then(|| chain[chain.len() - 2].name.clone());
+        let label = match &parent_name {
+            Some(p) => format!("{} ({what}, via {p})", hop.name),
+            None => format!("{} ({what}, from the controller)", hop.name),
+        };
+        self.hops.insert(
+            key.clone(),
+            HopState::Connecting {
+                node,
+                waiters: vec![done],
+            },
+        );
+        self.node_hop.insert(node, (key.clone(), label.clone()));
+
+        if role == Role2::Relay {
+            self.load_keys(&chain).await;
+        }
+        let remote_cmd = match role {
+            Role2::Relay => arbor_bootstrap::relay_command(node, self.cfg.relay_binary.len()),
+            Role2::Agent => {
+                arbor_bootstrap::agent_command(hop.python.as_deref().unwrap_or("python3"), node)
+            }
+        };
+        let result = if chain.len() == 1 {
+            self.spawn_local(&hop, node, role, &remote_cmd, &label)
+        } else {
+            let parent_key = (HopKey::of(&chain[..chain.len() - 1]), Role2::Relay);
+            match self.hops.get(&parent_key) {
+                Some(HopState::Up(parent)) => {
+                    let parent = *parent;
+                    self.spawn_remote(parent, &hop, node, role, &remote_cmd);
+                    Ok(())
+                }
+                _ => Err(format!("{label}: its via host is not connected")),
+            }
+        };
+        if let Err(why) = result {
+            self.settle(node, Err(why));
+        }
+    }
+
+    /// Resolves a hop's waiters, and remembers the outcome for later callers.
+    fn settle(&mut self, node: NodeId, outcome: Result<NodeId, String>) {
+        let Some((key, _)) = self.node_hop.get(&node).cloned() else {
+            return;
+        };
+        let new = match &outcome {
+            Ok(n) => HopState::Up(*n),
+            Err(why) => HopState::Failed(why.clone()),
+        };
+        if let Some(HopState::Connecting { node: n, waiters }) = self.hops.insert(key, new) {
+            debug_assert_eq!(n, node);
+            for w in waiters {
+                let _ = w.send(outcome.clone());
+            }
+        }
+    }
+
+    fn spawn_local(
+        &mut self,
+        hop: &Hop,
+        node: NodeId,
+        role: Role2,
+        remote_cmd: &str,
+        label: &str,
+    ) -> Result<(), String> {
+        let argv = ssh::argv(hop, remote_cmd, true, role == Role2::Relay);
+        let preamble: Vec<u8> = match role {
+            Role2::Relay => self.cfg.relay_binary.to_vec(),
+            Role2::Agent => arbor_bootstrap::agent_payload().to_vec(),
+        };
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if self.agent.is_some() {
+            cmd.env("SSH_AUTH_SOCK", self.agent_socket());
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("{label}: cannot run ssh: {e}"))?;
+        let (Some(stdin), Some(stdout), Some(stderr), Some(pid)) = (
+            child.stdin.take(),
+            child.stdout.take(),
+            child.stderr.take(),
+            child.id(),
+        ) else {
+            return Err(format!("{label}: ssh pipes missing"));
+        };
+        let link = LinkId(self.next_link);
+        self.next_link += 1;
+        let (tx, rx) = mpsc::channel(LINK_QUEUE_FRAMES);
+        let compress = role == Role2::Relay;
+        tokio::spawn(write_frames(
+            stdin,
+            preamble,
+            rx,
+            compress,
+            self.inbox_tx.clone(),
+            link,
+        ));
+        spawn_reader(stdout, self.inbox_tx.clone(), link);
+        tokio::spawn(watch_child(child, stderr, self.inbox_tx.clone(), link));
+        self.core.handle_link_up(Instant::now(), link, Role::Child);
+        self.links.insert(link, LocalLink { pid, writer: tx });
+        self.local_nodes.insert(link, node);
+        Ok(())
+    }
+
+    fn spawn_remote(
+        &mut self,
+        parent: NodeId,
+        hop: &Hop,
+        node: NodeId,
+        role: Role2,
+        remote_cmd: &str,
+    ) {
+        let spec = Spawn {
+            node,
+            label: hop.name.clone(),
+            argv: ssh::argv(hop, remote_cmd, false, role == Role2::Relay),
+            env: Vec::new(),
+            preamble: match role {
+                Role2::Relay => Vec::new(),
+                Role2::Agent => arbor_bootstrap::agent_payload().to_vec(),
+            },
+            send_self: role == Role2::Relay,
+            known_hosts: Some(ssh::known_hosts(hop, &self.cfg.home)),
+            connect_timeout_ms: (hop.timeout_s.unwrap_or(ssh::CONNECT_TIMEOUT_S_DEFAULT) + 20)
+                * 1000,
+        };
+        let stream = self.stream_id();
+        self.spawns.insert(stream, node);
+        let f = Frame::new(
+            Kind::Request,
+            parent,
+            NodeId::CONTROLLER,
+            stream,
+            control::encode(&Request::Spawn(spec)),
+        );
+        self.core.send(Instant::now(), f);
+    }
+
+    fn agent_socket(&self) -> PathBuf {
+        self.cfg.run_dir.join("agent.sock")
+    }
+
+    /// Starts the controller's private ssh-agent and loads the chain's key
+    /// files into it, so hops behind the first can authenticate: the keys
+    /// themselves never leave this machine.
+    async fn load_keys(&mut self, chain: &[Hop]) {
+        let keys: Vec<PathBuf> = chain
+            .iter()
+            .flat_map(|h| ssh::key_files(h, &self.cfg.home))
+            .filter(|k| k.exists() && !self.agent_keys.contains(k))
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        if self.agent.is_none() {
+            let sock = self.agent_socket();
+            match Command::new("ssh-agent")
+                .arg("-D")
+                .arg("-a")
+                .arg(&sock)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+            {
+                Ok(child) => self.agent = Some(child),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start ssh-agent; hops behind the first need one");
+                    return;
+                }
+            }
+            for _ in 0..100 {
+                if sock.exists() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        for key in keys {
+            let ok = Command::new("ssh-add")
+                .arg("-q")
+                .arg(&key)
+                .env("SSH_AUTH_SOCK", self.agent_socket())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .await
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if !ok {
+                tracing::warn!(key = %key.display(), "ssh-add failed");
+            }
+            self.agent_keys.push(key);
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        let now = Instant::now();
+        match input {
+            Input::Frame(link, frame) => self.core.handle_frame(now, link, frame),
+            Input::Closed(link, why) => self.core.handle_link_down(now, link, &why),
+            Input::Exited(link, status, tail) => {
+                self.links.remove(&link);
+                let node = self.local_nodes.remove(&link);
+                let tail = String::from_utf8_lossy(&tail).trim().to_string();
+                let label = node
+                    .and_then(|n| self.node_hop.get(&n))
+                    .map(|(_, l)| l.clone())
+                    .unwrap_or_default();
+                let why = if tail.is_empty() {
+                    format!("{label}: ssh {status}")
+                } else {
+                    format!("{label}: ssh {status}: {tail}")
+                };
+                self.core.handle_link_down(now, link, &why);
+                if let Some(node) = node {
+                    self.node_lost(node, &why);
+                }
+            }
+        }
+    }
+
+    async fn pump(&mut self) {
+        loop {
+            if let Some((link, frame)) = self.core.poll_transmit() {
+                if let Some(l) = self.links.get(&link) {
+                    let _ = l.writer.send(frame).await;
+                }
+                continue;
+            }
+            let Some(event) = self.core.poll_event() else {
+                return;
+            };
+            match event {
+                Event::Deliver(frame) => self.deliver(frame).await,
+                Event::NodeUp { node, .. } => {
+                    if self.node_hop.contains_key(&node) {
+                        self.settle(node, Ok(node));
+                    }
+                }
+                Event::NodeDown { node, reason } => self.node_lost(node, &reason),
+                Event::Dropped {
+                    frame_src,
+                    frame_dst,
+                    why,
+                } => {
+                    tracing::debug!(%frame_src, %frame_dst, why, "frame dropped");
+                }
+                Event::ParentLost => {}
+            }
+        }
+    }
+
+    /// A node left the tree: its hop fails for later callers, and every
+    /// open stream to it gets an error now.
+    fn node_lost(&mut self, node: NodeId, why: &str) {
+        let label = self.node_hop.get(&node).map(|(_, l)| l.clone());
+        let why = match &label {
+            Some(l) if !why.starts_with(l.as_str()) => format!("{l}: {why}"),
+            _ => why.to_string(),
+        };
+        self.settle(node, Err(why.clone()));
+        if let Some((key, _)) = self.node_hop.get(&node) {
+            self.hops.insert(key.clone(), HopState::Failed(why.clone()));
+        }
+        let lost: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, (n, _))| *n == node)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in lost {
+            if let Some((_, tx)) = self.streams.remove(&s) {
+                let f = Frame::new(
+                    Kind::Undeliverable,
+                    NodeId::CONTROLLER,
+                    node,
+                    s,
+                    why.clone().into_bytes(),
+                );
+                let _ = tx.try_send(f);
+            }
+        }
+    }
+
+    async fn deliver(&mut self, frame: Frame) {
+        if let Some(node) = self.spawns.remove(&frame.stream) {
+            let outcome = match frame.kind {
+                Kind::Reply => match control::decode::<Reply>(&frame.payload) {
+                    Ok(Reply::Spawned { .. }) => Ok(node),
+                    Ok(Reply::Failed { message, .. }) => Err(message),
+                    Ok(other) => Err(format!("unexpected reply {other:?}")),
+                    Err(e) => Err(format!("bad reply: {e}")),
+                },
+                _ => Err(String::from_utf8_lossy(&frame.payload).into_owned()),
+            };
+            let label = self
+                .node_hop
+                .get(&node)
+                .map(|(_, l)| l.clone())
+                .unwrap_or_default();
+            match outcome {
+                Ok(n) => self.settle(node, Ok(n)),
+                Err(why) => {
+                    let why = if why.starts_with(&label) {
+                        why
+                    } else {
+                        format!("{label}: {why}")
+                    };
+                    self.settle(node, Err(why));
+                }
+            }
+            return;
+        }
+        let done = matches!(frame.kind, Kind::End | Kind::Undeliverable)
+            || (frame.kind == Kind::Reply && !is_streamed_reply(&frame.payload));
+        let stream = frame.stream;
+        if let Some((_, tx)) = self.streams.get(&stream) {
+            let tx = tx.clone();
+            if done {
+                self.streams.remove(&stream);
+            }
+            let _ = tx.send(frame).await;
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        for l in self.links.values() {
+            signal(l.pid, libc::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + KILL_GRACE;
+        let mut killed = false;
+        while !self.links.is_empty() {
+            match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
+                Ok(Some(Input::Exited(link, ..))) => {
+                    self.links.remove(&link);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) if !killed => {
+                    killed = true;
+                    for l in self.links.values() {
+                        signal(l.pid, libc::SIGKILL);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill().await;
+        }
+    }
+}
+
+/// Whether an agent reply announces that Data frames and an End follow.
+fn is_streamed_reply(payload: &[u8]) -> bool {
+    arbor_wire::msg::split(payload)
+        .ok()
+        .and_then(|(json, _)| serde_json::from_slice::<serde_json::Value>(json).ok())
+        .and_then(|v| v.get("streamed").and_then(|s| s.as_bool()))
+        .unwrap_or(false)
+}

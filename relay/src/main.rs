@@ -1,0 +1,421 @@
+//! `arbor-relay`: the router that runs from RAM on an intermediary.
+//!
+//! Started by stage-0 with `--node N`. Its parent link is stdin/stdout; each
+//! child (an `ssh` to a target, or another relay) is a process whose
+//! stdin/stdout is a child link. The routing is `arbor_core::Node`; this file
+//! is only the IO around it: reading and writing links, starting children in
+//! parallel, and tearing everything down when the parent goes away.
+//!
+//! It resolves no names and reads no user database (no NSS): `ssh` does that.
+//! It writes nothing to disk: a child's known_hosts is an in-RAM file (a
+//! memfd) that the relay holds while the child lives; ssh reads it through
+//! /proc/<relay>/fd/<n> (ssh closes inherited descriptors, so a path it is).
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use arbor_core::{Event, Limits, LinkId, Node, Role};
+use arbor_io::{
+    signal, spawn_reader, spawn_writer, watch_child, write_frames, LinkEvent as Input,
+    LINK_QUEUE_FRAMES,
+};
+use arbor_wire::control::{self, Reply, Request, Spawn, KNOWN_HOSTS_TOKEN};
+use arbor_wire::{Frame, Kind, NodeId, StreamId};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+/// Inputs (frames and link changes) waiting for the main loop.
+const INBOX_FRAMES: usize = 1024;
+/// How long children get to exit after SIGTERM.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+struct ChildLink {
+    node: NodeId,
+    label: String,
+    /// For signals only; the child's own task waits for it.
+    pid: u32,
+    writer: mpsc::Sender<Frame>,
+    /// The request that asked for it, answered when it joins or fails.
+    pending: Option<(NodeId, StreamId, Instant)>,
+    /// Its known_hosts, in RAM, open until the child is gone.
+    _known_hosts: Option<OwnedFd>,
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut node = None;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--node" => node = args.next().and_then(|v| v.parse::<u32>().ok()),
+            "--version" => {
+                println!("arbor-relay {}", env!("CARGO_PKG_VERSION"));
+                return;
+            }
+            _ => {}
+        }
+    }
+    let Some(node) = node else {
+        eprintln!("arbor-relay: usage: arbor-relay --node N (started by arbor's stage-0)");
+        std::process::exit(64);
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("arbor-relay n{node}: runtime: {e}");
+            std::process::exit(70);
+        }
+    };
+    let code = rt.block_on(async move { Relay::new(NodeId(node)).run().await });
+    std::process::exit(code);
+}
+
+struct Relay {
+    core: Node,
+    inbox_tx: mpsc::Sender<Input>,
+    inbox: mpsc::Receiver<Input>,
+    parent: mpsc::Sender<Frame>,
+    children: HashMap<LinkId, ChildLink>,
+    next_link: u32,
+    self_exe: Option<Vec<u8>>,
+}
+
+const PARENT: LinkId = LinkId(0);
+
+impl Relay {
+    fn new(id: NodeId) -> Self {
+        let (inbox_tx, inbox) = mpsc::channel(INBOX_FRAMES);
+        // The parent is the controller or another relay: compressed frames.
+        let parent = spawn_writer(tokio::io::stdout(), true, inbox_tx.clone(), PARENT);
+        spawn_reader(tokio::io::stdin(), inbox_tx.clone(), PARENT);
+        let mut core = Node::new(id, Limits::default());
+        core.handle_link_up(Instant::now(), PARENT, Role::Parent);
+        Relay {
+            core,
+            inbox_tx,
+            inbox,
+            parent,
+            children: HashMap::new(),
+            next_link: 1,
+            self_exe: None,
+        }
+    }
+
+    async fn run(mut self) -> i32 {
+        let hello = format!(
+            r#"{{"pid":{},"relay":"{}"}}"#,
+            std::process::id(),
+            env!("CARGO_PKG_VERSION")
+        );
+        let hello = Frame::new(
+            Kind::RouteAdd,
+            NodeId::CONTROLLER,
+            self.core.id(),
+            StreamId(0),
+            arbor_wire::msg::encode(hello.as_bytes(), b""),
+        );
+        if self.parent.send(hello).await.is_err() {
+            return 74;
+        }
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut sighup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                input = self.inbox.recv() => {
+                    let Some(input) = input else { break };
+                    if !self.handle(input) { break }
+                }
+                _ = tick.tick() => self.check_deadlines(),
+                _ = recv_signal(&mut sigterm) => break,
+                _ = recv_signal(&mut sighup) => break,
+            }
+            if !self.pump().await {
+                break;
+            }
+        }
+        self.shutdown().await;
+        0
+    }
+
+    /// Feeds one input to the core; false when the relay must stop.
+    fn handle(&mut self, input: Input) -> bool {
+        let now = Instant::now();
+        match input {
+            Input::Frame(link, frame) => self.core.handle_frame(now, link, frame),
+            Input::Closed(link, why) => {
+                if link == PARENT {
+                    return false;
+                }
+                // The routes go now; a pending spawn is answered when the
+                // process has exited and its stderr says why.
+                let why = match self.children.get(&link) {
+                    Some(c) => format!("{}: {why}", c.label),
+                    None => why,
+                };
+                self.core.handle_link_down(now, link, &why);
+            }
+            Input::Exited(link, status, tail) => {
+                let Some(c) = self.children.remove(&link) else {
+                    return true;
+                };
+                let tail = String::from_utf8_lossy(&tail);
+                let why = match tail.trim() {
+                    "" => format!("{}: {status}", c.label),
+                    t => format!("{}: {status}: {t}", c.label),
+                };
+                if let Some((src, stream, _)) = c.pending {
+                    self.reply(
+                        src,
+                        stream,
+                        &Reply::Failed {
+                            node: c.node,
+                            message: why.clone(),
+                        },
+                    );
+                }
+                self.core.handle_link_down(now, link, &why);
+            }
+        }
+        true
+    }
+
+    /// Sends what the core wants sent and acts on its events.
+    async fn pump(&mut self) -> bool {
+        loop {
+            if let Some((link, frame)) = self.core.poll_transmit() {
+                let tx = if link == PARENT {
+                    Some(self.parent.clone())
+                } else {
+                    self.children.get(&link).map(|c| c.writer.clone())
+                };
+                if let Some(tx) = tx {
+                    let _ = tx.send(frame).await;
+                }
+                continue;
+            }
+            let Some(event) = self.core.poll_event() else {
+                return true;
+            };
+            match event {
+                Event::Deliver(frame) => {
+                    if !self.on_request(frame).await {
+                        return false;
+                    }
+                }
+                Event::NodeUp { node, link, .. } => {
+                    if let Some(c) = self.children.get_mut(&link) {
+                        if c.node == node {
+                            if let Some((src, stream, _)) = c.pending.take() {
+                                let pid = c.pid;
+                                self.reply(src, stream, &Reply::Spawned { node, pid });
+                            }
+                        }
+                    }
+                }
+                Event::ParentLost => return false,
+                Event::NodeDown { .. } | Event::Dropped { .. } => {}
+            }
+        }
+    }
+
+    async fn on_request(&mut self, frame: Frame) -> bool {
+        if frame.kind != Kind::Request {
+            if frame.kind == Kind::Ping {
+                let pong = frame.reply_to(Kind::Pong, frame.payload.clone());
+                self.core.send(Instant::now(), pong);
+            }
+            return true;
+        }
+        match control::decode::<Request>(&frame.payload) {
+            Ok(Request::Spawn(spec)) => {
+                if let Err(message) = self.spawn(&frame, spec.clone()) {
+                    self.reply(
+                        frame.src,
+                        frame.stream,
+                        &Reply::Failed {
+                            node: spec.node,
+                            message,
+                        },
+                    );
+                }
+                true
+            }
+            Ok(Request::Shutdown) => {
+                self.reply(frame.src, frame.stream, &Reply::Done);
+                false
+            }
+            Err(e) => {
+                self.reply(
+                    frame.src,
+                    frame.stream,
+                    &Reply::Error {
+                        message: e.to_string(),
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    fn reply(&mut self, dst: NodeId, stream: StreamId, reply: &Reply) {
+        let f = Frame::new(
+            Kind::Reply,
+            dst,
+            self.core.id(),
+            stream,
+            control::encode(reply),
+        );
+        self.core.send(Instant::now(), f);
+    }
+
+    /// Starts a child without waiting for it: children start in parallel,
+    /// and the request is answered when the child joins, fails or times out.
+    fn spawn(&mut self, req: &Frame, spec: Spawn) -> Result<(), String> {
+        let Some((program, args)) = spec.argv.split_first() else {
+            return Err("empty command".into());
+        };
+        let mut preamble = spec.preamble.clone();
+        if spec.send_self {
+            match self.own_binary() {
+                Ok(bin) => preamble.extend_from_slice(bin),
+                Err(e) => return Err(format!("cannot read this relay's binary: {e}")),
+            }
+        }
+        // Held open while the child lives; ssh opens it by path (it closes
+        // inherited descriptors at start).
+        let known_hosts = match &spec.known_hosts {
+            Some(hosts) => Some(
+                ram_file("arbor-known-hosts", hosts).map_err(|e| format!("known_hosts: {e}"))?,
+            ),
+            None => None,
+        };
+        let kh_path = known_hosts
+            .as_ref()
+            .map(|fd| format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()))
+            .unwrap_or_else(|| "/dev/null".into());
+        let mut cmd = Command::new(program);
+        cmd.args(args.iter().map(|a| a.replace(KNOWN_HOSTS_TOKEN, &kh_path)))
+            .envs(spec.env.iter().cloned())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run {program}: {e}"))?;
+        let (Some(stdin), Some(stdout), Some(stderr), Some(pid)) = (
+            child.stdin.take(),
+            child.stdout.take(),
+            child.stderr.take(),
+            child.id(),
+        ) else {
+            return Err("child pipes missing".into());
+        };
+        let link = LinkId(self.next_link);
+        self.next_link += 1;
+
+        // Only another relay understands compressed frames.
+        let compress = spec.send_self;
+        let (tx, rx) = mpsc::channel::<Frame>(LINK_QUEUE_FRAMES);
+        tokio::spawn(write_frames(
+            stdin,
+            preamble,
+            rx,
+            compress,
+            self.inbox_tx.clone(),
+            link,
+        ));
+        spawn_reader(stdout, self.inbox_tx.clone(), link);
+        tokio::spawn(watch_child(child, stderr, self.inbox_tx.clone(), link));
+
+        self.core.handle_link_up(Instant::now(), link, Role::Child);
+        let deadline = Instant::now() + Duration::from_millis(u64::from(spec.connect_timeout_ms));
+        self.children.insert(
+            link,
+            ChildLink {
+                node: spec.node,
+                label: spec.label,
+                pid,
+                writer: tx,
+                pending: Some((req.src, req.stream, deadline)),
+                _known_hosts: known_hosts,
+            },
+        );
+        Ok(())
+    }
+
+    fn check_deadlines(&mut self) {
+        let now = Instant::now();
+        for c in self.children.values_mut() {
+            if c.pending.is_some_and(|(_, _, d)| now > d) {
+                // Its exit is then reported with what it said.
+                signal(c.pid, libc::SIGKILL);
+            }
+        }
+    }
+
+    fn own_binary(&mut self) -> std::io::Result<&[u8]> {
+        if self.self_exe.is_none() {
+            self.self_exe = Some(std::fs::read("/proc/self/exe")?);
+        }
+        Ok(self.self_exe.as_deref().unwrap_or_default())
+    }
+
+    /// Stops every child (SIGTERM, then SIGKILL after a grace period) and
+    /// waits until each has been reaped.
+    async fn shutdown(&mut self) {
+        for c in self.children.values() {
+            signal(c.pid, libc::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + KILL_GRACE;
+        let mut killed = false;
+        while !self.children.is_empty() {
+            match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
+                Ok(Some(Input::Exited(link, ..))) => {
+                    self.children.remove(&link);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) if !killed => {
+                    killed = true;
+                    for c in self.children.values() {
+                        signal(c.pid, libc::SIGKILL);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+async fn recv_signal(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// An anonymous in-RAM file holding `data`, positioned at its start.
+fn ram_file(name: &str, data: &[u8]) -> std::io::Result<OwnedFd> {
+    let cname = std::ffi::CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: a valid C string; the fd is owned at once.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut file = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut file, data)?;
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))?;
+    Ok(OwnedFd::from(file))
+}

@@ -1,0 +1,91 @@
+//! Payloads between the controller and relays (postcard): the relay's own
+//! requests. A relay decodes only frames addressed to itself.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{NodeId, WireError};
+
+/// A request to a relay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Start a child process and link it below this relay.
+    Spawn(Spawn),
+    /// Kill every child and exit.
+    Shutdown,
+}
+
+/// How to start one child. The relay resolves no names: `argv` is run as
+/// given (`ssh` resolves the host itself).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spawn {
+    /// The node the child will be.
+    pub node: NodeId,
+    /// The host it stands for, for messages.
+    pub label: String,
+    pub argv: Vec<String>,
+    /// Added to the relay's environment for this child.
+    pub env: Vec<(String, String)>,
+    /// Written to the child's stdin before any frame (the agent's code).
+    pub preamble: Vec<u8>,
+    /// Also write this relay's own binary after the preamble (the child is
+    /// a relay whose stage-0 is reading it).
+    pub send_self: bool,
+    /// known_hosts content. The relay keeps it in an in-RAM file while the
+    /// child lives and replaces [`KNOWN_HOSTS_TOKEN`] in `argv` with its path.
+    pub known_hosts: Option<Vec<u8>>,
+    /// How long the child may take to join the tree.
+    pub connect_timeout_ms: u32,
+}
+
+/// Stands in `Spawn::argv` for the path of the child's known_hosts file.
+pub const KNOWN_HOSTS_TOKEN: &str = "@ARBOR_KNOWN_HOSTS@";
+
+/// A relay's reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The child joined the tree.
+    Spawned { node: NodeId, pid: u32 },
+    /// The child could not be started or did not join; `message` carries
+    /// what it said (the tail of its stderr) and how it ended.
+    Failed { node: NodeId, message: String },
+    /// The request was done.
+    Done,
+    /// The request could not be decoded or done.
+    Error { message: String },
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising these plain types to a Vec cannot fail.
+    postcard::to_allocvec(value).unwrap_or_default()
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, WireError> {
+    postcard::from_bytes(bytes).map_err(|e| WireError::BadPayload(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spawn_roundtrips() {
+        let req = Request::Spawn(Spawn {
+            node: NodeId(4),
+            label: "target1".into(),
+            argv: vec!["ssh".into(), "target1".into()],
+            env: vec![("A".into(), "b".into())],
+            preamble: b"code".to_vec(),
+            send_self: false,
+            known_hosts: Some(b"target1 ssh-ed25519 AAAA".to_vec()),
+            connect_timeout_ms: 30_000,
+        });
+        let bytes = encode(&req);
+        assert_eq!(decode::<Request>(&bytes), Ok(req));
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(decode::<Request>(&[0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(decode::<Reply>(&[]).is_err());
+    }
+}

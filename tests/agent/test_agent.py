@@ -1,0 +1,238 @@
+"""The Python agent, driven over real pipes through its real first stage.
+
+It decodes the shared golden frames exactly as the Rust decoder does, runs
+commands and pipelined modules (in a fork of its warm interpreter), writes
+files atomically, and closes the link on malformed input.
+"""
+
+import base64
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+AGENT_DIR = REPO / "bootstrap" / "agent"
+GOLDEN = REPO / "tests" / "golden"
+sys.path.insert(0, str(AGENT_DIR))
+import arbor_agent as A  # noqa: E402
+
+NODE = 12
+
+
+def test_golden_frames_decode_as_in_rust():
+    cases = json.loads((GOLDEN / "frames.json").read_text())["frames"]
+    assert len(cases) >= 10
+    for c in cases:
+        data = (GOLDEN / c["file"]).read_bytes()
+        if c["valid"]:
+            frame, used = A.decode(bytearray(data))
+            assert used == len(data), c["name"]
+            assert frame == (c["kind"], c["flags"], c["dst"], c["src"], c["stream"],
+                             bytes.fromhex(c["payload_hex"])), c["name"]
+            assert A.encode(*frame[:1], *frame[2:5], frame[5]) == data, c["name"]
+        else:
+            with pytest.raises(A.WireError) as e:
+                A.decode(bytearray(data))
+            assert str(e.value).startswith(c["error"]), (c["name"], str(e.value))
+
+
+def test_golden_message_payloads_split():
+    req = json.loads((GOLDEN / "frames.json").read_text())["frames"][0]
+    obj, blob = A.split_msg(bytes.fromhex(req["payload_hex"]))
+    assert obj == {"op": "exec", "cmd": "/bin/sh -c 'echo hi && sleep 0'"} and blob == b"stdin bytes"
+
+
+class Link:
+    """An agent process started through the first stage, and its frames."""
+
+    def __init__(self, tmp_path):
+        stage = (AGENT_DIR / "first_stage.py").read_bytes()
+        code = zlib.compress((AGENT_DIR / "arbor_agent.py").read_bytes(), 9)
+        boot = "import base64;exec(base64.b64decode(%r))" % base64.b64encode(stage).decode()
+        self.proc = subprocess.Popen([sys.executable, "-c", boot, str(NODE), str(len(code))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, cwd=tmp_path)
+        self.proc.stdin.write(code)
+        self.proc.stdin.flush()
+        self.buf = bytearray()
+        self.stream = 0
+
+    def frame(self):
+        while True:
+            frame, need = A.decode(self.buf)
+            if frame:
+                del self.buf[:need]
+                return frame
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            assert chunk, "agent closed its stdout: %s" % self.proc.stderr.read()
+            self.buf.extend(chunk)
+
+    def send(self, kind, payload, stream=None):
+        self.proc.stdin.write(A.encode(kind, NODE, 0, stream or self.stream, payload))
+        self.proc.stdin.flush()
+
+    def call(self, obj, blob=b""):
+        self.stream += 1
+        self.send(A.REQUEST, A.msg(obj, blob))
+        kind, _, dst, src, stream, payload = self.frame()
+        assert (kind, dst, src, stream) == (A.REPLY, 0, NODE, self.stream)
+        return A.split_msg(payload)
+
+    def close(self):
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def link(tmp_path):
+    l = Link(tmp_path)
+    kind, _, dst, src, _, payload = l.frame()
+    assert (kind, dst, src) == (A.ROUTE_ADD, 0, NODE)
+    assert A.split_msg(payload)[0]["pid"] == l.proc.pid
+    yield l
+    if l.proc.poll() is None:
+        l.proc.kill()
+        l.proc.wait()
+
+
+def test_exec_returns_rc_stdout_stderr(link):
+    res, blob = link.call({"op": "exec", "cmd": "cat; echo out; echo err >&2; exit 3"}, b"in:")
+    assert res["rc"] == 3
+    assert blob[:res["stdout_len"]] == b"in:out\n" and blob[res["stdout_len"]:] == b"err\n"
+    assert link.close() == 0  # EOF ends the agent cleanly
+
+
+def test_pipelined_module_runs_in_a_fork_of_the_warm_interpreter(link):
+    script = (b"import json, os, sys\n"
+              b"def _ansiballz_main(): pass\n"
+              b"print(json.dumps({'ppid': os.getppid(), 'argv': sys.argv, 'name': __name__}))\n"
+              b"sys.stderr.write('warn\\n')\n"
+              b"sys.exit(2)\n")
+    python = os.path.realpath(sys.executable)
+    res, blob = link.call({"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python}, script)
+    out = json.loads(blob[:res["stdout_len"]])
+    assert res["rc"] == 2 and blob[res["stdout_len"]:] == b"warn\n"
+    assert out["ppid"] == link.proc.pid, "forked from the agent, not a new interpreter"
+    assert out["argv"] == [""] and out["name"] == "__main__"
+    # The same script through a fresh interpreter gives the same result.
+    fresh = subprocess.run(["/bin/sh", "-c", "%s && sleep 0" % python], input=script,
+                           capture_output=True)
+    assert fresh.returncode == 2 and fresh.stderr == b"warn\n"
+    assert json.loads(fresh.stdout)["argv"] == [""]
+    # An exception gives a traceback and rc 1, as python3 does.
+    res, blob = link.call({"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python},
+                          b"def _ansiballz_main(): pass\nraise ValueError('boom')\n")
+    assert res["rc"] == 1 and b"ValueError: boom" in blob
+
+
+def test_put_is_atomic_keeps_mode_and_streams(link, tmp_path):
+    dest = tmp_path / "conf"
+    dest.write_text("old")
+    dest.chmod(0o640)
+    res, _ = link.call({"op": "put", "path": str(dest), "size": 3}, b"new")
+    assert res == {"size": 3}
+    assert dest.read_text() == "new" and (dest.stat().st_mode & 0o777) == 0o640
+    # Streamed: a 1.5 MiB file in chunks; nothing visible at dest until the end.
+    big = os.urandom(3 * A.CHUNK_BYTES // 2 + 7)
+    big_dest = tmp_path / "big.bin"
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "put", "path": str(big_dest), "size": len(big),
+                                "streamed": True}, big[:1000]))
+    for i in range(1000, len(big), A.CHUNK_BYTES):
+        link.send(A.DATA, big[i:i + A.CHUNK_BYTES])
+        assert not big_dest.exists()
+    link.send(A.END, b"")
+    kind, _, _, _, _, payload = link.frame()
+    assert kind == A.REPLY and A.split_msg(payload)[0] == {"size": len(big)}
+    assert big_dest.read_bytes() == big
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin", "conf"]  # no temp left
+    # A short stream leaves the old file and no temp file.
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "put", "path": str(dest), "size": 10, "streamed": True}, b"abc"))
+    link.send(A.END, b"")
+    kind, _, _, _, _, payload = link.frame()
+    assert "got 3 of 10 bytes" in A.split_msg(payload)[0]["error"]
+    assert dest.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin", "conf"]
+
+
+def test_fetch_small_and_streamed(link, tmp_path):
+    (tmp_path / "small").write_bytes(b"hello")
+    res, blob = link.call({"op": "fetch", "path": str(tmp_path / "small")})
+    assert res == {"size": 5} and blob == b"hello"
+    data = os.urandom(2 * A.CHUNK_BYTES + 5)
+    (tmp_path / "large").write_bytes(data)
+    res, got = link.call({"op": "fetch", "path": str(tmp_path / "large")})
+    assert res["streamed"] and res["size"] == len(data)
+    parts = [got]
+    while True:
+        kind, _, _, _, _, payload = link.frame()
+        if kind == A.END:
+            break
+        assert kind == A.DATA
+        parts.append(payload)
+    assert b"".join(parts) == data
+    res, _ = link.call({"op": "fetch", "path": str(tmp_path / "missing")})
+    assert "No such file" in res["error"]
+
+
+def test_streamed_request_body_and_streamed_reply(link):
+    """stdin over one chunk arrives in Data frames; output over one chunk
+    comes back in Data frames."""
+    body = os.urandom(A.CHUNK_BYTES + 100)
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "exec", "cmd": "cat; cat >&2 </dev/null", "streamed": True},
+                               body[:10]))
+    link.send(A.DATA, body[10:])
+    link.send(A.END, b"")
+    kind, _, _, _, _, payload = link.frame()
+    res, first = A.split_msg(payload)
+    assert kind == A.REPLY and res["streamed"] and res["rc"] == 0
+    parts = [first]
+    while True:
+        kind, _, _, _, _, payload = link.frame()
+        if kind == A.END:
+            break
+        parts.append(payload)
+    out = b"".join(parts)
+    assert res["stdout_len"] == len(body) and out[:len(body)] == body
+
+
+def test_link_loss_stops_a_running_command(link, tmp_path):
+    """EOF while a command runs: the command's process group is killed and
+    the agent exits at once."""
+    marker = tmp_path / "started"
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "exec", "cmd": f"touch {marker}; sleep 60 & sleep 61; wait"}))
+    for _ in range(100):
+        if marker.exists():
+            break
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    assert link.close() == 0
+    assert time.monotonic() - t0 < 5
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "sleep 60" not in ps and "sleep 61" not in ps
+
+
+def test_malformed_frame_closes_the_link_with_an_error(link):
+    link.proc.stdin.write(b"SSH-2.0-not-a-frame\r\n")
+    link.proc.stdin.flush()
+    assert link.proc.wait(timeout=10) == 65
+    err = link.proc.stderr.read().decode()
+    assert "malformed frame" in err and "BadMagic" in err and "Traceback" not in err
+
+
+def test_oversized_frame_is_refused_before_reading_it(link):
+    link.proc.stdin.write(struct.pack("<BBBBIIII", A.MAGIC, A.VERSION, A.DATA, 0, NODE, 0, 1,
+                                      (1 << 20) + 1))
+    link.proc.stdin.flush()
+    assert link.proc.wait(timeout=10) == 65
+    assert "TooLarge" in link.proc.stderr.read().decode()

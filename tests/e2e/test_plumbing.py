@@ -1,0 +1,189 @@
+"""The controller daemon, the relay and the agent together, without the lab.
+
+The only stand-in is `ssh`: a script on PATH that runs its last argument
+(the remote command) locally, so stage-0, the memfd relay, the relay's own
+child spawning and the agent all run for real, fast, on this machine. The
+lab tests (test_arbor.py) do the same through real sshd and a real bastion.
+"""
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ARBOR = REPO / "target" / "release" / "arbor"
+FAKE_SSH = "#!/bin/sh\n# runs the remote command (the last argument) here\nfor a; do last=$a; done\nexec /bin/sh -c \"$last\"\n"
+
+
+class Api:
+    def __init__(self, path):
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.connect(str(path))
+
+    def send(self, obj, blob=b""):
+        j = json.dumps(obj).encode()
+        body = struct.pack("<I", len(j)) + j + blob
+        self.s.sendall(struct.pack("<I", len(body)) + body)
+
+    def _exact(self, n):
+        b = b""
+        while len(b) < n:
+            c = self.s.recv(n - len(b))
+            assert c, "daemon closed the connection"
+            b += c
+        return b
+
+    def recv(self):
+        (n,) = struct.unpack("<I", self._exact(4))
+        body = self._exact(n)
+        (jn,) = struct.unpack_from("<I", body)
+        return json.loads(body[4:4 + jn]), body[4 + jn:]
+
+
+def procs():
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                out[int(d.name)] = (os.readlink(d / "exe"), (d / "cmdline").read_bytes())
+            except OSError:
+                pass
+    return out
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ssh").write_text(FAKE_SSH)
+    (bindir / "ssh").chmod(0o755)
+    # A traversable parent, so only the daemon's own 0700 dir guards the socket.
+    parent = Path(tempfile.mkdtemp(prefix="arbor-plumb-"))
+    parent.chmod(0o711)
+    run_dir = parent / "run"
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    d = subprocess.Popen([str(ARBOR), "daemon", "--run-dir", str(run_dir), "--parent-pid", str(os.getpid())],
+                         env=env, stderr=open(tmp_path / "daemon.log", "wb"))
+    for _ in range(200):
+        if (run_dir / "sock").exists():
+            break
+        time.sleep(0.02)
+    yield d, run_dir, Api(run_dir / "sock")
+    if d.poll() is None:
+        d.kill()
+        d.wait()
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+CHAIN = [{"name": "b1", "host": "b1"}, {"name": "t1", "host": "t1", "python": sys.executable}]
+
+
+def test_exec_put_fetch_through_a_relay(daemon, tmp_path):
+    d, run_dir, api = daemon
+    assert (run_dir.stat().st_mode & 0o777) == 0o700
+    api.send({"op": "exec", "chain": CHAIN, "cmd": "echo out; echo err >&2; exit 4", "stdin_size": 0})
+    res, blob = api.recv()
+    assert res["rc"] == 4 and blob[:res["stdout_len"]] == b"out\n" and blob[res["stdout_len"]:] == b"err\n"
+    # The relay runs from a memfd; the agent is its child, not the daemon's.
+    relays = [p for p, (exe, _) in procs().items() if exe.startswith("/memfd:arbor-relay")]
+    assert len(relays) == 1
+    agent = [p for p, (_, cmd) in procs().items() if b"exec(base64.b64decode(" in cmd and b"/bin/sh" not in cmd]
+    assert len(agent) == 1
+
+    big = os.urandom(3 * 256 * 1024 + 11)
+    api.send({"op": "exec", "chain": CHAIN, "cmd": "cat", "stdin_size": len(big)}, big)
+    res, blob = api.recv()
+    assert res["rc"] == 0 and blob == big  # streamed both ways through the relay
+
+    dest = tmp_path / "put.bin"
+    api.send({"op": "put", "chain": CHAIN, "path": str(dest), "size": len(big)}, big)
+    assert api.recv()[0] == {"size": len(big)}
+    assert dest.read_bytes() == big
+    api.send({"op": "fetch", "chain": CHAIN, "path": str(dest)})
+    h, first = api.recv()
+    parts = [first]
+    while True:
+        m, b = api.recv()
+        if m.get("op") == "end":
+            break
+        parts.append(b)
+    assert h["streamed"] and b"".join(parts) == big
+
+
+def test_failures_name_the_host_and_the_hop(daemon):
+    _, _, api = daemon
+    api.send({"op": "exec", "chain": [CHAIN[0], {"name": "t9", "host": "t9", "python": "/no/python"}],
+              "cmd": "true"})
+    res, _ = api.recv()
+    assert res["unreachable"] and "t9" in res["error"] and "via b1" in res["error"]
+    assert "/no/python: not found" in res["error"]
+    api.send({"op": "exec", "chain": [CHAIN[0], CHAIN[1], CHAIN[0]], "cmd": "true"})
+    res, _ = api.recv()
+    assert "via cycle: b1 -> t1 -> b1" in res["error"]
+    # The healthy target is still served.
+    api.send({"op": "exec", "chain": CHAIN, "cmd": "echo ok"})
+    assert api.recv()[1] == b"ok\n"
+
+
+def test_daemon_exit_leaves_no_process_and_no_run_dir(daemon):
+    d, run_dir, api = daemon
+    api.send({"op": "exec", "chain": CHAIN, "cmd": "true"})
+    assert api.recv()[0]["rc"] == 0
+    d.terminate()
+    assert d.wait(timeout=10) == 0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        left = [p for p, (exe, cmd) in procs().items()
+                if exe.startswith("/memfd:arbor-relay") or b"exec(base64.b64decode(" in cmd]
+        if not left:
+            break
+        time.sleep(0.05)
+    assert not left
+    assert not run_dir.exists()
+
+
+PROBE = """
+import socket, struct, json, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+j = json.dumps({"op": "ping"}).encode()
+b = struct.pack("<I", len(j)) + j
+try:
+    s.sendall(struct.pack("<I", len(b)) + b)
+    print("answer" if s.recv(100) else "refused")
+except (ConnectionResetError, BrokenPipeError):
+    print("refused")
+"""
+
+
+def as_nobody(*args):
+    # The system python: nobody cannot run an interpreter under /root.
+    return subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                           "/usr/bin/python3", "-c", PROBE, *args], capture_output=True, text=True)
+
+
+def test_a_foreign_uid_is_refused(daemon, tmp_path):
+    _, run_dir, api = daemon
+    sock = str(run_dir / "sock")
+    # The 0700 directory already stops another user at connect().
+    res = as_nobody(sock)
+    assert res.returncode != 0 and "Permission denied" in res.stderr, res.stderr
+    # With the directory and socket opened up, the daemon itself refuses
+    # the peer (SO_PEERCRED) and says so in its log.
+    run_dir.chmod(0o755)
+    (run_dir / "sock").chmod(0o777)
+    res = as_nobody(sock)
+    assert res.returncode == 0 and res.stdout.strip() == "refused", res.stdout + res.stderr
+    assert "refused a connection from another user" in (tmp_path / "daemon.log").read_text()
+    # Its own user is still served.
+    api.send({"op": "ping"})
+    assert api.recv()[0]["pid"] > 0

@@ -1,0 +1,181 @@
+//! Pure planning: connection specs of hosts and their `via` chains, turned
+//! into a tree in which each hop exists once.
+//!
+//! The Ansible glue resolves, for a target, its own connection settings and
+//! those of every host on its `mitogen_via` / `arbor_via` chain, exactly as
+//! Ansible would for each of them, and sends the chain outermost first. This
+//! crate checks the chain and names each hop by everything that makes its
+//! connection distinct, so two targets behind the same bastion share one
+//! relay, whoever declared it.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest chain accepted (hops including the target).
+pub const CHAIN_HOPS_MAX: usize = 16;
+
+/// How one host is reached from the hop before it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Hop {
+    /// The inventory name, for messages.
+    pub name: String,
+    /// `ssh` for now; container methods come later.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Address or name given to ssh (ansible_host).
+    pub host: String,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub user: Option<String>,
+    /// A private key file on the controller (never sent anywhere).
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// ssh_args, ssh_common_args and ssh_extra_args, split into words.
+    #[serde(default)]
+    pub ssh_args: Vec<String>,
+    /// The interpreter that runs the agent on a target.
+    #[serde(default)]
+    pub python: Option<String>,
+    /// Ansible's host_key_checking for this host.
+    #[serde(default = "yes")]
+    pub host_key_checking: bool,
+    /// Connect timeout in seconds (ansible_timeout).
+    #[serde(default)]
+    pub timeout_s: Option<u32>,
+}
+
+fn default_method() -> String {
+    "ssh".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TopologyError {
+    #[error("empty connection chain")]
+    Empty,
+    #[error("via chain of {0} hops is longer than the limit of {max}", max = CHAIN_HOPS_MAX)]
+    TooLong(usize),
+    #[error("via cycle: {0}")]
+    Cycle(String),
+    #[error("{host}: unsupported connection method {method:?}")]
+    Method { host: String, method: String },
+    #[error("{0}: no address to connect to")]
+    NoHost(String),
+}
+
+/// Checks a chain (outermost hop first, the target last).
+pub fn validate(chain: &[Hop]) -> Result<(), TopologyError> {
+    if chain.is_empty() {
+        return Err(TopologyError::Empty);
+    }
+    if chain.len() > CHAIN_HOPS_MAX {
+        return Err(TopologyError::TooLong(chain.len()));
+    }
+    for (i, hop) in chain.iter().enumerate() {
+        if let Some(j) = chain[..i].iter().position(|h| h.name == hop.name) {
+            let names: Vec<&str> = chain[j..=i].iter().map(|h| h.name.as_str()).collect();
+            return Err(TopologyError::Cycle(names.join(" -> ")));
+        }
+        if hop.method != "ssh" {
+            return Err(TopologyError::Method {
+                host: hop.name.clone(),
+                method: hop.method.clone(),
+            });
+        }
+        if hop.host.is_empty() {
+            return Err(TopologyError::NoHost(hop.name.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// The identity of a hop in the tree: the whole path to it, each step named
+/// by everything that changes the connection. Equal keys share one node.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HopKey(String);
+
+impl fmt::Display for HopKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl HopKey {
+    /// The key of the last hop of `chain`, which must be valid.
+    pub fn of(chain: &[Hop]) -> HopKey {
+        let steps: Vec<String> = chain
+            .iter()
+            .map(|h| {
+                format!(
+                    "{}:{}@{}:{}[{}]",
+                    h.method,
+                    h.user.as_deref().unwrap_or(""),
+                    h.host,
+                    h.port.map(|p| p.to_string()).unwrap_or_default(),
+                    h.ssh_args.join(" ")
+                )
+            })
+            .collect();
+        HopKey(steps.join(" / "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hop(name: &str) -> Hop {
+        Hop {
+            name: name.into(),
+            method: "ssh".into(),
+            host: format!("{name}.example"),
+            host_key_checking: true,
+            ..Hop::default()
+        }
+    }
+
+    #[test]
+    fn valid_chain_and_shared_prefix_keys() {
+        let a = [hop("bastion1"), hop("target1")];
+        let b = [hop("bastion1"), hop("target2")];
+        validate(&a).expect("valid");
+        assert_eq!(HopKey::of(&a[..1]), HopKey::of(&b[..1]));
+        assert_ne!(HopKey::of(&a), HopKey::of(&b));
+    }
+
+    #[test]
+    fn same_host_with_other_settings_is_another_hop() {
+        let mut other = hop("bastion1");
+        other.user = Some("admin".into());
+        assert_ne!(HopKey::of(&[hop("bastion1")]), HopKey::of(&[other]));
+    }
+
+    #[test]
+    fn cycles_are_named() {
+        let chain = [hop("gw"), hop("bastion1"), hop("rack"), hop("bastion1")];
+        assert_eq!(
+            validate(&chain),
+            Err(TopologyError::Cycle("bastion1 -> rack -> bastion1".into()))
+        );
+    }
+
+    #[test]
+    fn bounds_and_methods() {
+        let long: Vec<Hop> = (0..=CHAIN_HOPS_MAX)
+            .map(|i| hop(&format!("h{i}")))
+            .collect();
+        assert_eq!(
+            validate(&long),
+            Err(TopologyError::TooLong(CHAIN_HOPS_MAX + 1))
+        );
+        assert_eq!(validate(&[]), Err(TopologyError::Empty));
+        let mut d = hop("c1");
+        d.method = "docker".into();
+        assert!(matches!(validate(&[d]), Err(TopologyError::Method { .. })));
+    }
+}
