@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use arbor_core::{Event, Limits, LinkId, Node, Role};
 use arbor_io::{
-    signal, spawn_reader, watch_child, write_frames, LinkEvent as Input, LINK_QUEUE_FRAMES,
+    spawn_reader, stop_children, watch_child, write_frames, LinkEvent as Input, LINK_QUEUE_FRAMES,
 };
 use arbor_topology::{Hop, HopKey};
 use arbor_wire::control::{self, Reply, Request, Spawn};
@@ -612,27 +612,8 @@ impl Tree {
     }
 
     async fn shutdown(&mut self) {
-        for l in self.links.values() {
-            signal(l.pid, libc::SIGTERM);
-        }
-        let deadline = tokio::time::Instant::now() + KILL_GRACE;
-        let mut killed = false;
-        while !self.links.is_empty() {
-            match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
-                Ok(Some(Input::Exited(link, ..))) => {
-                    self.links.remove(&link);
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(_) if !killed => {
-                    killed = true;
-                    for l in self.links.values() {
-                        signal(l.pid, libc::SIGKILL);
-                    }
-                }
-                Err(_) => break,
-            }
-        }
+        let pids = self.links.drain().map(|(l, link)| (l, link.pid)).collect();
+        stop_children(pids, &mut self.inbox, KILL_GRACE).await;
         if let Some(mut agent) = self.agent.take() {
             let _ = agent.kill().await;
         }

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use arbor_core::{Event, Limits, LinkId, Node, Role};
 use arbor_io::{
-    signal, spawn_reader, spawn_writer, watch_child, write_frames, LinkEvent as Input,
-    LINK_QUEUE_FRAMES,
+    signal, spawn_reader, spawn_writer, stop_children, watch_child, write_frames,
+    LinkEvent as Input, LINK_QUEUE_FRAMES,
 };
 use arbor_wire::control::{self, Reply, Request, Spawn, KNOWN_HOSTS_TOKEN};
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
@@ -371,27 +371,8 @@ impl Relay {
     /// Stops every child (SIGTERM, then SIGKILL after a grace period) and
     /// waits until each has been reaped.
     async fn shutdown(&mut self) {
-        for c in self.children.values() {
-            signal(c.pid, libc::SIGTERM);
-        }
-        let deadline = tokio::time::Instant::now() + KILL_GRACE;
-        let mut killed = false;
-        while !self.children.is_empty() {
-            match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
-                Ok(Some(Input::Exited(link, ..))) => {
-                    self.children.remove(&link);
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(_) if !killed => {
-                    killed = true;
-                    for c in self.children.values() {
-                        signal(c.pid, libc::SIGKILL);
-                    }
-                }
-                Err(_) => break,
-            }
-        }
+        let pids = self.children.drain().map(|(l, c)| (l, c.pid)).collect();
+        stop_children(pids, &mut self.inbox, KILL_GRACE).await;
     }
 }
 

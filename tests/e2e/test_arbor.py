@@ -102,17 +102,33 @@ def host_procs(lab, host):
 
 
 def arbor_procs(lab):
-    """arbor's processes on every lab host: relays (memfd) and agents."""
+    """arbor's processes on every lab host: relays (memfd), agents (python
+    interpreters) and any other process carrying arbor's commands (the ssh
+    hops a relay runs, stage-0)."""
     found = {}
     for host in lab["hosts"]:
         procs = host_procs(lab, host)
-        agents = {p for p, _, _, c in procs if AGENT_MARK in c}
+        pythons = {p for p, _, e, c in procs if AGENT_MARK in c and "python" in e}
         found[host] = {
             "relays": [(p, e) for p, _, e, _ in procs if "arbor-relay" in e],
             # an agent's forks (modules running) have an agent as parent
-            "agents": sorted(p for p, pp, _, c in procs if AGENT_MARK in c and pp not in agents),
+            "agents": sorted(p for p, pp, _, _ in procs if p in pythons and pp not in pythons),
+            "others": sorted(p for p, _, e, c in procs if p not in pythons and "arbor-relay" not in e
+                             and (AGENT_MARK in c or b"arbor-stage0" in c)),
         }
     return found
+
+
+def any_arbor(procs):
+    return any(v["relays"] or v["agents"] or v["others"] for v in procs.values())
+
+
+def wait_gone(lab, seconds=5.0):
+    """Waits up to `seconds` for every arbor process on every host to end."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds and any_arbor(arbor_procs(lab)):
+        time.sleep(0.1)
+    return arbor_procs(lab)
 
 
 # sshd's socket for a forwarded agent: made by sshd for the session, in a
@@ -187,12 +203,8 @@ def test_modules_match_vanilla_through_python_less_bastion(lab, tmp_path):
         assert len(seen) == 1 and len(next(iter(seen))) == 1, (t, seen)
 
     # After it: within 5 s no arbor process anywhere, no temp dir, no socket.
-    while time.monotonic() - ended < 5:
-        procs = arbor_procs(lab)
-        if not any(v["relays"] or v["agents"] for v in procs.values()):
-            break
-        time.sleep(0.1)
-    assert not any(v["relays"] or v["agents"] for v in arbor_procs(lab).values())
+    procs = wait_gone(lab, 5.0 - (time.monotonic() - ended))
+    assert not any_arbor(procs), procs
     assert not list(Path(f"/tmp/arbor-{os.getuid()}").glob("[0-9]*"))
     # ... and the bastion is exactly as it was, agent socket gone too.
     assert bastion_files(lab) == files_before
@@ -216,12 +228,8 @@ def test_sigint_mid_run_leaves_nothing(lab):
     os.killpg(p.pid, signal.SIGINT)
     t0 = time.monotonic()
     p.communicate(timeout=30)
-    while time.monotonic() - t0 < 5:
-        if not any(v["relays"] or v["agents"] for v in arbor_procs(lab).values()):
-            break
-        time.sleep(0.1)
-    procs = arbor_procs(lab)
-    assert not any(v["relays"] or v["agents"] for v in procs.values()), procs
+    procs = wait_gone(lab, 5.0 - (time.monotonic() - t0))
+    assert not any_arbor(procs), procs
     for t in ("target1",):
         assert not [c for _, _, _, c in host_procs(lab, t) if b"sleep" in c]
     assert not list(Path(f"/tmp/arbor-{os.getuid()}").glob("[0-9]*"))
@@ -235,6 +243,8 @@ def test_unreachable_target_and_unknown_via_are_named(lab, tmp_path):
       hosts:
         ghost: {{ansible_host: "10.241.1.250", mitogen_via: bastion1}}
         orphan: {{ansible_host: "10.241.1.11", mitogen_via: nosuchbastion}}
+        impostor: {{ansible_host: "10.241.1.10", mitogen_via: bastion1,
+                    ansible_ssh_common_args: "-o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes"}}
 """)
     p = subprocess.run([str(VENV / "ansible"), "-i", str(inv), "targets:broken", "-m", "ansible.builtin.command",
                         "-a", "hostname", "-o", "-T", "5"], env=env_for("arbor"), capture_output=True,
@@ -246,3 +256,7 @@ def test_unreachable_target_and_unknown_via_are_named(lab, tmp_path):
     assert "UNREACHABLE" in ghost and "bastion1" in ghost and "ghost" in ghost, ghost
     orphan = next(l for l in out.splitlines() if l.startswith("orphan"))
     assert "UNREACHABLE" in orphan and "nosuchbastion" in orphan, orphan
+    # Host keys are checked on the hop as ProxyJump would: an unknown key is refused.
+    impostor = next(l for l in out.splitlines() if l.startswith("impostor"))
+    assert "UNREACHABLE" in impostor and re.search(
+        r"Host key verification failed|No \S+ host key is known for 10.241.1.10", impostor), impostor

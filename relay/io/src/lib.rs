@@ -3,6 +3,9 @@
 //! encodes them, and a task that owns a child process until it exits.
 //! Each reports to the node's main loop as a [`LinkEvent`].
 
+use std::collections::HashMap;
+use std::time::Duration;
+
 use arbor_core::LinkId;
 use arbor_wire::link::{Decoder, Encoder, READ_CHUNK_BYTES};
 use arbor_wire::Frame;
@@ -138,6 +141,37 @@ pub async fn watch_child(
         Err(e) => format!("wait failed: {e}"),
     };
     let _ = inbox.send(LinkEvent::Exited(link, status, tail)).await;
+}
+
+/// Stops children: SIGTERM to each, SIGKILL to those left after `grace`,
+/// until every one has been reported exited on `inbox` (its watcher reaps
+/// it) or the inbox closes. Other events that arrive meanwhile are dropped.
+pub async fn stop_children(
+    mut pids: HashMap<LinkId, u32>,
+    inbox: &mut mpsc::Receiver<LinkEvent>,
+    grace: Duration,
+) {
+    for pid in pids.values() {
+        signal(*pid, libc::SIGTERM);
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut killed = false;
+    while !pids.is_empty() {
+        match tokio::time::timeout_at(deadline, inbox.recv()).await {
+            Ok(Some(LinkEvent::Exited(link, ..))) => {
+                pids.remove(&link);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) if !killed => {
+                killed = true;
+                for pid in pids.values() {
+                    signal(*pid, libc::SIGKILL);
+                }
+            }
+            Err(_) => break,
+        }
+    }
 }
 
 /// Sends `sig` to a child of ours that its watcher has not reported gone.
