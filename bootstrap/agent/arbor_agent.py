@@ -17,7 +17,12 @@
 # A request whose JSON has "streamed": true continues in Data frames and an
 # End; so does a reply (its blob is then only the first part).
 
+import ast
+import base64
 import errno
+import importlib.abc
+import importlib.util
+import io
 import json
 import os
 import pwd
@@ -28,6 +33,7 @@ import struct
 import subprocess
 import sys
 import traceback
+import zipfile
 
 MAGIC = 0xA7
 VERSION = 1
@@ -45,6 +51,10 @@ FLAG_LZ4 = 0x01
 REQUEST, REPLY, DATA, END, ROUTE_ADD, ROUTE_DEL, UNDELIVERABLE, PING, PONG = range(1, 10)
 KINDS = frozenset(range(1, 10))
 CONTROLLER = 0
+
+# Most bytes of module_utils sources kept in memory for warm imports.
+WARM_BYTES_MAX = 64 * 1024 * 1024
+ZIP_DATA = re.compile(rb"^zip_data=(.*),$", re.M)
 
 # The command Ansible sends for a pipelined module: the interpreter reads the
 # AnsiballZ script from stdin.
@@ -132,6 +142,101 @@ def atomic_target(path):
     raise OSError(errno.EEXIST, "no free temp name beside %s" % path)
 
 
+class _FollowPath(list):
+    """A warm package's __path__: `<entry>/<package dir>` for each entry of
+    sys.path, computed when searched, so a forked module still finds the
+    package's other submodules in its own zip once that is on sys.path."""
+
+    def __init__(self, rel_dir):
+        list.__init__(self)
+        self.rel_dir = rel_dir
+
+    def _entries(self):
+        return [os.path.join(p, self.rel_dir) for p in sys.path if p]
+
+    def __iter__(self):
+        return iter(self._entries())
+
+    def __len__(self):
+        return len(self._entries())
+
+    def __getitem__(self, i):
+        return self._entries()[i]
+
+
+class WarmImports(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Keeps the module_utils that modules use imported in this interpreter,
+    so a module forked from it does not import them again.
+
+    Sources come from the AnsiballZ payloads themselves (their zip), held in
+    memory. After a module has run, the `ansible.module_utils.*` modules it
+    imported are imported here from those sources; one that fails to import
+    stays cold. Forked modules do not use this finder: whatever they import
+    that is not warm comes from their own zip, as without arbor.
+    """
+
+    def __init__(self):
+        self.files = {}
+        self.size = 0
+        self.cold = set()
+
+    def add_payload(self, script):
+        m = ZIP_DATA.search(script)
+        if not m:
+            return
+        try:
+            data = base64.b64decode(ast.literal_eval(m.group(1).decode("ascii")))
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                for name in z.namelist():
+                    if name.startswith("ansible/") and name.endswith(".py") and name not in self.files:
+                        body = z.read(name)
+                        if self.size + len(body) > WARM_BYTES_MAX:
+                            return
+                        self.files[name] = body
+                        self.size += len(body)
+        except Exception:
+            return
+
+    def _path(self, fullname):
+        rel = fullname.replace(".", "/")
+        for cand, pkg in ((rel + "/__init__.py", True), (rel + ".py", False)):
+            if cand in self.files:
+                return cand, pkg
+        return None, False
+
+    def find_spec(self, fullname, path=None, target=None):
+        if not fullname.startswith("ansible"):
+            return None
+        rel, pkg = self._path(fullname)
+        if rel is None:
+            return None
+        return importlib.util.spec_from_loader(fullname, self, origin="<arbor-warm>/" + rel,
+                                               is_package=pkg)
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        rel, pkg = self._path(module.__name__)
+        module.__file__ = "<arbor-warm>/" + rel
+        exec(compile(self.files[rel], module.__file__, "exec"), module.__dict__)
+        if pkg:
+            # After the package's code: ansible/__init__.py replaces its
+            # __path__ with a snapshot (pkgutil.extend_path).
+            module.__path__ = _FollowPath(os.path.dirname(rel))
+
+    def warm(self, names):
+        """Imports `names` here (parents first); never raises."""
+        for name in sorted(set(names), key=lambda n: n.count(".")):
+            if name in sys.modules or name in self.cold or not name.startswith("ansible"):
+                continue
+            try:
+                importlib.import_module(name)
+            except BaseException:
+                self.cold.add(name)
+                sys.modules.pop(name, None)
+
+
 class Put(object):
     """A file being written atomically: temp file, fsync, chmod, rename."""
 
@@ -189,6 +294,9 @@ class Agent(object):
         self.served = 0
         self.shell = pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
         self.python = os.path.realpath(sys.executable)
+        self.warm = WarmImports()
+        sys.meta_path.insert(0, self.warm)
+        self.to_warm = []  # module_utils the last module imported
 
     def send(self, kind, dst, stream, payload=b""):
         write_all(self.wfd, encode(kind, dst, self.node, stream, payload))
@@ -254,6 +362,9 @@ class Agent(object):
             if op == "exec":
                 rc, out, err = self.exec_(req, blob)
                 self.reply(src, stream, {"rc": rc, "stdout_len": len(out)}, out + err)
+                # After the reply, while idle: the next module forks warm.
+                names, self.to_warm = self.to_warm, []
+                self.warm.warm(names)
             elif op == "put":
                 self.put_start(src, stream, req, blob)
             elif op == "fetch":
@@ -343,18 +454,24 @@ class Agent(object):
     def run_forked(self, script):
         """Runs a pipelined module in a fork of this warm interpreter, as
         `python3 < script` would: same stdout, stderr and exit status."""
+        self.warm.add_payload(script)
         r_out, w_out = os.pipe()
         r_err, w_err = os.pipe()
+        r_names, w_names = os.pipe()
         pid = os.fork()
         if pid == 0:
             rc = 1
             try:
                 os.setpgid(0, 0)
+                # What the module imports beyond the warm set comes from its
+                # own zip, exactly as without arbor.
+                if self.warm in sys.meta_path:
+                    sys.meta_path.remove(self.warm)
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
                 os.dup2(w_out, 1)
                 os.dup2(w_err, 2)
-                for fd in (null, r_out, w_out, r_err, w_err, self.rfd, self.wfd):
+                for fd in (null, r_out, w_out, r_err, w_err, r_names, self.rfd, self.wfd):
                     if fd > 2:
                         os.close(fd)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -380,19 +497,27 @@ class Agent(object):
                 try:
                     sys.stdout.flush()
                     sys.stderr.flush()
+                    names = [n for n in list(sys.modules) if n.startswith("ansible.module_utils")]
+                    write_all(w_names, "\n".join(names).encode())
+                except BaseException:
+                    pass
                 finally:
                     os._exit(rc)
         os.close(w_out)
         os.close(w_err)
+        os.close(w_names)
         r_out, r_err = os.fdopen(r_out, "rb", 0), os.fdopen(r_err, "rb", 0)
+        r_names = os.fdopen(r_names, "rb", 0)
         try:
-            out, err = self.pump(pid, None, b"", [r_out, r_err])
+            out, err, names = self.pump(pid, None, b"", [r_out, r_err, r_names])
+            self.to_warm = names.decode("utf-8", "replace").split()
         except LinkGone:
             os.waitpid(pid, 0)
             raise
         finally:
             r_out.close()
             r_err.close()
+            r_names.close()
         _, status = os.waitpid(pid, 0)
         if os.WIFSIGNALED(status):
             return -os.WTERMSIG(status), out, err

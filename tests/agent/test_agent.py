@@ -236,3 +236,36 @@ def test_oversized_frame_is_refused_before_reading_it(link):
     link.proc.stdin.flush()
     assert link.proc.wait(timeout=10) == 65
     assert "TooLarge" in link.proc.stderr.read().decode()
+
+
+@pytest.fixture(scope="module")
+def ansiballz(tmp_path_factory):
+    """Real AnsiballZ payloads (command module), built by real ansible."""
+    d = tmp_path_factory.mktemp("kr")
+    venv = REPO / ".venv" / "bin"
+    env = dict(os.environ, ANSIBLE_KEEP_REMOTE_FILES="1", ANSIBLE_PIPELINING="False",
+               ANSIBLE_REMOTE_TMP=str(d))
+    subprocess.run([str(venv / "ansible"), "localhost", "-c", "local", "-m", "command", "-a", "echo hi",
+                    "-e", f"ansible_python_interpreter={sys.executable}"],
+                   env=env, check=True, capture_output=True)
+    return next(d.glob("*/AnsiballZ_command.py")).read_bytes()
+
+
+def test_module_utils_stay_warm_between_modules(link, ansiballz):
+    """The second module finds ansible.module_utils already imported in the
+    agent it forks from, and answers as the first did."""
+    python = os.path.realpath(sys.executable)
+    cmd = {"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python}
+    results = []
+    for _ in range(2):
+        res, blob = link.call(cmd, ansiballz)
+        assert res["rc"] == 0, blob
+        out = json.loads(blob[:res["stdout_len"]])
+        for volatile in ("start", "end", "delta"):
+            out.pop(volatile, None)
+        results.append(out)
+    assert results[0] == results[1] and results[0]["stdout"] == "hi"
+    probe = (b"import sys\ndef _ansiballz_main(): pass\n"
+             b"print('ansible.module_utils.basic' in sys.modules)\n")
+    res, blob = link.call(cmd, probe)
+    assert blob[:res["stdout_len"]] == b"True\n"
