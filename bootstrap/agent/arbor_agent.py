@@ -9,6 +9,9 @@
 #
 # Requests (JSON "op"):
 #   exec   {"cmd", "cwd"?}, blob: stdin      -> {"rc", "stdout_len"}, blob: stdout + stderr
+#          with "zip_key" and "zip_span": [a, b]: keep stdin[a:b] (a module's
+#          zip literal) under that key; with "zip_key" and "zip_at": n: the
+#          kept literal goes back in at offset n ({"zip_miss": true} if gone)
 #   put    {"path", "size", "mode"?}, blob: first bytes; then Data frames and End
 #                                            -> {"size"}
 #   fetch  {"path"}                          -> {"size"}, blob: first bytes; then Data, End
@@ -54,6 +57,8 @@ CONTROLLER = 0
 
 # Most bytes of module_utils sources kept in memory for warm imports.
 WARM_BYTES_MAX = 64 * 1024 * 1024
+# Most bytes of module zips (their AnsiballZ literal) kept for this run.
+ZIP_CACHE_BYTES_MAX = 64 * 1024 * 1024
 ZIP_DATA = re.compile(rb"^zip_data=(.*),$", re.M)
 
 # The command Ansible sends for a pipelined module: the interpreter reads the
@@ -294,6 +299,8 @@ class Agent(object):
         self.served = 0
         self.shell = pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
         self.python = os.path.realpath(sys.executable)
+        self.zips = {}  # zip_key -> the zip literal of an AnsiballZ script
+        self.zips_size = 0
         self.warm = WarmImports()
         sys.meta_path.insert(0, self.warm)
         self.to_warm = []  # module_utils the last module imported
@@ -360,6 +367,10 @@ class Agent(object):
         try:
             op = req.get("op")
             if op == "exec":
+                blob = self.with_zip(req, blob)
+                if blob is None:
+                    self.reply(src, stream, {"error": "module zip not cached", "zip_miss": True})
+                    return
                 rc, out, err = self.exec_(req, blob)
                 self.reply(src, stream, {"rc": rc, "stdout_len": len(out)}, out + err)
                 # After the reply, while idle: the next module forks warm.
@@ -380,6 +391,27 @@ class Agent(object):
             self.reply(src, stream, {"error": "%s: %s" % (type(e).__name__, e)})
 
     # ------------------------------------------------------------ exec
+
+    def with_zip(self, req, stdin):
+        """The whole stdin: a cached module zip put back, or kept for later.
+        None if the zip is not here (the caller resends it whole)."""
+        key = req.get("zip_key")
+        if key is None:
+            return stdin
+        if "zip_at" in req:
+            z = self.zips.get(key)
+            if z is None:
+                return None
+            at = int(req["zip_at"])
+            return stdin[:at] + z + stdin[at:]
+        a, b = req["zip_span"]
+        if key not in self.zips:
+            if self.zips_size + (b - a) > ZIP_CACHE_BYTES_MAX:
+                self.zips.clear()
+                self.zips_size = 0
+            self.zips[key] = bytes(stdin[a:b])
+            self.zips_size += b - a
+        return stdin
 
     def exec_(self, req, stdin):
         cmd = req["cmd"]

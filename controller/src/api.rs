@@ -17,12 +17,15 @@
 //! is `{"error": message, "unreachable": bool}`; the message names the host
 //! and the hop.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arbor_topology::Hop;
 use arbor_wire::{msg, Frame, Kind, NodeId, StreamId, CHUNK_BYTES};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -40,6 +43,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 pub struct ApiError {
     message: String,
     unreachable: bool,
+    /// The agent no longer holds a module zip it was sent before.
+    zip_miss: bool,
 }
 
 impl ApiError {
@@ -47,14 +52,59 @@ impl ApiError {
         ApiError {
             message: message.into(),
             unreachable: false,
+            zip_miss: false,
         }
     }
     fn unreachable(message: impl Into<String>) -> Self {
         ApiError {
             message: message.into(),
             unreachable: true,
+            zip_miss: false,
         }
     }
+}
+
+/// Module zips each agent holds, for this run: a module's zip (the large,
+/// per-run constant part of an AnsiballZ script) crosses to an agent once;
+/// later calls send the rest of the script and the zip's key.
+#[derive(Clone, Default)]
+pub struct ZipCache(Arc<Mutex<HashMap<NodeId, HashSet<String>>>>);
+
+/// Keys remembered per agent before the set starts afresh.
+const ZIP_KEYS_PER_AGENT_MAX: usize = 4096;
+/// Literals shorter than this are sent inline.
+const ZIP_LITERAL_BYTES_MIN: usize = 4096;
+
+impl ZipCache {
+    fn has(&self, node: NodeId, key: &str) -> bool {
+        self.0
+            .lock()
+            .map(|m| m.get(&node).is_some_and(|s| s.contains(key)))
+            .unwrap_or(false)
+    }
+
+    fn set(&self, node: NodeId, key: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            let keys = m.entry(node).or_default();
+            if keys.len() >= ZIP_KEYS_PER_AGENT_MAX {
+                keys.clear();
+            }
+            keys.insert(key.to_string());
+        }
+    }
+}
+
+/// Where an AnsiballZ script's zip literal (`zip_data='…'`) is, if it has one.
+fn zip_span(script: &[u8]) -> Option<(usize, usize)> {
+    const MARK: &[u8] = b"\nzip_data=";
+    find(script, b"_ansiballz_main(")?;
+    let start = find(script, MARK)? + MARK.len();
+    let end = start + find(&script[start..], b",\n")?;
+    (end - start >= ZIP_LITERAL_BYTES_MIN).then_some((start, end))
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 pub async fn read_message(conn: &mut UnixStream) -> std::io::Result<Option<(Value, Vec<u8>)>> {
@@ -90,7 +140,7 @@ pub async fn write_message(conn: &mut UnixStream, v: &Value, blob: &[u8]) -> std
 }
 
 /// Serves one glue connection until it closes.
-pub async fn serve(mut conn: UnixStream, tree: TreeHandle) {
+pub async fn serve(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
     loop {
         let (req, blob) = match read_message(&mut conn).await {
             Ok(Some(m)) => m,
@@ -113,7 +163,7 @@ pub async fn serve(mut conn: UnixStream, tree: TreeHandle) {
             )
             .await
             .map_err(|e| ApiError::failed(e.to_string())),
-            "exec" => exec(&mut conn, &tree, &req, blob).await,
+            "exec" => exec(&mut conn, &tree, &zips, &req, blob).await,
             "put" => put(&mut conn, &tree, &req, blob).await,
             "fetch" => fetch(&mut conn, &tree, &req).await,
             other => Err(ApiError::failed(format!("unknown API request {other:?}"))),
@@ -251,7 +301,9 @@ async fn first_reply(rx: &mut mpsc::Receiver<Frame>) -> Result<(Value, Vec<u8>),
     let (j, blob) = msg::split(&f.payload).map_err(|e| ApiError::failed(e.to_string()))?;
     let v: Value = serde_json::from_slice(j).map_err(|e| ApiError::failed(e.to_string()))?;
     if let Some(err) = v.get("error").and_then(Value::as_str) {
-        return Err(ApiError::failed(err.to_string()));
+        let mut e = ApiError::failed(err.to_string());
+        e.zip_miss = v.get("zip_miss").and_then(Value::as_bool) == Some(true);
+        return Err(e);
     }
     Ok((v, blob.to_vec()))
 }
@@ -259,6 +311,7 @@ async fn first_reply(rx: &mut mpsc::Receiver<Frame>) -> Result<(Value, Vec<u8>),
 async fn exec(
     conn: &mut UnixStream,
     tree: &TreeHandle,
+    zips: &ZipCache,
     req: &Value,
     blob: Vec<u8>,
 ) -> Result<(), ApiError> {
@@ -269,10 +322,52 @@ async fn exec(
     let stdin = read_body(conn, blob, size).await?;
     let node = agent_for(tree, req).await?;
     let agent_req = json!({"op": "exec", "cmd": req.get("cmd").cloned().unwrap_or(Value::Null)});
-    let (stream, mut rx) = send_request(tree, node, agent_req, &stdin).await?;
-    let (mut v, out) = gather_reply(tree, stream, &mut rx).await?;
-    v.as_object_mut().map(|o| o.remove("streamed"));
+    let (mut v, out) = match zip_span(&stdin) {
+        None => exec_once(tree, node, agent_req, &stdin).await?,
+        Some((a, b)) => {
+            let key: String = Sha256::digest(&stdin[a..b])
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect();
+            let cached = if zips.has(node, &key) {
+                let mut short_req = agent_req.clone();
+                short_req["zip_key"] = json!(key);
+                short_req["zip_at"] = json!(a);
+                let short = [&stdin[..a], &stdin[b..]].concat();
+                match exec_once(tree, node, short_req, &short).await {
+                    Err(e) if e.zip_miss => None,
+                    other => Some(other?),
+                }
+            } else {
+                None
+            };
+            match cached {
+                Some(r) => r,
+                None => {
+                    let mut full_req = agent_req;
+                    full_req["zip_key"] = json!(key);
+                    full_req["zip_span"] = json!([a, b]);
+                    let r = exec_once(tree, node, full_req, &stdin).await?;
+                    zips.set(node, &key);
+                    r
+                }
+            }
+        }
+    };
+    if let Some(o) = v.as_object_mut() {
+        o.remove("streamed");
+    }
     send_chunked(conn, v, &out).await
+}
+
+async fn exec_once(
+    tree: &TreeHandle,
+    node: NodeId,
+    agent_req: Value,
+    stdin: &[u8],
+) -> Result<(Value, Vec<u8>), ApiError> {
+    let (stream, mut rx) = send_request(tree, node, agent_req, stdin).await?;
+    gather_reply(tree, stream, &mut rx).await
 }
 
 /// Replies to the glue, splitting a large blob into data messages.
@@ -398,4 +493,22 @@ async fn fetch(conn: &mut UnixStream, tree: &TreeHandle, req: &Value) -> Result<
             .map_err(io)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zip_literal_is_found_only_in_ansiballz_scripts() {
+        let zip = "A".repeat(ZIP_LITERAL_BYTES_MIN);
+        let script = format!(
+            "def _ansiballz_main(): pass\n_ansiballz_main(\nparams='{{}}',\nzip_data='{zip}',\n)\n"
+        );
+        let (a, b) = zip_span(script.as_bytes()).expect("found");
+        assert_eq!(&script[a..b], format!("'{zip}'"));
+        assert_eq!(zip_span(b"echo zip_data='x',\n"), None);
+        let small = "def _ansiballz_main(): pass\nzip_data='AAAA',\n";
+        assert_eq!(zip_span(small.as_bytes()), None);
+    }
 }

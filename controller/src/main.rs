@@ -190,6 +190,7 @@ async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
         home,
     });
     let tree_task = tokio::spawn(tree.run());
+    let zips = api::ZipCache::default();
     tracing::info!(socket = %sock.display(), ?parent, relay_bytes = RELAY.len(), "arbor daemon serving");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -203,7 +204,7 @@ async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
                 let (conn, _) = conn?;
                 match conn.peer_cred() {
                     Ok(c) if c.uid() == uid => {
-                        tokio::spawn(api::serve(conn, handle.clone()));
+                        tokio::spawn(api::serve(conn, handle.clone(), zips.clone()));
                     }
                     Ok(c) => tracing::warn!(peer_uid = c.uid(), "refused a connection from another user"),
                     Err(e) => tracing::warn!(error = %e, "refused a connection without credentials"),

@@ -269,3 +269,19 @@ def test_module_utils_stay_warm_between_modules(link, ansiballz):
              b"print('ansible.module_utils.basic' in sys.modules)\n")
     res, blob = link.call(cmd, probe)
     assert blob[:res["stdout_len"]] == b"True\n"
+
+
+def test_module_zip_is_kept_and_put_back(link, ansiballz):
+    """The controller sends a module's zip once; later the agent puts it
+    back into the script and the module answers the same."""
+    python = os.path.realpath(sys.executable)
+    cmd = "/bin/sh -c '%s && sleep 0'" % python
+    start = ansiballz.index(b"\nzip_data=") + len(b"\nzip_data=")
+    end = ansiballz.index(b",\n", start)
+    res, full = link.call({"op": "exec", "cmd": cmd, "zip_key": "k1", "zip_span": [start, end]}, ansiballz)
+    assert res["rc"] == 0
+    short = ansiballz[:start] + ansiballz[end:]
+    res, blob = link.call({"op": "exec", "cmd": cmd, "zip_key": "k1", "zip_at": start}, short)
+    assert res["rc"] == 0 and json.loads(blob[:res["stdout_len"]])["stdout"] == "hi"
+    res, _ = link.call({"op": "exec", "cmd": cmd, "zip_key": "unknown", "zip_at": start}, short)
+    assert res == {"error": "module zip not cached", "zip_miss": True}
