@@ -230,25 +230,13 @@ async fn send_request(
         .map_err(ApiError::unreachable)?;
     if streamed {
         for part in body[CHUNK_BYTES..].chunks(CHUNK_BYTES) {
-            tree.send(Frame::new(
-                Kind::Data,
-                node,
-                NodeId::CONTROLLER,
-                stream,
-                part.to_vec(),
-            ))
+            tree.send_part(node, stream, Kind::Data, part.to_vec())
+                .await
+                .map_err(ApiError::failed)?;
+        }
+        tree.send_part(node, stream, Kind::End, Vec::new())
             .await
             .map_err(ApiError::failed)?;
-        }
-        tree.send(Frame::new(
-            Kind::End,
-            node,
-            NodeId::CONTROLLER,
-            stream,
-            Vec::new(),
-        ))
-        .await
-        .map_err(ApiError::failed)?;
     }
     Ok((stream, rx))
 }
@@ -426,15 +414,9 @@ async fn put(
         sent += part.len() as u64;
         if let (Ok(node), Some(Ok((stream, _)))) = (&node, &opened) {
             for p in part.chunks(CHUNK_BYTES) {
-                tree.send(Frame::new(
-                    Kind::Data,
-                    *node,
-                    NodeId::CONTROLLER,
-                    *stream,
-                    p.to_vec(),
-                ))
-                .await
-                .map_err(ApiError::failed)?;
+                tree.send_part(*node, *stream, Kind::Data, p.to_vec())
+                    .await
+                    .map_err(ApiError::failed)?;
             }
         }
     }
@@ -442,15 +424,9 @@ async fn put(
     let (stream, mut rx) = opened
         .ok_or_else(|| ApiError::failed("put not opened"))?
         .map_err(ApiError::unreachable)?;
-    tree.send(Frame::new(
-        Kind::End,
-        node,
-        NodeId::CONTROLLER,
-        stream,
-        Vec::new(),
-    ))
-    .await
-    .map_err(ApiError::failed)?;
+    tree.send_part(node, stream, Kind::End, Vec::new())
+        .await
+        .map_err(ApiError::failed)?;
     let (v, _) = first_reply(&mut rx).await?;
     write_message(conn, &v, b"")
         .await

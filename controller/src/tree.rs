@@ -12,9 +12,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use arbor_core::{Event, Limits, LinkId, Node, Role};
-use arbor_io::{
-    spawn_reader, stop_children, watch_child, write_frames, LinkEvent as Input, LINK_QUEUE_FRAMES,
-};
+use arbor_io::{start_child_link, stop_children, LinkEvent as Input};
 use arbor_topology::{Hop, HopKey};
 use arbor_wire::control::{self, Reply, Request, Spawn};
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
@@ -132,7 +130,16 @@ impl TreeHandle {
         Ok((stream, rx))
     }
 
-    pub async fn send(&self, frame: Frame) -> Result<(), String> {
+    /// Sends the next part (Data) or the end (End) of the controller's
+    /// stream `stream` to `dst`.
+    pub async fn send_part(
+        &self,
+        dst: NodeId,
+        stream: StreamId,
+        kind: Kind,
+        payload: Vec<u8>,
+    ) -> Result<(), String> {
+        let frame = Frame::new(kind, dst, NodeId::CONTROLLER, stream, payload);
         self.tx
             .send(Cmd::Send(frame))
             .await
@@ -357,31 +364,15 @@ impl Tree {
         if self.agent.is_some() {
             cmd.env("SSH_AUTH_SOCK", self.agent_socket());
         }
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .map_err(|e| format!("{label}: cannot run ssh: {e}"))?;
-        let (Some(stdin), Some(stdout), Some(stderr), Some(pid)) = (
-            child.stdin.take(),
-            child.stdout.take(),
-            child.stderr.take(),
-            child.id(),
-        ) else {
-            return Err(format!("{label}: ssh pipes missing"));
-        };
         let link = LinkId(self.next_link);
         self.next_link += 1;
-        let (tx, rx) = mpsc::channel(LINK_QUEUE_FRAMES);
+        // Only a relay understands compressed frames.
         let compress = role == Role2::Relay;
-        tokio::spawn(write_frames(
-            stdin,
-            preamble,
-            rx,
-            compress,
-            self.inbox_tx.clone(),
-            link,
-        ));
-        spawn_reader(stdout, self.inbox_tx.clone(), link);
-        tokio::spawn(watch_child(child, stderr, self.inbox_tx.clone(), link));
+        let (tx, pid) = start_child_link(child, preamble, compress, self.inbox_tx.clone(), link)
+            .map_err(|e| format!("{label}: {e}"))?;
         self.core.handle_link_up(Instant::now(), link, Role::Child);
         self.links.insert(link, LocalLink { pid, writer: tx });
         self.local_nodes.insert(link, node);

@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 
 use arbor_core::{Event, Limits, LinkId, Node, Role};
 use arbor_io::{
-    signal, spawn_reader, spawn_writer, stop_children, watch_child, write_frames,
-    LinkEvent as Input, LINK_QUEUE_FRAMES,
+    signal, spawn_reader, spawn_writer, start_child_link, stop_children, LinkEvent as Input,
 };
 use arbor_wire::control::{self, Reply, Request, Spawn, KNOWN_HOSTS_TOKEN};
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
@@ -307,33 +306,14 @@ impl Relay {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd
+        let child = cmd
             .spawn()
             .map_err(|e| format!("cannot run {program}: {e}"))?;
-        let (Some(stdin), Some(stdout), Some(stderr), Some(pid)) = (
-            child.stdin.take(),
-            child.stdout.take(),
-            child.stderr.take(),
-            child.id(),
-        ) else {
-            return Err("child pipes missing".into());
-        };
         let link = LinkId(self.next_link);
         self.next_link += 1;
-
         // Only another relay understands compressed frames.
-        let compress = spec.send_self;
-        let (tx, rx) = mpsc::channel::<Frame>(LINK_QUEUE_FRAMES);
-        tokio::spawn(write_frames(
-            stdin,
-            preamble,
-            rx,
-            compress,
-            self.inbox_tx.clone(),
-            link,
-        ));
-        spawn_reader(stdout, self.inbox_tx.clone(), link);
-        tokio::spawn(watch_child(child, stderr, self.inbox_tx.clone(), link));
+        let (tx, pid) =
+            start_child_link(child, preamble, spec.send_self, self.inbox_tx.clone(), link)?;
 
         self.core.handle_link_up(Instant::now(), link, Role::Child);
         let deadline = Instant::now() + Duration::from_millis(u64::from(spec.connect_timeout_ms));

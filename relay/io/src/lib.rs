@@ -114,6 +114,38 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Makes a child process a link: writes `preamble` and then the frames
+/// sent on the returned sender to its stdin, reads frames from its stdout,
+/// and watches it until it exits. Returns the sender and the child's pid.
+pub fn start_child_link(
+    mut child: Child,
+    preamble: Vec<u8>,
+    compress: bool,
+    inbox: mpsc::Sender<LinkEvent>,
+    link: LinkId,
+) -> Result<(mpsc::Sender<Frame>, u32), String> {
+    let (Some(stdin), Some(stdout), Some(stderr), Some(pid)) = (
+        child.stdin.take(),
+        child.stdout.take(),
+        child.stderr.take(),
+        child.id(),
+    ) else {
+        return Err("child pipes missing".into());
+    };
+    let (tx, rx) = mpsc::channel(LINK_QUEUE_FRAMES);
+    tokio::spawn(write_frames(
+        stdin,
+        preamble,
+        rx,
+        compress,
+        inbox.clone(),
+        link,
+    ));
+    spawn_reader(stdout, inbox.clone(), link);
+    tokio::spawn(watch_child(child, stderr, inbox, link));
+    Ok((tx, pid))
+}
+
 /// Owns a child: keeps the tail of its stderr and, once it has exited,
 /// reports how, with what it said.
 pub async fn watch_child(
