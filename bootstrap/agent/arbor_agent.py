@@ -15,14 +15,28 @@
 #   put    {"path", "size", "mode"?}, blob: first bytes; then Data frames and End
 #                                            -> {"size"}
 #   fetch  {"path"}                          -> {"size"}, blob: first bytes; then Data, End
+#   stat   {"path", "follow", "checksum"}    -> {"stat": what the stat module says,
+#                                               less mime type and attributes}
+#   mkdtemp {"base", "name"}                 -> {"path"}: base/arbor-<pid>/name, 0700;
+#                                               base/arbor-<pid> is this agent's own
+#                                               temp dir, removed when it exits
+#   rmtree {"path"}                          -> {}
+#   chmod  {"paths", "mode"}                 -> {}: mode one symbolic clause, e.g. u+rwx
+#   sync   {}                                -> {}, or what failed unanswered
 #   ping   {}                                -> {"pid", "served"}
 # Errors come back as {"error": message}.
+# A request with "noreply": true is answered only if it fails, and then not
+# at once: its error is the answer to the next request that is answered, so
+# a task's steps can be sent without waiting for each (rmtree only logs).
 # A request whose JSON has "streamed": true continues in Data frames and an
 # End; so does a reply (its blob is then only the first part).
 
 import ast
+import atexit
 import base64
 import errno
+import grp
+import hashlib
 import importlib.abc
 import importlib.util
 import io
@@ -31,7 +45,9 @@ import os
 import pwd
 import re
 import select
+import shutil
 import signal
+import stat as stat_
 import struct
 import subprocess
 import sys
@@ -57,9 +73,16 @@ CONTROLLER = 0
 
 # Most bytes of module_utils sources kept in memory for warm imports.
 WARM_BYTES_MAX = 64 * 1024 * 1024
-# Most bytes of module zips (their AnsiballZ literal) kept for this run.
+# Most bytes of module zips (their AnsiballZ literal, decoded) kept for this run.
 ZIP_CACHE_BYTES_MAX = 64 * 1024 * 1024
+# Most bytes of module source whose compiled code is kept.
+CODE_CACHE_BYTES_MAX = 64 * 1024 * 1024
 ZIP_DATA = re.compile(rb"^zip_data=(.*),$", re.M)
+# What stands for the zip literal in a module's script while it runs here.
+ZIP_NAME = b"__arbor_zip_data__"
+# Where an AnsiballZ script's constant wrapper ends and its call begins.
+WRAPPER_CALL = b'\nif __name__ == "__main__":\n'
+WRAPPERS_MAX = 16
 
 # The command Ansible sends for a pipelined module: the interpreter reads the
 # AnsiballZ script from stdin.
@@ -169,6 +192,125 @@ class _FollowPath(list):
         return self._entries()[i]
 
 
+def module_path(files, fullname):
+    """(path in the zip, is a package) of a module in `files`, or (None, False)."""
+    rel = fullname.replace(".", "/")
+    for cand, pkg in ((rel + "/__init__.py", True), (rel + ".py", False)):
+        if cand in files:
+            return cand, pkg
+    return None, False
+
+
+class CodeCache(object):
+    """Compiled module code by (path in the zip, source digest): each source
+    compiles once in this agent, and every fork inherits the result."""
+
+    def __init__(self):
+        self.codes = {}
+        self.size = 0
+
+    def get(self, rel, body, digest):
+        key = (rel, digest)
+        code = self.codes.get(key)
+        if code is None:
+            code = compile(body, "<arbor>/" + rel, "exec", dont_inherit=True)
+            if self.size + len(body) > CODE_CACHE_BYTES_MAX:
+                self.codes.clear()
+                self.size = 0
+            self.codes[key] = code
+            self.size += len(body)
+        return code
+
+
+class ModuleZip(object):
+    """One AnsiballZ zip as the controller sent it (its Python literal); its
+    base64 text and its Python files are decoded once, on first use."""
+
+    def __init__(self, literal):
+        self.literal = bytes(literal)
+        self._b64 = None
+        self._files = None
+
+    @property
+    def size(self):
+        n = 2 * len(self.literal)
+        if self._files:
+            n += sum(len(body) for body, _ in self._files.values())
+        return n
+
+    def b64(self):
+        if self._b64 is None:
+            self._b64 = ast.literal_eval(self.literal.decode("ascii"))
+        return self._b64
+
+    def files(self):
+        """{path in the zip: (source, digest)} of its .py files; {} if it is
+        not a readable zip (the module then imports from its own copy)."""
+        if self._files is None:
+            files = {}
+            try:
+                with zipfile.ZipFile(io.BytesIO(base64.b64decode(self.b64()))) as z:
+                    for name in z.namelist():
+                        if name.endswith(".py"):
+                            body = z.read(name)
+                            files[name] = (body, hashlib.sha1(body).digest())
+            except Exception:
+                files = {}
+            self._files = files
+        return self._files
+
+
+class ZipModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """In a forked module: the modules of its own zip, from memory, with
+    code compiled once in the agent. The sources are the zip's own, so the
+    module imports what zipimport would give it; only compiling is saved.
+    Paths (`__file__`) are those inside the payload zip the wrapper made."""
+
+    def __init__(self, files, codes):
+        self.files = files
+        self.codes = codes
+        self.served = []
+
+    def _origin(self, rel):
+        root = sys.path[0] if sys.path and sys.path[0].endswith(".zip") else "<arbor>"
+        return os.path.join(root, rel)
+
+    def find_spec(self, fullname, path=None, target=None):
+        if not fullname.startswith("ansible"):
+            return None
+        rel, pkg = module_path(self.files, fullname)
+        if rel is None:
+            return None
+        spec = importlib.util.spec_from_loader(fullname, self, origin=self._origin(rel),
+                                               is_package=pkg)
+        spec.has_location = True
+        return spec
+
+    def create_module(self, spec):
+        return None
+
+    def is_package(self, fullname):
+        return module_path(self.files, fullname)[1]
+
+    def get_source(self, fullname):
+        rel, _ = module_path(self.files, fullname)
+        return self.files[rel][0].decode("utf-8") if rel else None
+
+    def get_code(self, fullname):
+        rel, _ = module_path(self.files, fullname)
+        if rel is None:
+            raise ImportError("arbor: %s is not in the module's zip" % fullname, name=fullname)
+        body, digest = self.files[rel]
+        self.served.append(rel)
+        return self.codes.get(rel, body, digest)
+
+    def exec_module(self, module):
+        rel, pkg = module_path(self.files, module.__name__)
+        exec(self.get_code(module.__name__), module.__dict__)
+        if pkg:
+            module.__path__ = _FollowPath(os.path.dirname(rel))
+
+
 class WarmImports(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Keeps the module_utils that modules use imported in this interpreter,
     so a module forked from it does not import them again.
@@ -180,39 +322,24 @@ class WarmImports(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     that is not warm comes from their own zip, as without arbor.
     """
 
-    def __init__(self):
+    def __init__(self, codes):
         self.files = {}
         self.size = 0
         self.cold = set()
+        self.codes = codes
 
-    def add_payload(self, script):
-        m = ZIP_DATA.search(script)
-        if not m:
-            return
-        try:
-            data = base64.b64decode(ast.literal_eval(m.group(1).decode("ascii")))
-            with zipfile.ZipFile(io.BytesIO(data)) as z:
-                for name in z.namelist():
-                    if name.startswith("ansible/") and name.endswith(".py") and name not in self.files:
-                        body = z.read(name)
-                        if self.size + len(body) > WARM_BYTES_MAX:
-                            return
-                        self.files[name] = body
-                        self.size += len(body)
-        except Exception:
-            return
-
-    def _path(self, fullname):
-        rel = fullname.replace(".", "/")
-        for cand, pkg in ((rel + "/__init__.py", True), (rel + ".py", False)):
-            if cand in self.files:
-                return cand, pkg
-        return None, False
+    def add_files(self, files):
+        for name, entry in files.items():
+            if name.startswith("ansible/") and name not in self.files:
+                if self.size + len(entry[0]) > WARM_BYTES_MAX:
+                    return
+                self.files[name] = entry
+                self.size += len(entry[0])
 
     def find_spec(self, fullname, path=None, target=None):
         if not fullname.startswith("ansible"):
             return None
-        rel, pkg = self._path(fullname)
+        rel, pkg = module_path(self.files, fullname)
         if rel is None:
             return None
         return importlib.util.spec_from_loader(fullname, self, origin="<arbor-warm>/" + rel,
@@ -222,9 +349,10 @@ class WarmImports(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def exec_module(self, module):
-        rel, pkg = self._path(module.__name__)
+        rel, pkg = module_path(self.files, module.__name__)
         module.__file__ = "<arbor-warm>/" + rel
-        exec(compile(self.files[rel], module.__file__, "exec"), module.__dict__)
+        body, digest = self.files[rel]
+        exec(self.codes.get(rel, body, digest), module.__dict__)
         if pkg:
             # After the package's code: ansible/__init__.py replaces its
             # __path__ with a snapshot (pkgutil.extend_path).
@@ -288,6 +416,89 @@ class Put(object):
             pass
 
 
+SYMBOLIC = re.compile(r"^([ugoa]*)([-+=])([rwx]*)$")
+
+
+def symbolic_mode(mode):
+    """A function applying one chmod clause like `u+rwx` to a path."""
+    m = SYMBOLIC.match(mode)
+    if not m:
+        raise ValueError("unsupported mode %r" % (mode,))
+    who, op, perms = m.groups()
+    who = who or "a"
+    mask = 0
+    for w, shift in (("u", 6), ("g", 3), ("o", 0)):
+        if w in who or "a" in who:
+            for p, bit in (("r", 4), ("w", 2), ("x", 1)):
+                if p in perms:
+                    mask |= bit << shift
+    clear = 0
+    if op == "=":
+        for w, shift in (("u", 6), ("g", 3), ("o", 0)):
+            if w in who or "a" in who:
+                clear |= 7 << shift
+
+    def apply(path):
+        cur = stat_.S_IMODE(os.stat(path).st_mode)
+        if op == "+":
+            new = cur | mask
+        elif op == "-":
+            new = cur & ~mask
+        else:
+            new = (cur & ~clear) | mask
+        os.chmod(path, new)
+    return apply
+
+
+def file_stat(req):
+    """What Ansible's stat module answers for `path` (without the mime type
+    and file attributes, which need other programs and which no action
+    plugin reads)."""
+    path = os.path.expanduser(os.path.expandvars(req["path"]))
+    try:
+        st = os.stat(path) if req.get("follow") else os.lstat(path)
+    except FileNotFoundError:
+        return {"exists": False}
+    mode = st.st_mode
+    out = {
+        "exists": True, "path": path, "mode": "%04o" % stat_.S_IMODE(mode),
+        "isdir": stat_.S_ISDIR(mode), "ischr": stat_.S_ISCHR(mode), "isblk": stat_.S_ISBLK(mode),
+        "isreg": stat_.S_ISREG(mode), "isfifo": stat_.S_ISFIFO(mode),
+        "islnk": stat_.S_ISLNK(mode), "issock": stat_.S_ISSOCK(mode),
+        "uid": st.st_uid, "gid": st.st_gid, "size": st.st_size, "inode": st.st_ino,
+        "dev": st.st_dev, "nlink": st.st_nlink,
+        "atime": st.st_atime, "mtime": st.st_mtime, "ctime": st.st_ctime,
+    }
+    for name, bit in (("wusr", stat_.S_IWUSR), ("rusr", stat_.S_IRUSR), ("xusr", stat_.S_IXUSR),
+                      ("wgrp", stat_.S_IWGRP), ("rgrp", stat_.S_IRGRP), ("xgrp", stat_.S_IXGRP),
+                      ("woth", stat_.S_IWOTH), ("roth", stat_.S_IROTH), ("xoth", stat_.S_IXOTH),
+                      ("isuid", stat_.S_ISUID), ("isgid", stat_.S_ISGID)):
+        out[name] = bool(mode & bit)
+    for attr, name in (("st_blocks", "blocks"), ("st_blksize", "block_size"), ("st_rdev", "device_type")):
+        if hasattr(st, attr):
+            out[name] = getattr(st, attr)
+    for name, flag in (("readable", os.R_OK), ("writeable", os.W_OK), ("executable", os.X_OK)):
+        out[name] = os.access(path, flag)
+    if out["islnk"]:
+        out["lnk_source"] = os.path.realpath(path)
+        out["lnk_target"] = os.readlink(path)
+    try:
+        out["pw_name"] = pwd.getpwuid(st.st_uid).pw_name
+    except (TypeError, KeyError):
+        pass
+    try:
+        out["gr_name"] = grp.getgrgid(st.st_gid).gr_name
+    except (KeyError, ValueError, OverflowError):
+        pass
+    if out["isreg"] and out["readable"] and req.get("checksum", True):
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(64 * 1024), b""):
+                h.update(block)
+        out["checksum"] = h.hexdigest()
+    return out
+
+
 class Agent(object):
     def __init__(self, node, rfd=0, wfd=1):
         self.node = node
@@ -297,13 +508,17 @@ class Agent(object):
         self.puts = {}  # stream -> (src, Put)
         self.bodies = {}  # stream -> (src, request, [parts], size)
         self.served = 0
+        self.deferred = []  # errors of requests sent without waiting
+        self.tmpdirs = []  # this agent's own temp dirs
         self.shell = pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
         self.python = os.path.realpath(sys.executable)
-        self.zips = {}  # zip_key -> the zip literal of an AnsiballZ script
-        self.zips_size = 0
-        self.warm = WarmImports()
+        self.zips = {}  # zip_key -> ModuleZip
+        self.codes = CodeCache()
+        self.wrappers = {}  # digest -> compiled AnsiballZ wrapper
+        self.warm = WarmImports(self.codes)
         sys.meta_path.insert(0, self.warm)
         self.to_warm = []  # module_utils the last module imported
+        self.to_compile = (None, [])  # (its files, what it compiled)
 
     def send(self, kind, dst, stream, payload=b""):
         write_all(self.wfd, encode(kind, dst, self.node, stream, payload))
@@ -322,6 +537,11 @@ class Agent(object):
     def hello(self):
         info = {"pid": os.getpid(), "python": sys.version.split()[0],
                 "uid": os.getuid(), "executable": sys.executable}
+        try:
+            pw = pwd.getpwuid(os.getuid())
+            info.update(user=pw.pw_name, home=pw.pw_dir)
+        except KeyError:
+            pass
         self.send(ROUTE_ADD, CONTROLLER, 0, msg(info))
 
     def run(self):
@@ -364,60 +584,135 @@ class Agent(object):
         self.handle(src, stream, req, blob)
 
     def handle(self, src, stream, req, blob):
+        op = req.get("op")
+        noreply = bool(req.get("noreply"))
+        if self.deferred and not noreply and op != "ping":
+            errors, self.deferred = self.deferred, []
+            self.reply(src, stream, {"error": "; ".join(errors)})
+            return
         try:
-            op = req.get("op")
             if op == "exec":
-                blob = self.with_zip(req, blob)
-                if blob is None:
+                script = self.with_zip(req, blob)
+                if script is None:
                     self.reply(src, stream, {"error": "module zip not cached", "zip_miss": True})
                     return
-                rc, out, err = self.exec_(req, blob)
+                rc, out, err = self.exec_(req, *script)
                 self.reply(src, stream, {"rc": rc, "stdout_len": len(out)}, out + err)
-                # After the reply, while idle: the next module forks warm.
-                names, self.to_warm = self.to_warm, []
-                self.warm.warm(names)
+                self.after_module()
             elif op == "put":
                 self.put_start(src, stream, req, blob)
             elif op == "fetch":
                 self.fetch(src, stream, req)
+            elif op == "stat":
+                self.answer(src, stream, req, {"stat": file_stat(req)})
+            elif op == "mkdtemp":
+                self.answer(src, stream, req, {"path": self.mkdtemp(req)})
+            elif op == "chmod":
+                bits = symbolic_mode(req["mode"])
+                for path in req["paths"]:
+                    bits(path)
+                self.answer(src, stream, req, {})
+            elif op == "rmtree":
+                shutil.rmtree(req["path"])
+                self.answer(src, stream, req, {})
+            elif op == "sync":
+                self.reply(src, stream, {})
             elif op == "ping":
                 self.reply(src, stream, {"pid": os.getpid(), "served": self.served})
             else:
-                self.reply(src, stream, {"error": "unknown op %r" % (op,)})
+                self.fail(src, stream, req, "unknown op %r" % (op,))
             self.served += 1
         except (WireError, LinkGone):
             raise
         except Exception as e:
-            self.reply(src, stream, {"error": "%s: %s" % (type(e).__name__, e)})
+            self.fail(src, stream, req, "%s: %s" % (type(e).__name__, e))
+
+    def answer(self, src, stream, req, obj, blob=b""):
+        if not req.get("noreply"):
+            self.reply(src, stream, obj, blob)
+
+    def fail(self, src, stream, req, message):
+        """An error: the answer, or for a request sent without waiting, the
+        answer to the next one (rmtree: only logged, as Ansible only warns)."""
+        if not req.get("noreply"):
+            self.reply(src, stream, {"error": message})
+            return
+        what = "%s %s" % (req.get("op"), req.get("path") or req.get("name") or "")
+        message = "an earlier request (%s) failed: %s" % (what.strip(), message)
+        if req.get("op") == "rmtree":
+            sys.stderr.write("arbor agent n%d: %s\n" % (self.node, message))
+        elif len(self.deferred) < 16:
+            self.deferred.append(message)
+
+    def mkdtemp(self, req):
+        base, name = req["base"], req["name"]
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError("bad temp dir name %r" % (name,))
+        own = os.path.join(base, "arbor-%d" % os.getpid())
+        if own not in self.tmpdirs:
+            umask = os.umask(0o077)
+            try:
+                os.makedirs(base, exist_ok=True)
+                try:
+                    os.mkdir(own, 0o700)
+                except FileExistsError:
+                    st = os.lstat(own)
+                    if (not stat_.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()
+                            or st.st_mode & 0o077):
+                        raise OSError(errno.EEXIST, "%s exists and is not this user's private "
+                                      "directory" % own)
+            finally:
+                os.umask(umask)
+            self.tmpdirs.append(own)
+        path = os.path.join(own, name)
+        os.mkdir(path, 0o700)
+        return path
 
     # ------------------------------------------------------------ exec
 
     def with_zip(self, req, stdin):
-        """The whole stdin: a cached module zip put back, or kept for later.
-        None if the zip is not here (the caller resends it whole)."""
+        """(script, ModuleZip or None, offset of its literal in script): the
+        module's zip is cut out of its script and kept for later calls, or
+        is a kept one; None if it is not kept here (the caller resends it)."""
         key = req.get("zip_key")
         if key is None:
-            return stdin
+            return stdin, None, None
         if "zip_at" in req:
-            z = self.zips.get(key)
-            if z is None:
+            mz = self.zips.get(key)
+            if mz is None:
                 return None
-            at = int(req["zip_at"])
-            return stdin[:at] + z + stdin[at:]
+            return stdin, mz, int(req["zip_at"])
         a, b = req["zip_span"]
-        if key not in self.zips:
-            if self.zips_size + (b - a) > ZIP_CACHE_BYTES_MAX:
+        mz = self.zips.get(key)
+        if mz is None:
+            mz = ModuleZip(stdin[a:b])
+            if sum(z.size for z in self.zips.values()) + mz.size > ZIP_CACHE_BYTES_MAX:
                 self.zips.clear()
-                self.zips_size = 0
-            self.zips[key] = bytes(stdin[a:b])
-            self.zips_size += b - a
-        return stdin
+            self.zips[key] = mz
+        return bytes(stdin[:a]) + bytes(stdin[b:]), mz, a
 
-    def exec_(self, req, stdin):
+    def after_module(self):
+        """After the reply, while idle: what the last module imported is
+        imported here, and what it compiled is kept, so the next module
+        forks warm and compiles nothing."""
+        names, self.to_warm = self.to_warm, []
+        self.warm.warm(names)
+        files, rels = self.to_compile
+        self.to_compile = (None, [])
+        for rel in rels:
+            entry = files.get(rel) if files else None
+            if entry is not None:
+                try:
+                    self.codes.get(rel, *entry)
+                except Exception:
+                    pass
+
+    def exec_(self, req, script, mz=None, at=None):
         cmd = req["cmd"]
         m = PIPELINED.match(cmd)
-        if m and b"_ansiballz_main(" in stdin and self.same_python(m.group("python")):
-            return self.run_forked(stdin)
+        if m and b"_ansiballz_main(" in script and self.same_python(m.group("python")):
+            return self.run_forked(script, mz, at)
+        stdin = script if mz is None else script[:at] + mz.literal + script[at:]
         # Its own process group, so the whole command can be stopped.
         proc = subprocess.Popen([self.shell, "-c", cmd], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -474,6 +769,29 @@ class Agent(object):
                     stdin.close()
         return [b"".join(outs[f.fileno()]) for f in outputs]
 
+    def script_code(self, source):
+        """Compiled parts of a module script: its AnsiballZ wrapper, the same
+        for every module, compiled once; then its call. [None]: compile the
+        whole script in the child."""
+        i = source.rfind(WRAPPER_CALL)
+        if i < 0:
+            return [None]
+        head = source[:i]
+        digest = hashlib.sha1(head).digest()
+        code = self.wrappers.get(digest)
+        if code is None:
+            try:
+                code = compile(head, "<stdin>", "exec", dont_inherit=True)
+                tail = compile(source[i:], "<stdin>", "exec", dont_inherit=True)
+            except SyntaxError:
+                return [None]
+            if len(self.wrappers) >= WRAPPERS_MAX:
+                self.wrappers.clear()
+            self.wrappers[digest] = code
+        else:
+            tail = compile(source[i:], "<stdin>", "exec", dont_inherit=True)
+        return [code, tail]
+
     def same_python(self, path):
         if "/" not in path:
             for d in os.environ.get("PATH", "").split(os.pathsep):
@@ -483,10 +801,23 @@ class Agent(object):
                     break
         return os.path.realpath(path) == self.python
 
-    def run_forked(self, script):
+    def run_forked(self, script, mz=None, at=None):
         """Runs a pipelined module in a fork of this warm interpreter, as
-        `python3 < script` would: same stdout, stderr and exit status."""
-        self.warm.add_payload(script)
+        `python3 < script` would: same stdout, stderr and exit status. With
+        its zip kept here, the zip literal is not compiled again and the
+        zip's modules come from memory (ZipModules)."""
+        env = {"__name__": "__main__", "__builtins__": __builtins__}
+        if mz is None:
+            m = ZIP_DATA.search(script)
+            mz = ModuleZip(m.group(1)) if m else None
+            source = script
+        else:
+            env[ZIP_NAME.decode()] = mz.b64()
+            source = script[:at] + ZIP_NAME + script[at:]
+        files = mz.files() if mz is not None else {}
+        self.warm.add_files(files)
+        codes = self.script_code(source)
+        zipmods = ZipModules(files, self.codes)
         r_out, w_out = os.pipe()
         r_err, w_err = os.pipe()
         r_names, w_names = os.pipe()
@@ -495,10 +826,15 @@ class Agent(object):
             rc = 1
             try:
                 os.setpgid(0, 0)
+                # The module's exit handlers run as python3 would run them
+                # (AnsibleModule removes its temp dir in one); the agent's
+                # are not the module's.
+                atexit._clear()
                 # What the module imports beyond the warm set comes from its
-                # own zip, exactly as without arbor.
+                # own zip's sources, exactly as without arbor.
                 if self.warm in sys.meta_path:
                     sys.meta_path.remove(self.warm)
+                sys.meta_path.insert(0, zipmods)
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
                 os.dup2(w_out, 1)
@@ -511,8 +847,8 @@ class Agent(object):
                 sys.stdout = open(1, "w", closefd=False)
                 sys.stderr = open(2, "w", closefd=False)
                 sys.argv = [""]
-                code = compile(script, "<stdin>", "exec")
-                exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+                for code in codes:
+                    exec(code if code is not None else compile(source, "<stdin>", "exec", dont_inherit=True), env)
                 rc = 0
             except SystemExit as e:
                 if e.code is None:
@@ -527,10 +863,15 @@ class Agent(object):
                 rc = 1
             finally:
                 try:
+                    atexit._run_exitfuncs()
+                except BaseException:
+                    pass
+                try:
                     sys.stdout.flush()
                     sys.stderr.flush()
                     names = [n for n in list(sys.modules) if n.startswith("ansible.module_utils")]
-                    write_all(w_names, "\n".join(names).encode())
+                    served = ["@" + rel for rel in zipmods.served]
+                    write_all(w_names, "\n".join(names + served).encode())
                 except BaseException:
                     pass
                 finally:
@@ -542,7 +883,9 @@ class Agent(object):
         r_names = os.fdopen(r_names, "rb", 0)
         try:
             out, err, names = self.pump(pid, None, b"", [r_out, r_err, r_names])
-            self.to_warm = names.decode("utf-8", "replace").split()
+            names = names.decode("utf-8", "replace").split()
+            self.to_warm = [n for n in names if not n.startswith("@")]
+            self.to_compile = (files, [n[1:] for n in names if n.startswith("@")])
         except LinkGone:
             os.waitpid(pid, 0)
             raise
@@ -560,6 +903,7 @@ class Agent(object):
     def put_start(self, src, stream, req, blob):
         size = int(req["size"])
         p = Put(req["path"], size, req.get("mode"))
+        p.req = req
         try:
             p.write(blob)
         except Exception:
@@ -579,7 +923,7 @@ class Agent(object):
         except Exception:
             p.abort()
             raise
-        self.reply(src, stream, {"size": p.size})
+        self.answer(src, stream, p.req, {"size": p.size})
 
     def stream_part(self, kind, src, stream, payload):
         body = self.bodies.get(stream)
@@ -610,7 +954,7 @@ class Agent(object):
         except Exception as e:
             self.puts.pop(stream, None)
             p.abort()
-            self.reply(src, stream, {"error": "%s: %s" % (type(e).__name__, e)})
+            self.fail(src, stream, p.req, "%s: %s" % (type(e).__name__, e))
 
     def fetch(self, src, stream, req):
         path = req["path"]
@@ -633,6 +977,9 @@ class Agent(object):
         for _, p in self.puts.values():
             p.abort()
         self.puts.clear()
+        for d in self.tmpdirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self.tmpdirs = []
 
 
 def main(node):

@@ -10,8 +10,13 @@
 //! put    {"chain", "path", "size", "mode"?}, blob: first part
 //!        -> {"size"}
 //! fetch  {"chain", "path"} -> {"size", "parts"}, blob: first part
+//! info   {"chain"} -> the agent's hello: {"pid", "user", "home", "python", ...}
+//! call   {"chain", "req": {agent request}}, blob -> the agent's reply
 //! ping   {} -> {"pid", "version"}
 //! ```
+//! `put` and `call` with `"noreply": true` get no answer at all: the agent
+//! acts on them in order with what follows, and a failure is reported to
+//! the next request that is answered (see bootstrap/agent/arbor_agent.py).
 //! A request or reply larger than one message continues in `{"op":"data"}`
 //! messages (blob: the next part) and ends with `{"op":"end"}`. A failure
 //! is `{"error": message, "unreachable": bool}`; the message names the host
@@ -164,8 +169,20 @@ pub async fn serve(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
             .await
             .map_err(|e| ApiError::failed(e.to_string())),
             "exec" => exec(&mut conn, &tree, &zips, &req, blob).await,
+            "put" if noreply(&req) => {
+                if let Err(e) = put(&mut conn, &tree, &req, blob).await {
+                    tracing::debug!(error = %e.message, "put without reply failed");
+                }
+                Ok(())
+            }
             "put" => put(&mut conn, &tree, &req, blob).await,
             "fetch" => fetch(&mut conn, &tree, &req).await,
+            "info" => info(&mut conn, &tree, &req).await,
+            "call" if noreply(&req) => {
+                call_noreply(&tree, &req, blob).await;
+                Ok(())
+            }
+            "call" => call(&mut conn, &tree, &req, blob).await,
             other => Err(ApiError::failed(format!("unknown API request {other:?}"))),
         };
         if let Err(e) = result {
@@ -174,6 +191,62 @@ pub async fn serve(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
                 return;
             }
         }
+    }
+}
+
+fn noreply(req: &Value) -> bool {
+    req.get("noreply").and_then(Value::as_bool) == Some(true)
+}
+
+async fn info(conn: &mut UnixStream, tree: &TreeHandle, req: &Value) -> Result<(), ApiError> {
+    let node = agent_for(tree, req).await?;
+    let hello = tree.hello(node).unwrap_or_else(|| json!({}));
+    write_message(conn, &hello, b"")
+        .await
+        .map_err(|e| ApiError::failed(e.to_string()))
+}
+
+/// Agent operations the glue may call directly.
+const CALL_OPS: &[&str] = &["stat", "mkdtemp", "rmtree", "chmod", "sync", "ping"];
+
+fn agent_call(req: &Value) -> Result<Value, ApiError> {
+    let r = req
+        .get("req")
+        .filter(|r| r.is_object())
+        .cloned()
+        .ok_or_else(|| ApiError::failed("call without a request"))?;
+    match r.get("op").and_then(Value::as_str) {
+        Some(op) if CALL_OPS.contains(&op) => Ok(r),
+        other => Err(ApiError::failed(format!("call of unknown op {other:?}"))),
+    }
+}
+
+async fn call(
+    conn: &mut UnixStream,
+    tree: &TreeHandle,
+    req: &Value,
+    blob: Vec<u8>,
+) -> Result<(), ApiError> {
+    let agent_req = agent_call(req)?;
+    let node = agent_for(tree, req).await?;
+    let (stream, mut rx) = send_request(tree, node, agent_req, &blob).await?;
+    let (v, out) = gather_reply(tree, stream, &mut rx).await?;
+    send_chunked(conn, v, &out).await
+}
+
+/// A call nobody waits for: failures here surface on the next call.
+async fn call_noreply(tree: &TreeHandle, req: &Value, blob: Vec<u8>) {
+    let Ok(mut agent_req) = agent_call(req) else {
+        return;
+    };
+    let Ok(node) = agent_for(tree, req).await else {
+        return;
+    };
+    agent_req["noreply"] = json!(true);
+    if blob.len() <= CHUNK_BYTES {
+        let _ = tree
+            .post(node, msg::encode(agent_req.to_string().as_bytes(), &blob))
+            .await;
     }
 }
 
@@ -398,11 +471,30 @@ async fn put(
     if let Some(mode) = req.get("mode") {
         agent_req["mode"] = mode.clone();
     }
+    let posted = noreply(req);
+    if posted {
+        agent_req["noreply"] = json!(true);
+    }
+    // The first frame carries one chunk; the rest of the first part follows
+    // as Data, like every later part.
+    let head = first.len().min(CHUNK_BYTES);
     let opened = match &node {
-        Ok(node) => Some(
-            tree.open(*node, msg::encode(agent_req.to_string().as_bytes(), &first))
-                .await,
-        ),
+        Ok(node) => {
+            let payload = msg::encode(agent_req.to_string().as_bytes(), &first[..head]);
+            let opened = if posted {
+                tree.post(*node, payload).await.map(|s| (s, None))
+            } else {
+                tree.open(*node, payload).await.map(|(s, rx)| (s, Some(rx)))
+            };
+            if let Ok((stream, _)) = &opened {
+                for p in first[head..].chunks(CHUNK_BYTES) {
+                    tree.send_part(*node, *stream, Kind::Data, p.to_vec())
+                        .await
+                        .map_err(ApiError::failed)?;
+                }
+            }
+            Some(opened)
+        }
         Err(_) => None,
     };
     let mut sent = first.len() as u64;
@@ -421,12 +513,15 @@ async fn put(
         }
     }
     let node = node?;
-    let (stream, mut rx) = opened
+    let (stream, rx) = opened
         .ok_or_else(|| ApiError::failed("put not opened"))?
         .map_err(ApiError::unreachable)?;
     tree.send_part(node, stream, Kind::End, Vec::new())
         .await
         .map_err(ApiError::failed)?;
+    let Some(mut rx) = rx else {
+        return Ok(());
+    };
     let (v, _) = first_reply(&mut rx).await?;
     write_message(conn, &v, b"")
         .await

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arbor_core::{Event, Limits, LinkId, Node, Role};
@@ -72,10 +73,15 @@ pub struct Config {
     pub home: PathBuf,
 }
 
+/// What each node said when it joined the tree (an agent's hello: its pid,
+/// user, home, Python), shared with the API without a trip to the tree task.
+pub type Hellos = Arc<Mutex<HashMap<NodeId, serde_json::Value>>>;
+
 /// A cheap handle to the tree task.
 #[derive(Clone)]
 pub struct TreeHandle {
     tx: mpsc::Sender<Cmd>,
+    hellos: Hellos,
 }
 
 impl TreeHandle {
@@ -113,6 +119,7 @@ impl TreeHandle {
         dst: NodeId,
         payload: Vec<u8>,
     ) -> Result<(StreamId, mpsc::Receiver<Frame>), String> {
+        fits(&payload)?;
         let (replies, rx) = mpsc::channel(REPLY_QUEUE_FRAMES);
         let (done, wait) = oneshot::channel();
         self.tx
@@ -139,11 +146,26 @@ impl TreeHandle {
         kind: Kind,
         payload: Vec<u8>,
     ) -> Result<(), String> {
+        fits(&payload)?;
         let frame = Frame::new(kind, dst, NodeId::CONTROLLER, stream, payload);
         self.tx
             .send(Cmd::Send(frame))
             .await
             .map_err(|_| "arbor controller is shutting down".to_string())
+    }
+
+    /// Opens a stream to `dst` with a request that gets no answer (the
+    /// agent acts on it in order with the requests before and after it);
+    /// its Data and End parts go on the returned stream.
+    pub async fn post(&self, dst: NodeId, payload: Vec<u8>) -> Result<StreamId, String> {
+        let (stream, _rx) = self.open(dst, payload).await?;
+        self.forget(stream).await;
+        Ok(stream)
+    }
+
+    /// The hello `node` sent when it joined, if it is up.
+    pub fn hello(&self, node: NodeId) -> Option<serde_json::Value> {
+        self.hellos.lock().ok()?.get(&node).cloned()
     }
 
     pub async fn forget(&self, stream: StreamId) {
@@ -156,6 +178,17 @@ impl TreeHandle {
             let _ = wait.await;
         }
     }
+}
+
+/// A payload one frame can carry; callers chunk larger data.
+fn fits(payload: &[u8]) -> Result<(), String> {
+    if payload.len() > arbor_wire::FRAME_PAYLOAD_BYTES_MAX {
+        return Err(format!(
+            "arbor internal error: a frame of {} bytes was about to be sent",
+            payload.len()
+        ));
+    }
+    Ok(())
 }
 
 pub struct Tree {
@@ -176,12 +209,14 @@ pub struct Tree {
     spawns: HashMap<StreamId, NodeId>,
     agent: Option<Child>,
     agent_keys: Vec<PathBuf>,
+    hellos: Hellos,
 }
 
 impl Tree {
     pub fn new(cfg: Config) -> (Tree, TreeHandle) {
         let (tx, cmds) = mpsc::channel(CMD_QUEUE);
         let (inbox_tx, inbox) = mpsc::channel(INBOX_FRAMES);
+        let hellos = Hellos::default();
         let tree = Tree {
             cfg,
             core: Node::new(NodeId::CONTROLLER, Limits::default()),
@@ -199,8 +234,9 @@ impl Tree {
             spawns: HashMap::new(),
             agent: None,
             agent_keys: Vec::new(),
+            hellos: hellos.clone(),
         };
-        (tree, TreeHandle { tx })
+        (tree, TreeHandle { tx, hellos })
     }
 
     pub async fn run(mut self) {
@@ -511,7 +547,13 @@ impl Tree {
             };
             match event {
                 Event::Deliver(frame) => self.deliver(frame).await,
-                Event::NodeUp { node, .. } => {
+                Event::NodeUp { node, hello, .. } => {
+                    let info = arbor_wire::msg::split(&hello)
+                        .ok()
+                        .and_then(|(j, _)| serde_json::from_slice(j).ok());
+                    if let (Some(info), Ok(mut h)) = (info, self.hellos.lock()) {
+                        h.insert(node, info);
+                    }
                     if self.node_hop.contains_key(&node) {
                         self.settle(node, Ok(node));
                     }
@@ -532,6 +574,9 @@ impl Tree {
     /// A node left the tree: its hop fails for later callers, and every
     /// open stream to it gets an error now.
     fn node_lost(&mut self, node: NodeId, why: &str) {
+        if let Ok(mut h) = self.hellos.lock() {
+            h.remove(&node);
+        }
         let label = self.node_hop.get(&node).map(|(_, l)| l.clone());
         let why = match &label {
             Some(l) if !why.starts_with(l.as_str()) => format!("{l}: {why}"),

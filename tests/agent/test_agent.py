@@ -285,3 +285,141 @@ def test_module_zip_is_kept_and_put_back(link, ansiballz):
     assert res["rc"] == 0 and json.loads(blob[:res["stdout_len"]])["stdout"] == "hi"
     res, _ = link.call({"op": "exec", "cmd": cmd, "zip_key": "unknown", "zip_at": start}, short)
     assert res == {"error": "module zip not cached", "zip_miss": True}
+
+
+def test_stat_answers_as_the_stat_module(link, tmp_path):
+    """The agent's own stat gives the fields Ansible's stat module gives
+    (less mime type and attributes), checksum included."""
+    f = tmp_path / "f"
+    f.write_bytes(b"hello\n")
+    os.chmod(f, 0o640)
+    (tmp_path / "ln").symlink_to(f)
+    res, _ = link.call({"op": "stat", "path": str(f), "follow": False, "checksum": True})
+    st = res["stat"]
+    import hashlib
+    assert st["exists"] and st["isreg"] and not st["isdir"] and st["mode"] == "0640"
+    assert st["checksum"] == hashlib.sha1(b"hello\n").hexdigest() and st["size"] == 6
+    assert st["pw_name"] and st["readable"] and st["rusr"] and not st["roth"]
+    res, _ = link.call({"op": "stat", "path": str(tmp_path / "ln"), "follow": False})
+    assert res["stat"]["islnk"] and res["stat"]["lnk_source"] == str(f)
+    res, _ = link.call({"op": "stat", "path": str(tmp_path / "ln"), "follow": True})
+    assert res["stat"]["isreg"] and not res["stat"]["islnk"]
+    res, _ = link.call({"op": "stat", "path": str(tmp_path / "nope")})
+    assert res == {"stat": {"exists": False}}
+
+
+def test_temp_dirs_are_private_and_removed_when_the_agent_exits(link, tmp_path):
+    base = tmp_path / "rt" / "tmp"
+    res, _ = link.call({"op": "mkdtemp", "base": str(base), "name": "ansible-tmp-1-2-3"})
+    own = base / ("arbor-%d" % link.proc.pid)
+    assert res["path"] == str(own / "ansible-tmp-1-2-3")
+    for d in (base, own, own / "ansible-tmp-1-2-3"):
+        assert d.is_dir() and (d.stat().st_mode & 0o777) == 0o700, d
+    res, _ = link.call({"op": "mkdtemp", "base": str(base), "name": "../escape"})
+    assert "bad temp dir name" in res["error"]
+    (own / "ansible-tmp-1-2-3" / "x").write_text("x")
+    res, _ = link.call({"op": "rmtree", "path": str(own / "ansible-tmp-1-2-3")})
+    assert res == {} and not (own / "ansible-tmp-1-2-3").exists()
+    link.call({"op": "mkdtemp", "base": str(base), "name": "ansible-tmp-4"})
+    assert link.close() == 0
+    assert not own.exists(), "the agent's own temp dir outlived it"
+
+
+def test_a_foreign_dir_in_the_agents_place_is_refused(link, tmp_path):
+    base = tmp_path / "rt"
+    own = base / ("arbor-%d" % link.proc.pid)
+    own.mkdir(parents=True, mode=0o755)
+    os.chmod(own, 0o755)
+    res, _ = link.call({"op": "mkdtemp", "base": str(base), "name": "t"})
+    assert "not this user's private directory" in res["error"]
+
+
+def test_requests_not_awaited_report_failures_on_the_next_answer(link, tmp_path):
+    """put, mkdtemp and chmod sent with noreply get no answer when they work;
+    a failure answers the next request instead, naming what failed."""
+    d = tmp_path / "d"
+    d.mkdir()
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "put", "path": str(d / "a"), "size": 3, "noreply": True}, b"abc"))
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "chmod", "paths": [str(d / "a")], "mode": "u+x",
+                                "noreply": True}))
+    res, _ = link.call({"op": "sync"})
+    assert res == {}, "nothing failed, so nothing to report"
+    assert (d / "a").read_bytes() == b"abc" and os.stat(d / "a").st_mode & 0o100
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "put", "path": str(tmp_path / "missing" / "b"), "size": 1,
+                                "noreply": True}, b"b"))
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "rmtree", "path": str(tmp_path / "gone"), "noreply": True}))
+    res, _ = link.call({"op": "stat", "path": str(d / "a")})
+    assert "an earlier request (put %s) failed" % (tmp_path / "missing" / "b") in res["error"]
+    assert "gone" not in res["error"], "a failed cleanup only warns, as in Ansible"
+    res, _ = link.call({"op": "stat", "path": str(d / "a")})
+    assert res["stat"]["exists"], "a failure is reported once"
+
+
+def test_symbolic_modes():
+    for start, mode, want in ((0o600, "u+rwx", 0o700), (0o777, "go-w", 0o755), (0o644, "a+x", 0o755),
+                              (0o750, "o=r", 0o754), (0o640, "+r", 0o644)):
+        import tempfile
+        with tempfile.NamedTemporaryFile() as f:
+            os.chmod(f.name, start)
+            A.symbolic_mode(mode)(f.name)
+            assert os.stat(f.name).st_mode & 0o7777 == want, (oct(start), mode)
+    with pytest.raises(ValueError):
+        A.symbolic_mode("u+s,g+w")
+
+
+def test_a_modules_zip_is_served_from_memory_with_zip_paths(link, ansiballz):
+    """With its zip kept, a module imports the zip's own sources, compiled
+    once in the agent; __file__ is inside the payload zip, as with zipimport."""
+    python = os.path.realpath(sys.executable)
+    cmd = "/bin/sh -c '%s && sleep 0'" % python
+    start = ansiballz.index(b"\nzip_data=") + len(b"\nzip_data=")
+    end = ansiballz.index(b",\n", start)
+    link.call({"op": "exec", "cmd": cmd, "zip_key": "kz", "zip_span": [start, end]}, ansiballz)
+    # A probe in the module's place: the same wrapper, a module that reports
+    # where its imports came from.
+    short = ansiballz[:start] + ansiballz[end:]
+    res, blob = link.call({"op": "exec", "cmd": cmd, "zip_key": "kz", "zip_at": start}, short)
+    out = json.loads(blob[:res["stdout_len"]])
+    assert res["rc"] == 0 and out["stdout"] == "hi"
+    probe = (b"import sys\ndef _ansiballz_main(): pass\n"
+             b"print(sys.meta_path[0].__class__.__name__)\n")
+    res, blob = link.call({"op": "exec", "cmd": cmd}, probe)
+    assert blob[:res["stdout_len"]] == b"ZipModules\n"
+
+
+def test_stat_equals_ansibles_stat_module(tmp_path):
+    """Field for field, the agent's stat equals the real stat module's (run
+    by real ansible) on a file, a directory, a symlink and a missing path."""
+    f = tmp_path / "f"
+    f.write_bytes(b"some content\n")
+    (tmp_path / "l").symlink_to(f)
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_LOCALHOST_WARNING="False")
+    for path, follow in ((f, False), (tmp_path, False), (tmp_path / "l", False),
+                         (tmp_path / "l", True), (tmp_path / "missing", False)):
+        res = subprocess.run([str(REPO / ".venv" / "bin" / "ansible"), "localhost", "-c", "local",
+                              "-m", "stat", "-a", f"path={path} follow={follow} get_mime=false "
+                              "get_attributes=false checksum_algorithm=sha1",
+                              "-e", f"ansible_python_interpreter={sys.executable}"],
+                             env=env, capture_output=True, text=True, check=True)
+        want = json.loads(res.stdout.split("=>", 1)[1])["stat"]
+        got = A.file_stat({"path": str(path), "follow": follow, "checksum": True})
+        for volatile in ("atime",):
+            want.pop(volatile, None)
+            got.pop(volatile, None)
+        assert got == want, path
+
+
+def test_a_forked_modules_exit_handlers_run(link, tmp_path):
+    """AnsibleModule removes its temp dir in an atexit handler: a forked
+    module runs its handlers as python3 would, and not the agent's."""
+    mark = tmp_path / "atexit-ran"
+    python = os.path.realpath(sys.executable)
+    script = (b"import atexit, sys\ndef _ansiballz_main(): pass\n"
+              b"atexit.register(lambda: open(%r, 'w').write('yes'))\n"
+              b"sys.exit(3)\n" % str(mark).encode())
+    res, _ = link.call({"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python}, script)
+    assert res["rc"] == 3 and mark.read_text() == "yes"

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import socket
 import stat
@@ -29,6 +30,7 @@ import yaml
 
 import ansible.constants as C
 from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
+from ansible.plugins.action import ActionBase
 from ansible.module_utils.common.text.converters import to_bytes, to_text
 import ansible.plugins.connection as _connection_pkg
 from ansible.utils.display import Display
@@ -210,6 +212,9 @@ class Connection(_vanilla.Connection):
         super(Connection, self).__init__(*args, **kwargs)
         self._arbor = None
         self._chain = None
+        self._arbor_hello = None
+        # A put or mkdtemp was sent and no answered request followed it yet.
+        self._arbor_unacked = False
 
     def _enabled(self):
         return not self.get_option("arbor_disable")
@@ -295,6 +300,32 @@ class Connection(_vanilla.Connection):
             self._connected = True
         return self
 
+    def arbor_active(self):
+        return self._enabled()
+
+    def arbor_info(self):
+        """The target agent's hello (pid, user, home): the daemon has it, so
+        this costs no round trip to the target once it is connected."""
+        if self._arbor_hello is None:
+            self._connect()
+            self._arbor.send({"op": "info", "chain": self._chain})
+            self._arbor_hello = self._arbor.recv()[0]
+        return self._arbor_hello
+
+    def arbor_call(self, req, noreply=False):
+        """An agent operation (stat, mkdtemp, rmtree, sync). With noreply,
+        nothing is awaited: a failure answers the next request instead."""
+        self._connect()
+        display.vvv("ARBOR %s %s%s" % (req.get("op", "").upper(), req.get("path") or req.get("paths") or req.get("name", ""),
+                                       " (not awaited)" if noreply else ""), host=self._chain[-1]["name"])
+        self._arbor.send({"op": "call", "chain": self._chain, "req": req, "noreply": noreply})
+        if noreply:
+            if req.get("op") != "rmtree":
+                self._arbor_unacked = True
+            return None
+        self._arbor_unacked = False
+        return self._arbor.recv()[0]
+
     def exec_command(self, cmd, in_data=None, sudoable=True):
         if not self._enabled():
             return super(Connection, self).exec_command(cmd, in_data=in_data, sudoable=sudoable)
@@ -305,6 +336,7 @@ class Connection(_vanilla.Connection):
                           "stdin_size": len(data)}, data[:_PART_BYTES])
         for i in range(_PART_BYTES, len(data), _PART_BYTES):
             self._arbor.send({"op": "data"}, data[i:i + _PART_BYTES])
+        self._arbor_unacked = False
         res, blob = self._arbor.recv()
         parts = [blob]
         got = len(blob)
@@ -324,17 +356,19 @@ class Connection(_vanilla.Connection):
         b_in = to_bytes(in_path, errors="surrogate_or_strict")
         if not os.path.exists(b_in):
             raise AnsibleFileNotFound("file or module does not exist: %s" % in_path)
+        # Not awaited: the agent writes it before it runs what follows, and a
+        # failure is the answer to the next request.
         with open(b_in, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             first = f.read(_PART_BYTES)
             self._arbor.send({"op": "put", "chain": self._chain, "path": to_text(out_path),
-                              "size": size}, first)
+                              "size": size, "noreply": True}, first)
             while True:
                 chunk = f.read(_PART_BYTES)
                 if not chunk:
                     break
                 self._arbor.send({"op": "data"}, chunk)
-        self._arbor.recv()
+        self._arbor_unacked = True
 
     def fetch_file(self, in_path, out_path):
         if not self._enabled():
@@ -355,6 +389,11 @@ class Connection(_vanilla.Connection):
 
     def close(self):
         if self._arbor is not None:
+            if self._arbor_unacked:
+                try:
+                    self.arbor_call({"op": "sync"})
+                except AnsibleError as e:
+                    display.warning("arbor: %s" % e, host=self._chain[-1]["name"])
             self._arbor.close()
             self._arbor = None
         self._connected = False
@@ -365,3 +404,115 @@ class Connection(_vanilla.Connection):
         if not self._enabled():
             return super(Connection, self).reset()
         self.close()
+
+
+# ------------------------------------------------------------ action fast paths
+#
+# Ansible's action plugins make a task's temp dir (two shell commands), stat
+# files with the stat module, upload files and remove the temp dir, each a
+# round trip. Through arbor: the home dir is known from the agent's hello,
+# the temp dir is made and removed by the agent without waiting, uploads are
+# not awaited, and stat is answered by the agent itself. A module call is
+# then the only round trip left. Anything these paths do not cover (become,
+# async, another connection plugin) takes Ansible's own path.
+
+_vanilla_action = {name: getattr(ActionBase, name) for name in (
+    "_remote_expand_user", "_make_tmp_path", "_remove_tmp_path", "_execute_remote_stat",
+    "_remote_chmod")}
+_SIMPLE_CHMOD = re.compile(r"^[ugoa]*[-+=][rwx]*$")
+
+
+def _arbor_conn(action):
+    conn = action._connection
+    if isinstance(conn, Connection) and conn.arbor_active() and not getattr(conn, "_remote_is_local", False):
+        return conn
+    return None
+
+
+def _remote_expand_user(self, path, sudoable=True, pathsep=None):
+    conn = _arbor_conn(self)
+    if conn is None or not path.startswith("~"):
+        return _vanilla_action["_remote_expand_user"](self, path, sudoable=sudoable, pathsep=pathsep)
+    split_path = path.split(os.path.sep, 1)
+    expand = split_path[0]
+    if expand == "~":
+        become_user = self.get_become_option("become_user")
+        if sudoable and conn.become and become_user:
+            user = become_user
+        else:
+            user = self._get_remote_user() or ""
+    else:
+        user = expand[1:]
+    info = conn.arbor_info()
+    if not info.get("home") or user not in ("", info.get("user")):
+        return _vanilla_action["_remote_expand_user"](self, path, sudoable=sudoable, pathsep=pathsep)
+    if len(split_path) > 1:
+        expanded = conn._shell.join_path(info["home"], *split_path[1:])
+    else:
+        expanded = info["home"]
+    if ".." in os.path.dirname(expanded).split("/"):
+        raise AnsibleError("'%s' returned an invalid relative home directory path containing '..'"
+                           % self._get_remote_addr({}))
+    return expanded
+
+
+def _make_tmp_path(self, remote_user=None):
+    conn = _arbor_conn(self)
+    if conn is None or self._is_become_unprivileged() or getattr(self._task, "async_val", 0):
+        return _vanilla_action["_make_tmp_path"](self, remote_user)
+    base = self._remote_expand_user(self.get_shell_option("remote_tmp", default="~/.ansible/tmp"),
+                                    sudoable=False)
+    if base.startswith("~"):
+        return _vanilla_action["_make_tmp_path"](self, remote_user)
+    name = conn._shell._generate_temp_dir_name()
+    own = conn._shell.join_path(base, "arbor-%d" % conn.arbor_info()["pid"])
+    conn.arbor_call({"op": "mkdtemp", "base": base, "name": name}, noreply=True)
+    self._cleanup_remote_tmp = True
+    tmp = conn._shell.join_path(own, name, "")
+    conn._shell.tmpdir = tmp
+    return tmp
+
+
+def _remove_tmp_path(self, tmp_path, force=False):
+    conn = _arbor_conn(self)
+    if conn is None:
+        return _vanilla_action["_remove_tmp_path"](self, tmp_path, force=force)
+    if tmp_path is None and conn._shell.tmpdir:
+        tmp_path = conn._shell.tmpdir
+    if force or self._should_remove_tmp_path(tmp_path):
+        conn.arbor_call({"op": "rmtree", "path": tmp_path}, noreply=True)
+        conn._shell.tmpdir = None
+
+
+def _execute_remote_stat(self, path, all_vars, follow, tmp=None, checksum=True):
+    conn = _arbor_conn(self)
+    if conn is None or conn.become:
+        return _vanilla_action["_execute_remote_stat"](self, path, all_vars, follow, tmp=tmp,
+                                                       checksum=checksum)
+    try:
+        st = conn.arbor_call({"op": "stat", "path": path, "follow": bool(follow),
+                              "checksum": bool(checksum)})["stat"]
+    except AnsibleConnectionFailure:
+        raise
+    except AnsibleError as e:
+        raise AnsibleError("Failed to get information on remote file (%s): %s" % (path, e))
+    if not st["exists"]:
+        st["checksum"] = "1"
+    if "checksum" not in st:
+        st["checksum"] = ""
+    return st
+
+
+def _remote_chmod(self, paths, mode, sudoable=False):
+    conn = _arbor_conn(self)
+    if conn is None or (sudoable and conn.become) or not _SIMPLE_CHMOD.match(str(mode)):
+        return _vanilla_action["_remote_chmod"](self, paths, mode, sudoable=sudoable)
+    conn.arbor_call({"op": "chmod", "paths": [to_text(p) for p in paths], "mode": str(mode)},
+                    noreply=True)
+    return {"rc": 0, "stdout": "", "stdout_lines": [], "stderr": "", "stderr_lines": []}
+
+
+for _name, _fn in (("_remote_expand_user", _remote_expand_user), ("_make_tmp_path", _make_tmp_path),
+                   ("_remove_tmp_path", _remove_tmp_path), ("_remote_chmod", _remote_chmod),
+                   ("_execute_remote_stat", _execute_remote_stat)):
+    setattr(ActionBase, _name, _fn)

@@ -1,0 +1,125 @@
+"""Issue 4's behaviour list end to end: the same playbook (playbooks/
+features.yml) through vanilla Ansible and through arbor, via the
+python-less bastion to three targets. Every task's result (changed, failed,
+output, diff) and every file left on the targets must be the same; arbor
+must leave no temp dir behind on any target."""
+
+import json
+import os
+import random
+import re
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from test_arbor import (LAB, PLAYBOOKS, clean_targets, playbook, recap, run, ssh, target_state,
+                        wait_gone)
+
+HERE = Path(__file__).resolve().parent
+TARGETS = ("target1", "target2", "target3")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    out = run(LAB / "up", "--targets", "3", "--no-python-bastion").stdout
+    info = json.loads((Path(out.strip().splitlines()[-1]) / "lab.json").read_text())
+    yield info
+    run(LAB / "down")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A library of module styles (the binary one compiled here), a local
+    archive, and a file over 1 MiB."""
+    d = tmp_path_factory.mktemp("inputs")
+    # Script modules come from playbooks/library (beside the playbook);
+    # the binary one is built here.
+    lib = d / "library"
+    lib.mkdir()
+    run("gcc", "-O2", "-o", lib / "binary_mod", HERE / "src" / "binary_mod.c")
+    archive = d / "tree.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(PLAYBOOKS / "files" / "tree", arcname="unpacked")
+    big = d / "big.bin"
+    big.write_bytes(random.Random(4).randbytes(1536 * 1024 + 7))
+    return {"library": lib, "archive": archive, "big": big}
+
+
+def run_features(lab, mode, inputs, out_dir):
+    record = out_dir / "record.jsonl"
+    fetch = out_dir / "fetched"
+    env_extra = {"ARBOR_RECORD": str(record), "ANSIBLE_LIBRARY": str(inputs["library"]),
+                 "ANSIBLE_CALLBACK_PLUGINS": str(HERE / "callback_plugins"),
+                 "ANSIBLE_CALLBACKS_ENABLED": "record"}
+    os.environ.update(env_extra)
+    try:
+        p = playbook(lab, mode, "features.yml", "-e", f"fetch_dir={fetch}",
+                     "-e", f"archive={inputs['archive']}", "-e", f"big_file={inputs['big']}")
+        out, _ = p.communicate(timeout=600)
+    finally:
+        for k in env_extra:
+            os.environ.pop(k, None)
+    lines = [json.loads(x) for x in record.read_text().splitlines()] if record.exists() else []
+    # Paths on the controller differ between the two runs by construction.
+    text = json.dumps(lines).replace(str(fetch), "FETCH")
+    text = re.sub(r"ansible-local-\w+/tmp\w+", "LOCAL-TMP", text)
+    return p.returncode, out, json.loads(text), fetch
+
+
+SHARED_CLOSED = re.compile(r"Shared connection to \S+ closed\.\r?\n")
+
+
+def by_task(lines):
+    """Results by (host, task). Vanilla runs `script` and `raw` on a tty
+    (ssh -tt): its output ends lines in CR LF and its stderr carries ssh's
+    "Shared connection ... closed."; arbor's has no tty, as Mitogen's has
+    none. Those two artefacts are taken out; everything else must match."""
+    out = {}
+    for line in lines:
+        for k in ("stdout", "stderr"):
+            if isinstance(line.get(k), str):
+                line[k] = SHARED_CLOSED.sub("", line[k]).replace("\r\n", "\n")
+        line.pop("stdout_lines", None)
+        out.setdefault((line["host"], line["task"]), []).append(line)
+    return out
+
+
+def test_features_match_vanilla(lab, inputs, tmp_path):
+    clean_targets(lab)
+    (tmp_path / "vanilla").mkdir()
+    (tmp_path / "arbor").mkdir()
+    rc_v, out_v, lines_v, fetch_v = run_features(lab, "vanilla", inputs, tmp_path / "vanilla")
+    assert rc_v == 0, out_v
+    state_v = target_state(lab)
+    left_v = {t: remote_tmp(lab, t) for t in TARGETS}
+    clean_targets(lab)
+    rc_a, out_a, lines_a, fetch_a = run_features(lab, "arbor", inputs, tmp_path / "arbor")
+    assert rc_a == 0, out_a
+    assert recap(out_a) == recap(out_v) and len(recap(out_v)) == 3, out_a
+    v, a = by_task(lines_v), by_task(lines_a)
+    assert sorted(a) == sorted(v)
+    for key in v:
+        assert a[key] == v[key], key
+    assert target_state(lab) == state_v
+    for t in TARGETS:
+        assert (fetch_a / t / "tmp/arbor-e2e/app.conf").read_text() == \
+            (fetch_v / t / "tmp/arbor-e2e/app.conf").read_text()
+    # no_log kept the output out of the results, as vanilla does.
+    assert "secret-value" not in out_a and "secret-value" not in json.dumps(lines_a)
+    # Once the run is over, nothing of arbor's is left in the remote temp
+    # dir, and no more of Ansible's than vanilla leaves (ansible-core keeps
+    # the temp dir of an async task whose job outlives the task).
+    wait_gone(lab)
+    for t in TARGETS:
+        left = remote_tmp(lab, t)
+        assert not [x for x in left if not x.startswith("ansible-tmp-")], (t, left)
+        assert len(left) <= len(left_v[t]), (t, left, left_v[t])
+
+
+def remote_tmp(lab, host):
+    res = ssh(lab, host, "ls -A /root/.ansible/tmp 2>/dev/null; rm -rf /root/.ansible/tmp")
+    return res.stdout.split()
