@@ -260,20 +260,16 @@ class ModuleZip(object):
         return self._files
 
 
-class ZipModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """In a forked module: the modules of its own zip, from memory, with
-    code compiled once in the agent. The sources are the zip's own, so the
-    module imports what zipimport would give it; only compiling is saved.
-    Paths (`__file__`) are those inside the payload zip the wrapper made."""
+class MemoryModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """A finder and loader of `ansible*` modules from sources held in memory
+    (`files`: {path in a zip: (source, digest)}), with code from `codes`."""
 
     def __init__(self, files, codes):
         self.files = files
         self.codes = codes
-        self.served = []
 
-    def _origin(self, rel):
-        root = sys.path[0] if sys.path and sys.path[0].endswith(".zip") else "<arbor>"
-        return os.path.join(root, rel)
+    def origin(self, rel):
+        raise NotImplementedError
 
     def find_spec(self, fullname, path=None, target=None):
         if not fullname.startswith("ansible"):
@@ -281,9 +277,9 @@ class ZipModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         rel, pkg = module_path(self.files, fullname)
         if rel is None:
             return None
-        spec = importlib.util.spec_from_loader(fullname, self, origin=self._origin(rel),
+        spec = importlib.util.spec_from_loader(fullname, self, origin=self.origin(rel),
                                                is_package=pkg)
-        spec.has_location = True
+        spec.has_location = True  # __file__ is the origin
         return spec
 
     def create_module(self, spec):
@@ -299,19 +295,41 @@ class ZipModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def get_code(self, fullname):
         rel, _ = module_path(self.files, fullname)
         if rel is None:
-            raise ImportError("arbor: %s is not in the module's zip" % fullname, name=fullname)
+            raise ImportError("arbor: %s is not held here" % fullname, name=fullname)
         body, digest = self.files[rel]
-        self.served.append(rel)
         return self.codes.get(rel, body, digest)
 
     def exec_module(self, module):
         rel, pkg = module_path(self.files, module.__name__)
         exec(self.get_code(module.__name__), module.__dict__)
         if pkg:
+            # After the package's code: ansible/__init__.py replaces its
+            # __path__ with a snapshot (pkgutil.extend_path).
             module.__path__ = _FollowPath(os.path.dirname(rel))
 
 
-class WarmImports(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class ZipModules(MemoryModules):
+    """In a forked module: the modules of its own zip, from memory, with
+    code compiled once in the agent. The sources are the zip's own, so the
+    module imports what zipimport would give it; only compiling is saved.
+    Paths (`__file__`) are those inside the payload zip the wrapper made.
+    What it served is reported to the agent, which compiles it for later."""
+
+    def __init__(self, files, codes):
+        MemoryModules.__init__(self, files, codes)
+        self.served = []
+
+    def origin(self, rel):
+        root = sys.path[0] if sys.path and sys.path[0].endswith(".zip") else "<arbor>"
+        return os.path.join(root, rel)
+
+    def get_code(self, fullname):
+        code = MemoryModules.get_code(self, fullname)
+        self.served.append(module_path(self.files, fullname)[0])
+        return code
+
+
+class WarmImports(MemoryModules):
     """Keeps the module_utils that modules use imported in this interpreter,
     so a module forked from it does not import them again.
 
@@ -323,10 +341,12 @@ class WarmImports(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """
 
     def __init__(self, codes):
-        self.files = {}
+        MemoryModules.__init__(self, {}, codes)
         self.size = 0
         self.cold = set()
-        self.codes = codes
+
+    def origin(self, rel):
+        return "<arbor-warm>/" + rel
 
     def add_files(self, files):
         for name, entry in files.items():
@@ -335,28 +355,6 @@ class WarmImports(importlib.abc.MetaPathFinder, importlib.abc.Loader):
                     return
                 self.files[name] = entry
                 self.size += len(entry[0])
-
-    def find_spec(self, fullname, path=None, target=None):
-        if not fullname.startswith("ansible"):
-            return None
-        rel, pkg = module_path(self.files, fullname)
-        if rel is None:
-            return None
-        return importlib.util.spec_from_loader(fullname, self, origin="<arbor-warm>/" + rel,
-                                               is_package=pkg)
-
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module):
-        rel, pkg = module_path(self.files, module.__name__)
-        module.__file__ = "<arbor-warm>/" + rel
-        body, digest = self.files[rel]
-        exec(self.codes.get(rel, body, digest), module.__dict__)
-        if pkg:
-            # After the package's code: ansible/__init__.py replaces its
-            # __path__ with a snapshot (pkgutil.extend_path).
-            module.__path__ = _FollowPath(os.path.dirname(rel))
 
     def warm(self, names):
         """Imports `names` here (parents first); never raises."""

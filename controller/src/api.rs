@@ -243,10 +243,8 @@ async fn call_noreply(tree: &TreeHandle, req: &Value, blob: Vec<u8>) {
         return;
     };
     agent_req["noreply"] = json!(true);
-    if blob.len() <= CHUNK_BYTES {
-        let _ = tree
-            .post(node, msg::encode(agent_req.to_string().as_bytes(), &blob))
-            .await;
+    if let Ok(stream) = tree.post(node, first_frame(agent_req, &blob)).await {
+        let _ = rest_of_body(tree, node, stream, &blob).await;
     }
 }
 
@@ -285,32 +283,61 @@ async fn read_body(
     Ok(body)
 }
 
-/// Sends a request to an agent, its body streamed in chunks if large.
-async fn send_request(
-    tree: &TreeHandle,
-    node: NodeId,
-    mut req: Value,
-    body: &[u8],
-) -> Result<(StreamId, mpsc::Receiver<Frame>), ApiError> {
-    let streamed = body.len() > CHUNK_BYTES;
-    if streamed {
+/// A request's first frame: its JSON and the first chunk of its body,
+/// marked "streamed" if more of the body follows (see [`rest_of_body`]).
+fn first_frame(mut req: Value, body: &[u8]) -> Vec<u8> {
+    if body.len() > CHUNK_BYTES {
         req["streamed"] = Value::Bool(true);
     }
-    let first = &body[..body.len().min(CHUNK_BYTES)];
-    let (stream, rx) = tree
-        .open(node, msg::encode(req.to_string().as_bytes(), first))
-        .await
-        .map_err(ApiError::unreachable)?;
-    if streamed {
-        for part in body[CHUNK_BYTES..].chunks(CHUNK_BYTES) {
-            tree.send_part(node, stream, Kind::Data, part.to_vec())
-                .await
-                .map_err(ApiError::failed)?;
-        }
+    msg::encode(
+        req.to_string().as_bytes(),
+        &body[..body.len().min(CHUNK_BYTES)],
+    )
+}
+
+/// What follows a request's first frame: the rest of its body, then End.
+async fn rest_of_body(
+    tree: &TreeHandle,
+    node: NodeId,
+    stream: StreamId,
+    body: &[u8],
+) -> Result<(), ApiError> {
+    if body.len() > CHUNK_BYTES {
+        send_data(tree, node, stream, &body[CHUNK_BYTES..]).await?;
         tree.send_part(node, stream, Kind::End, Vec::new())
             .await
             .map_err(ApiError::failed)?;
     }
+    Ok(())
+}
+
+/// Sends `data` on `stream` as Data frames of at most one chunk each.
+async fn send_data(
+    tree: &TreeHandle,
+    node: NodeId,
+    stream: StreamId,
+    data: &[u8],
+) -> Result<(), ApiError> {
+    for part in data.chunks(CHUNK_BYTES) {
+        tree.send_part(node, stream, Kind::Data, part.to_vec())
+            .await
+            .map_err(ApiError::failed)?;
+    }
+    Ok(())
+}
+
+/// Sends a request to an agent, its body streamed in chunks if large.
+async fn send_request(
+    tree: &TreeHandle,
+    node: NodeId,
+    req: Value,
+    body: &[u8],
+) -> Result<(StreamId, mpsc::Receiver<Frame>), ApiError> {
+    let (stream, rx) = tree
+        .open(node, first_frame(req, body))
+        .await
+        .map_err(ApiError::unreachable)?;
+    rest_of_body(tree, node, stream, body).await?;
     Ok((stream, rx))
 }
 
@@ -487,11 +514,7 @@ async fn put(
                 tree.open(*node, payload).await.map(|(s, rx)| (s, Some(rx)))
             };
             if let Ok((stream, _)) = &opened {
-                for p in first[head..].chunks(CHUNK_BYTES) {
-                    tree.send_part(*node, *stream, Kind::Data, p.to_vec())
-                        .await
-                        .map_err(ApiError::failed)?;
-                }
+                send_data(tree, *node, *stream, &first[head..]).await?;
             }
             Some(opened)
         }
@@ -505,11 +528,7 @@ async fn put(
         };
         sent += part.len() as u64;
         if let (Ok(node), Some(Ok((stream, _)))) = (&node, &opened) {
-            for p in part.chunks(CHUNK_BYTES) {
-                tree.send_part(*node, *stream, Kind::Data, p.to_vec())
-                    .await
-                    .map_err(ApiError::failed)?;
-            }
+            send_data(tree, *node, *stream, &part).await?;
         }
     }
     let node = node?;

@@ -8,27 +8,18 @@ import json
 import os
 import random
 import re
-import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from test_arbor import (LAB, PLAYBOOKS, clean_targets, playbook, recap, run, ssh, target_state,
-                        wait_gone)
+from test_arbor import (PLAYBOOKS, clean_targets, lab, playbook, recap, run, ssh,  # noqa: F401 (lab)
+                        target_state, wait_gone)
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ("target1", "target2", "target3")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
-
-
-@pytest.fixture(scope="module")
-def lab():
-    out = run(LAB / "up", "--targets", "3", "--no-python-bastion").stdout
-    info = json.loads((Path(out.strip().splitlines()[-1]) / "lab.json").read_text())
-    yield info
-    run(LAB / "down")
 
 
 @pytest.fixture(scope="module")
