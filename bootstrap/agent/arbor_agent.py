@@ -24,6 +24,17 @@
 #   chmod  {"paths", "mode"}                 -> {}: mode one symbolic clause, e.g. u+rwx
 #   sync   {}                                -> {}, or what failed unanswered
 #   ping   {}                                -> {"pid", "served"}
+#   become {"node", "cmd", "success", "timeout_s"}
+#                                            -> {"node", "pid"}: runs cmd (a become
+#          plugin's command around the agent's own start command) with a pty
+#          as its controlling terminal; each output it prints before the
+#          success marker goes to the caller as Data {"output"}; the caller
+#          may answer with Data {"password"} or {"abort"}. A password line
+#          goes to both the terminal (sudo, doas) and stdin (su, sudo -S):
+#          whichever the program reads; the pty's copy is flushed and the
+#          first stage skips stdin's. On success the nested agent gets this
+#          agent's own code, and its frames are routed through here.
+#   unbecome {"node"}                        -> {}: ends that nested agent (EOF)
 # Errors come back as {"error": message}.
 # A request with "noreply": true is answered only if it fails, and then not
 # at once: its error is the answer to the next request that is answered, so
@@ -34,7 +45,9 @@
 import ast
 import atexit
 import base64
+import collections
 import errno
+import fcntl
 import grp
 import hashlib
 import importlib.abc
@@ -43,6 +56,7 @@ import io
 import json
 import os
 import pwd
+import pty
 import re
 import select
 import shutil
@@ -51,6 +65,8 @@ import stat as stat_
 import struct
 import subprocess
 import sys
+import termios
+import time
 import traceback
 import zipfile
 
@@ -66,6 +82,16 @@ BODY_BYTES_MAX = 256 * 1024 * 1024
 # Frames buffered while a command runs, before the link counts as abused.
 PENDING_BYTES_MAX = 64 * 1024 * 1024
 FLAG_LZ4 = 0x01
+# What precedes a nested agent's node id and code on its stdin.
+AGENT_MARKER = b"\0arbor\0"
+# Nested agents (become) one agent may route for.
+CHILDREN_MAX = 64
+# Frames queued toward one nested agent before the link is read no more.
+CHILD_QUEUE_BYTES_MAX = 8 * 1024 * 1024
+# Longest wait for a become command's prompt or success.
+BECOME_TIMEOUT_S_MAX = 600
+# Output of a become command kept for its error message.
+BECOME_OUTPUT_MAX = 4096
 
 REQUEST, REPLY, DATA, END, ROUTE_ADD, ROUTE_DEL, UNDELIVERABLE, PING, PONG = range(1, 10)
 KINDS = frozenset(range(1, 10))
@@ -497,18 +523,97 @@ def file_stat(req):
     return out
 
 
+def login_shell():
+    """The account's shell, which runs commands as sshd would run them; for
+    an account without one (nologin, false: a nested agent under a system
+    account), /bin/sh, as Ansible's become command uses."""
+    try:
+        shell = pwd.getpwuid(os.getuid()).pw_shell
+    except KeyError:
+        shell = ""
+    if not shell or os.path.basename(shell) in ("nologin", "false") or not os.access(shell, os.X_OK):
+        return "/bin/sh"
+    return shell
+
+
+class BecomeFailed(Exception):
+    pass
+
+
+def _take_tty():
+    """In a become command's child, after setsid: its stderr (a pty) becomes
+    its controlling terminal, where sudo, su and doas ask for passwords."""
+    fcntl.ioctl(2, termios.TIOCSCTTY, 0)
+
+
+class Child(object):
+    """A nested agent started by this one under another account (become).
+    Frames addressed to it are queued to its stdin; frames it writes are
+    checked (it speaks only for itself) and passed up. Its pty, its
+    controlling terminal, is drained to this agent's stderr."""
+
+    def __init__(self, node, proc, tty):
+        self.node = node
+        self.proc = proc
+        self.inp = proc.stdin.fileno()
+        self.out = proc.stdout.fileno()
+        self.tty = tty
+        self.buf = bytearray()
+        self.queue = bytearray()
+        self.up = False
+
+    def fds(self):
+        return [fd for fd in (self.inp, self.out, self.tty) if fd is not None]
+
+    def close_input(self):
+        """EOF on its link: the nested agent exits."""
+        if self.inp is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            self.inp = None
+        self.queue = bytearray()
+
+    def close(self):
+        self.close_input()
+        if self.out is not None:
+            self.proc.stdout.close()
+            self.out = None
+        if self.tty is not None:
+            os.close(self.tty)
+            self.tty = None
+
+    def reap(self, wait_s):
+        """Waits for it to exit; True if it did."""
+        try:
+            self.proc.wait(timeout=wait_s)
+            return True
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass  # it may run as another user; EOF ends it anyway
+            return False
+
+
 class Agent(object):
     def __init__(self, node, rfd=0, wfd=1):
         self.node = node
         self.rfd = rfd
         self.wfd = wfd
         self.buf = bytearray()
+        # Frames for this agent read off the link, not yet handled.
+        self.inbox = collections.deque()
+        self.inbox_bytes = 0
+        self.children = {}  # node -> Child (nested agents, become)
+        self.leaving = []  # children told to exit, not yet reaped
         self.puts = {}  # stream -> (src, Put)
         self.bodies = {}  # stream -> (src, request, [parts], size)
         self.served = 0
         self.deferred = []  # errors of requests sent without waiting
         self.tmpdirs = []  # this agent's own temp dirs
-        self.shell = pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
+        self.shell = login_shell()
         self.python = os.path.realpath(sys.executable)
         self.zips = {}  # zip_key -> ModuleZip
         self.codes = CodeCache()
@@ -544,24 +649,134 @@ class Agent(object):
 
     def run(self):
         self.hello()
+        try:
+            while True:
+                while self.inbox:
+                    frame = self.inbox.popleft()
+                    self.inbox_bytes -= len(frame[5])
+                    self.dispatch(frame)
+                self.wait_io()
+        except LinkGone:
+            return 0
+
+    # ------------------------------------------------------------ the link
+
+    def wait_io(self, readers=(), writers=(), timeout=None):
+        """Waits for the link, the nested agents and `readers`/`writers`;
+        handles the link (frames for this agent go to the inbox, frames for
+        a nested agent to its queue) and the nested agents. Returns the
+        ready fds of `readers` and `writers`. Raises LinkGone at EOF."""
+        watch = list(readers)
+        wlist = list(writers)
+        full = self.inbox_bytes >= PENDING_BYTES_MAX
+        for c in self.children.values():
+            if c.out is not None:
+                watch.append(c.out)
+            if c.tty is not None:
+                watch.append(c.tty)
+            if c.queue and c.inp is not None:
+                wlist.append(c.inp)
+            full = full or len(c.queue) >= CHILD_QUEUE_BYTES_MAX
+        if not full:
+            watch.append(self.rfd)
+        try:
+            r, w, _ = select.select(watch, wlist, [], timeout)
+        except InterruptedError:
+            return [], []
+        for c in list(self.children.values()):
+            if c.inp is not None and c.inp in w:
+                self.child_flush(c)
+            if c.tty is not None and c.tty in r:
+                self.child_tty(c)
+            if c.out is not None and c.out in r:
+                self.child_output(c)
+        if self.rfd in r:
+            self.take_input()
+        return [fd for fd in r if fd in readers], [fd for fd in w if fd in writers]
+
+    def take_input(self):
+        try:
+            chunk = os.read(self.rfd, READ_BYTES)
+        except InterruptedError:
+            return
+        if not chunk:
+            raise LinkGone()
+        self.buf.extend(chunk)
+        while True:
+            frame, used = decode(self.buf)
+            if frame is None:
+                return
+            del self.buf[:used]
+            dst = frame[2]
+            if dst == self.node:
+                self.inbox.append(frame)
+                self.inbox_bytes += len(frame[5])
+                continue
+            c = self.children.get(dst)
+            if c is not None and c.inp is not None:
+                kind, _, dst, src, stream, payload = frame
+                c.queue.extend(encode(kind, dst, src, stream, payload))
+
+    def child_flush(self, c):
+        try:
+            n = os.write(c.inp, c.queue[:4 * READ_BYTES])
+        except BlockingIOError:
+            return
+        except OSError:
+            self.child_gone(c, "its link closed")
+            return
+        del c.queue[:n]
+
+    def child_tty(self, c):
+        try:
+            data = os.read(c.tty, READ_BYTES)
+        except OSError:
+            data = b""
+        if not data:
+            os.close(c.tty)
+            c.tty = None
+            return
+        try:
+            os.write(2, data)
+        except OSError:
+            pass
+
+    def child_output(self, c):
+        try:
+            chunk = os.read(c.out, READ_BYTES)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.child_gone(c, "its interpreter exited")
+            return
+        c.buf.extend(chunk)
         while True:
             try:
-                chunk = os.read(self.rfd, READ_BYTES)
-            except InterruptedError:
-                continue
-            if not chunk:
-                return 0
-            self.buf.extend(chunk)
-            # Frames that arrived while a command ran are in buf too.
-            while True:
-                frame, used = decode(self.buf)
-                if frame is None:
-                    break
-                del self.buf[:used]
-                try:
-                    self.dispatch(frame)
-                except LinkGone:
-                    return 0
+                frame, used = decode(c.buf)
+            except WireError as e:
+                self.child_gone(c, "malformed frame: %s" % e)
+                return
+            if frame is None:
+                return
+            del c.buf[:used]
+            kind, _, dst, src, stream, payload = frame
+            if src != c.node or kind == ROUTE_DEL:
+                self.child_gone(c, "it spoke for node %d" % src)
+                return
+            if kind == ROUTE_ADD:
+                c.up = True
+            if dst != self.node:
+                write_all(self.wfd, encode(kind, dst, src, stream, payload))
+
+    def child_gone(self, c, why):
+        """A nested agent left: its route is withdrawn up the tree."""
+        if self.children.get(c.node) is not c:
+            return
+        del self.children[c.node]
+        c.close()
+        self.leaving.append(c)
+        write_all(self.wfd, encode(ROUTE_DEL, CONTROLLER, c.node, 0, why.encode()))
+        self.leaving = [x for x in self.leaving if x.proc.poll() is None]
 
     def dispatch(self, frame):
         kind, _, dst, src, stream, payload = frame
@@ -612,6 +827,15 @@ class Agent(object):
                 self.answer(src, stream, req, {})
             elif op == "rmtree":
                 shutil.rmtree(req["path"])
+                self.answer(src, stream, req, {})
+            elif op == "become":
+                self.reply(src, stream, self.become(src, stream, req))
+            elif op == "unbecome":
+                # EOF ends it; waited for, so the interpreter bound holds.
+                c = self.children.get(int(req["node"]))
+                if c is not None:
+                    c.close_input()
+                    c.reap(2.0)
                 self.answer(src, stream, req, {})
             elif op == "sync":
                 self.reply(src, stream, {})
@@ -665,6 +889,123 @@ class Agent(object):
         path = os.path.join(own, name)
         os.mkdir(path, 0o700)
         return path
+
+    # ------------------------------------------------------------ become
+
+    def become(self, src, stream, req):
+        """Starts a nested agent through a become command (see the header)."""
+        node = int(req["node"])
+        payload = globals().get("ARBOR_PAYLOAD")
+        if payload is None:
+            raise BecomeFailed("this agent has no copy of its own code")
+        if node in self.children or node in (self.node, CONTROLLER):
+            raise BecomeFailed("node %d is taken" % node)
+        if len(self.children) >= CHILDREN_MAX:
+            raise BecomeFailed("more than %d nested interpreters" % CHILDREN_MAX)
+        success = req["success"].encode()
+        timeout = min(float(req.get("timeout_s") or 30), BECOME_TIMEOUT_S_MAX)
+        master, slave = pty.openpty()
+        try:
+            attrs = termios.tcgetattr(slave)
+            attrs[3] &= ~termios.ECHO
+            termios.tcsetattr(slave, termios.TCSANOW, attrs)
+            proc = subprocess.Popen([self.shell, "-c", req["cmd"]], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=slave, close_fds=True,
+                                    start_new_session=True, preexec_fn=_take_tty)
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        c = Child(node, proc, master)
+        seen = bytearray()  # output so far, for the error message
+        out = bytearray()  # stdout until the success marker
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                new = bytearray()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BecomeFailed("no become prompt or success within %ds" % timeout)
+                r, _ = self.wait_io([c.out, c.tty], [], left)
+                if c.tty in r:
+                    try:
+                        new += os.read(c.tty, READ_BYTES)
+                    except OSError:
+                        pass
+                if c.out in r:
+                    chunk = os.read(c.out, READ_BYTES)
+                    if not chunk:
+                        seen += new
+                        status = proc.wait()
+                        # What it said last, on its terminal.
+                        while select.select([c.tty], [], [], 0.05)[0]:
+                            try:
+                                last = os.read(c.tty, READ_BYTES)
+                            except OSError:
+                                break
+                            if not last:
+                                break
+                            seen += last
+                        raise BecomeFailed("the become command exited with status %s" % status)
+                    out += chunk
+                    i = out.find(success)
+                    if i >= 0 and out.find(b"\n", i) >= 0:
+                        new += out[:i]
+                        c.buf += out[out.find(b"\n", i) + 1:]
+                        break
+                    if i < 0:
+                        keep = len(success)
+                        new += out[:-keep] if len(out) > keep else b""
+                        del out[:max(0, len(out) - keep)]
+                if new:
+                    seen += new
+                    del seen[:max(0, len(seen) - BECOME_OUTPUT_MAX)]
+                    self.send(DATA, src, stream,
+                              msg({"output": new.decode("utf-8", "replace")}))
+                for obj in self.stream_messages(src, stream):
+                    if "abort" in obj:
+                        raise BecomeFailed(str(obj["abort"]))
+                    if "password" in obj:
+                        line = obj["password"].encode("utf-8") + b"\n"
+                        write_all(c.tty, line)
+                        write_all(c.inp, line)
+            # Nothing typed may stay for a later reader of the terminal.
+            termios.tcflush(c.tty, termios.TCIOFLUSH)
+            os.set_blocking(c.inp, False)
+            c.queue += AGENT_MARKER + struct.pack("<II", node, len(payload)) + payload
+            self.children[node] = c
+            while not c.up:
+                left = deadline - time.monotonic()
+                if self.children.get(node) is not c:
+                    raise BecomeFailed("the nested interpreter exited before it started")
+                if left <= 0:
+                    raise BecomeFailed("the nested interpreter did not start within %ds"
+                                       % timeout)
+                self.wait_io([], [], left)
+        except BaseException as e:
+            self.children.pop(node, None)
+            c.close()
+            c.reap(1.0)
+            if isinstance(e, BecomeFailed):
+                text = seen.decode("utf-8", "replace").strip()
+                raise BecomeFailed("%s%s" % (e, "; output: %s" % text if text else ""))
+            raise
+        return {"node": node, "pid": proc.pid}
+
+    def stream_messages(self, src, stream):
+        """JSON of the Data frames for (src, stream) in the inbox, taken out."""
+        found = []
+        for frame in list(self.inbox):
+            kind, _, _, fsrc, fstream, payload = frame
+            if kind == DATA and (fsrc, fstream) == (src, stream):
+                self.inbox.remove(frame)
+                self.inbox_bytes -= len(payload)
+                try:
+                    found.append(split_msg(payload)[0])
+                except WireError:
+                    pass
+        return found
 
     # ------------------------------------------------------------ exec
 
@@ -723,9 +1064,10 @@ class Agent(object):
         return proc.wait(), out, err
 
     def pump(self, pgid, stdin, data, outputs):
-        """Feeds `data` to stdin and reads `outputs` to EOF, while watching
-        the link: frames that arrive are kept for later, and if the link
-        ends, the process group is killed and LinkGone raised."""
+        """Feeds `data` to stdin and reads `outputs` to EOF, while serving
+        the link: frames that arrive are kept for later (or passed to a
+        nested agent), and if the link ends, the process group is killed
+        and LinkGone raised."""
         outs = dict((f.fileno(), []) for f in outputs)
         readers = list(outs)
         view = memoryview(data)
@@ -737,20 +1079,15 @@ class Agent(object):
             else:
                 stdin.close()
         while readers or writers:
-            watch = readers + ([self.rfd] if len(self.buf) < PENDING_BYTES_MAX else [])
-            r, w, _ = select.select(watch, writers, [])
-            if self.rfd in r:
-                chunk = os.read(self.rfd, READ_BYTES)
-                if not chunk:
-                    try:
-                        os.killpg(pgid, signal.SIGKILL)
-                    except OSError:
-                        pass
-                    raise LinkGone()
-                self.buf.extend(chunk)
+            try:
+                r, w = self.wait_io(readers, writers)
+            except (LinkGone, WireError):
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except OSError:
+                    pass
+                raise
             for fd in r:
-                if fd == self.rfd:
-                    continue
                 chunk = os.read(fd, READ_BYTES)
                 if chunk:
                     outs[fd].append(chunk)
@@ -760,6 +1097,8 @@ class Agent(object):
                 try:
                     n = os.write(writers[0], view[:READ_BYTES])
                     view = view[n:]
+                except BlockingIOError:
+                    pass
                 except BrokenPipeError:
                     view = view[:0]
                 if not view:
@@ -840,7 +1179,13 @@ class Agent(object):
                 for fd in (null, r_out, w_out, r_err, w_err, r_names, self.rfd, self.wfd):
                     if fd > 2:
                         os.close(fd)
+                # A nested agent must see EOF when this one goes, whatever
+                # the module leaves running.
+                for c in self.children.values():
+                    for fd in c.fds():
+                        os.close(fd)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_DFL)
                 sys.stdin = open(0, "r", closefd=False)
                 sys.stdout = open(1, "w", closefd=False)
                 sys.stderr = open(2, "w", closefd=False)
@@ -975,12 +1320,24 @@ class Agent(object):
         for _, p in self.puts.values():
             p.abort()
         self.puts.clear()
+        children = list(self.children.values()) + self.leaving
+        self.children = {}
+        self.leaving = []
+        for c in children:
+            c.close()
+        deadline = time.monotonic() + 2.0
+        for c in children:
+            c.reap(max(0.05, deadline - time.monotonic()))
         for d in self.tmpdirs:
             shutil.rmtree(d, ignore_errors=True)
         self.tmpdirs = []
 
 
 def main(node):
+    # A nested agent's terminal hangs up when its parent lets go of it; the
+    # end of its link (EOF) is what ends it, after its cleanup. (A handler,
+    # not SIG_IGN, so the commands it runs get the default back.)
+    signal.signal(signal.SIGHUP, lambda *_: None)
     # Frames own fds 0 and 1; nothing else may write to them.
     agent = Agent(node)
     sys.stdout = sys.stderr

@@ -42,18 +42,29 @@ pub fn agent_payload() -> &'static [u8] {
 }
 
 /// The remote command (one string, as ssh sends it to the login shell) that
-/// starts the agent for `node` with `python`; its stdin must then carry
-/// [`agent_payload`] before any frame.
-pub fn agent_command(python: &str, node: NodeId) -> String {
+/// starts an agent with `python`; its stdin must then carry
+/// [`agent_preamble`] before any frame. The same command, wrapped by a become
+/// plugin, starts a nested agent under another account.
+pub fn agent_command(python: &str) -> String {
     let stage = base64::engine::general_purpose::STANDARD.encode(FIRST_STAGE_PY);
     let boot = format!("import base64;exec(base64.b64decode('{stage}'))");
-    format!(
-        "{} -c {} {} {}",
-        sh_quote(python),
-        sh_quote(&boot),
-        node.0,
-        agent_payload().len()
-    )
+    format!("{} -c {}", sh_quote(python), sh_quote(&boot))
+}
+
+/// Where an agent's preamble starts: the first stage skips anything before
+/// it (a password line a become command did not read).
+pub const AGENT_MARKER: &[u8] = b"\0arbor\0";
+
+/// What an agent's stdin carries first: [`AGENT_MARKER`], its node id and
+/// the payload's length (little-endian u32 each), then [`agent_payload`].
+pub fn agent_preamble(node: NodeId) -> Vec<u8> {
+    let payload = agent_payload();
+    let mut out = Vec::with_capacity(AGENT_MARKER.len() + 8 + payload.len());
+    out.extend_from_slice(AGENT_MARKER);
+    out.extend_from_slice(&node.0.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
 }
 
 /// The remote command that starts a relay for `node`; its stdin must then

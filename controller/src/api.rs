@@ -13,7 +13,18 @@
 //! info   {"chain"} -> the agent's hello: {"pid", "user", "home", "python", ...}
 //! call   {"chain", "req": {agent request}}, blob -> the agent's reply
 //! ping   {} -> {"pid", "version"}
+//! agent_command {"python"} -> {"cmd"}: the command that starts an agent
+//! become {"chain", "become": {"key"}, "label", "cmd", "success", "timeout_s"}
+//!        -> {"node"}
 //! ```
+//! `become` starts (once per target and key) a nested agent under another
+//! account: `cmd` is the become plugin's command around `agent_command`.
+//! Until it is up, each output of that command comes to the glue as
+//! `{"op":"output","output"}`, and the glue must answer each with
+//! `{"op":"answer"}`, adding `"password"` to type one or `"abort"` to give
+//! up: the glue runs the plugin's own prompt checks. Any request with
+//! `"become": {"key"}` then goes to that nested agent; if it is not up, the
+//! error has `"become_needed": true`.
 //! `put` and `call` with `"noreply": true` get no answer at all: the agent
 //! acts on them in order with what follows, and a failure is reported to
 //! the next request that is answered (see bootstrap/agent/arbor_agent.py).
@@ -35,7 +46,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-use crate::tree::{Role2, TreeHandle};
+use crate::tree::{BecomeSlot, Role2, TreeHandle};
 
 /// Largest API message; bigger data is split into data messages.
 pub const MESSAGE_BYTES_MAX: usize = 8 << 20;
@@ -50,6 +61,8 @@ pub struct ApiError {
     unreachable: bool,
     /// The agent no longer holds a module zip it was sent before.
     zip_miss: bool,
+    /// The request's become agent is not up (see `become`).
+    become_needed: bool,
 }
 
 impl ApiError {
@@ -58,6 +71,7 @@ impl ApiError {
             message: message.into(),
             unreachable: false,
             zip_miss: false,
+            become_needed: false,
         }
     }
     fn unreachable(message: impl Into<String>) -> Self {
@@ -65,6 +79,7 @@ impl ApiError {
             message: message.into(),
             unreachable: true,
             zip_miss: false,
+            become_needed: false,
         }
     }
 }
@@ -183,10 +198,22 @@ pub async fn serve(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
                 Ok(())
             }
             "call" => call(&mut conn, &tree, &req, blob).await,
+            "agent_command" => {
+                let python = req
+                    .get("python")
+                    .and_then(Value::as_str)
+                    .unwrap_or("python3");
+                let cmd = arbor_bootstrap::agent_command(python);
+                write_message(&mut conn, &json!({ "cmd": cmd }), b"")
+                    .await
+                    .map_err(|e| ApiError::failed(e.to_string()))
+            }
+            "become" => become_agent(&mut conn, &tree, &req).await,
             other => Err(ApiError::failed(format!("unknown API request {other:?}"))),
         };
         if let Err(e) = result {
-            let v = json!({"error": e.message, "unreachable": e.unreachable});
+            let v = json!({"error": e.message, "unreachable": e.unreachable,
+                           "become_needed": e.become_needed});
             if write_message(&mut conn, &v, b"").await.is_err() {
                 return;
             }
@@ -253,12 +280,168 @@ struct Target {
     chain: Vec<Hop>,
 }
 
+/// The agent a request is for: the target's login agent, or the nested
+/// agent its `"become": {"key"}` names, which must be up.
 async fn agent_for(tree: &TreeHandle, req: &Value) -> Result<NodeId, ApiError> {
+    let login = login_agent(tree, req).await?;
+    let Some(key) = become_key(req) else {
+        return Ok(login);
+    };
+    match tree
+        .become_slot(login, key, "", false)
+        .await
+        .map_err(ApiError::failed)?
+    {
+        Some(BecomeSlot::Ready(node)) => Ok(node),
+        _ => {
+            let mut e = ApiError::failed("the become interpreter is not up");
+            e.become_needed = true;
+            Err(e)
+        }
+    }
+}
+
+async fn login_agent(tree: &TreeHandle, req: &Value) -> Result<NodeId, ApiError> {
     let t: Target = serde_json::from_value(req.clone())
         .map_err(|e| ApiError::failed(format!("bad chain: {e}")))?;
     tree.ensure(&t.chain, Role2::Agent)
         .await
         .map_err(ApiError::unreachable)
+}
+
+fn become_key(req: &Value) -> Option<&str> {
+    req.get("become")?.get("key")?.as_str()
+}
+
+/// Longest a become command may take to prompt or succeed.
+const BECOME_TIMEOUT_S_MAX: u64 = 600;
+
+/// Starts the nested agent a request's `become` names, unless it is up or
+/// another caller is starting it (then waits for that).
+async fn become_agent(
+    conn: &mut UnixStream,
+    tree: &TreeHandle,
+    req: &Value,
+) -> Result<(), ApiError> {
+    let login = login_agent(tree, req).await?;
+    let key = become_key(req).ok_or_else(|| ApiError::failed("become without a key"))?;
+    let label = req
+        .get("label")
+        .and_then(Value::as_str)
+        .unwrap_or("become")
+        .to_string();
+    let slot = tree
+        .become_slot(login, key, &label, true)
+        .await
+        .map_err(ApiError::failed)?;
+    let node = match slot {
+        Some(BecomeSlot::Ready(node)) => node,
+        Some(BecomeSlot::Start(node)) => {
+            let outcome = drive_become(conn, tree, login, node, req).await;
+            let labelled = outcome.map_err(|mut e| {
+                if !e.message.starts_with(&label) {
+                    e.message = format!("{label}: {}", e.message);
+                }
+                e
+            });
+            tree.become_done(
+                node,
+                labelled.as_ref().map(|_| ()).map_err(|e| e.message.clone()),
+            )
+            .await;
+            labelled?;
+            node
+        }
+        None => return Err(ApiError::failed(format!("{label}: not started"))),
+    };
+    write_message(conn, &json!({ "node": node.0 }), b"")
+        .await
+        .map_err(|e| ApiError::failed(e.to_string()))
+}
+
+/// The become handshake: the agent's output goes to the glue, the glue's
+/// answers (a password, or giving up) to the agent, until the agent says
+/// the nested agent is up or failed. Passwords pass through, never logged.
+async fn drive_become(
+    conn: &mut UnixStream,
+    tree: &TreeHandle,
+    login: NodeId,
+    node: NodeId,
+    req: &Value,
+) -> Result<(), ApiError> {
+    let timeout = req
+        .get("timeout_s")
+        .and_then(Value::as_u64)
+        .unwrap_or(30)
+        .min(BECOME_TIMEOUT_S_MAX);
+    let agent_req = json!({
+        "op": "become",
+        "node": node.0,
+        "cmd": req.get("cmd").cloned().unwrap_or(Value::Null),
+        "success": req.get("success").cloned().unwrap_or(Value::Null),
+        "timeout_s": timeout,
+    });
+    let (stream, mut rx) = send_request(tree, login, agent_req, b"").await?;
+    // The agent gives up after `timeout`; this is a backstop.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout + 30);
+    loop {
+        let f = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err(ApiError::unreachable("the tree closed during become")),
+            Err(_) => {
+                tree.forget(stream).await;
+                return Err(ApiError::failed(format!(
+                    "no answer to become within {}s",
+                    timeout + 30
+                )));
+            }
+        };
+        match f.kind {
+            Kind::Data => {
+                let (j, _) = msg::split(&f.payload).map_err(|e| ApiError::failed(e.to_string()))?;
+                let out: Value =
+                    serde_json::from_slice(j).map_err(|e| ApiError::failed(e.to_string()))?;
+                let io = |e: std::io::Error| ApiError::failed(e.to_string());
+                write_message(
+                    conn,
+                    &json!({"op": "output", "output": out.get("output").cloned().unwrap_or(json!(""))}),
+                    b"",
+                )
+                .await
+                .map_err(io)?;
+                let answer = match read_message(conn).await {
+                    Ok(Some((a, _))) if a.get("op").and_then(Value::as_str) == Some("answer") => a,
+                    _ => json!({"abort": "the Ansible worker went away during become"}),
+                };
+                let mut fwd = serde_json::Map::new();
+                for k in ["password", "abort"] {
+                    if let Some(v) = answer.get(k) {
+                        fwd.insert(k.to_string(), v.clone());
+                    }
+                }
+                if !fwd.is_empty() {
+                    let payload = msg::encode(Value::Object(fwd).to_string().as_bytes(), b"");
+                    tree.send_part(login, stream, Kind::Data, payload)
+                        .await
+                        .map_err(ApiError::failed)?;
+                }
+            }
+            Kind::Reply => {
+                let (j, _) = msg::split(&f.payload).map_err(|e| ApiError::failed(e.to_string()))?;
+                let v: Value =
+                    serde_json::from_slice(j).map_err(|e| ApiError::failed(e.to_string()))?;
+                return match v.get("error").and_then(Value::as_str) {
+                    Some(err) => Err(ApiError::failed(err.to_string())),
+                    None => Ok(()),
+                };
+            }
+            _ => {
+                return Err(ApiError::unreachable(
+                    String::from_utf8_lossy(&f.payload).into_owned(),
+                ))
+            }
+        }
+    }
 }
 
 /// Reads the rest of a request body sent in data messages, up to `size`.

@@ -175,6 +175,16 @@ fn daemon(run_dir: PathBuf, parent: Option<i32>) -> Result<()> {
     result
 }
 
+/// `ARBOR_MAX_INTERPRETERS` (or Mitogen's `MITOGEN_MAX_INTERPRETERS`):
+/// most interpreters per target, at least 2.
+fn interpreters_max() -> usize {
+    ["ARBOR_MAX_INTERPRETERS", "MITOGEN_MAX_INTERPRETERS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok())
+        .unwrap_or(tree::INTERPRETERS_MAX_DEFAULT)
+        .max(2)
+}
+
 async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
     let sock = run_dir.join("sock");
     let _ = std::fs::remove_file(&sock);
@@ -188,6 +198,7 @@ async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
         relay_binary: RELAY,
         run_dir: run_dir.to_path_buf(),
         home,
+        interpreters_max: interpreters_max(),
     });
     let tree_task = tokio::spawn(tree.run());
     let zips = api::ZipCache::default();

@@ -58,6 +58,17 @@ enum Cmd {
     },
     Send(Frame),
     Forget(StreamId),
+    Become {
+        parent: NodeId,
+        key: String,
+        label: String,
+        start: bool,
+        done: oneshot::Sender<Result<Option<BecomeSlot>, String>>,
+    },
+    BecomeDone {
+        node: NodeId,
+        outcome: Result<(), String>,
+    },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -71,6 +82,33 @@ pub struct Config {
     pub relay_binary: &'static [u8],
     pub run_dir: PathBuf,
     pub home: PathBuf,
+    /// Most interpreters per target (its login agent and its become
+    /// agents); the least recently used become agent makes room.
+    pub interpreters_max: usize,
+}
+
+/// Default of [`Config::interpreters_max`], as Mitogen's.
+pub const INTERPRETERS_MAX_DEFAULT: usize = 20;
+
+/// A nested (become) agent, as asked for by [`TreeHandle::become_slot`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BecomeSlot {
+    /// It is up.
+    Ready(NodeId),
+    /// Nobody has started it: the caller starts it as this node on the
+    /// parent agent, then reports with [`TreeHandle::become_done`].
+    Start(NodeId),
+}
+
+enum BecomeState {
+    Starting(Vec<oneshot::Sender<Result<Option<BecomeSlot>, String>>>),
+    Up,
+}
+
+struct BecomeAgent {
+    node: NodeId,
+    state: BecomeState,
+    last_used: u64,
 }
 
 /// What each node said when it joined the tree (an agent's hello: its pid,
@@ -163,6 +201,36 @@ impl TreeHandle {
         Ok(stream)
     }
 
+    /// The become agent `key` under the agent `parent`. Without `start`:
+    /// `Ready` if it is up, else None. With `start`: waits for one that is
+    /// starting, or hands out a node for the caller to start it as.
+    pub async fn become_slot(
+        &self,
+        parent: NodeId,
+        key: &str,
+        label: &str,
+        start: bool,
+    ) -> Result<Option<BecomeSlot>, String> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Cmd::Become {
+                parent,
+                key: key.to_string(),
+                label: label.to_string(),
+                start,
+                done,
+            })
+            .await
+            .map_err(|_| "arbor controller is shutting down".to_string())?;
+        wait.await
+            .map_err(|_| "arbor controller is shutting down".to_string())?
+    }
+
+    /// How starting the become agent `node` ended.
+    pub async fn become_done(&self, node: NodeId, outcome: Result<(), String>) {
+        let _ = self.tx.send(Cmd::BecomeDone { node, outcome }).await;
+    }
+
     /// The hello `node` sent when it joined, if it is up.
     pub fn hello(&self, node: NodeId) -> Option<serde_json::Value> {
         self.hellos.lock().ok()?.get(&node).cloned()
@@ -210,6 +278,10 @@ pub struct Tree {
     agent: Option<Child>,
     agent_keys: Vec<PathBuf>,
     hellos: Hellos,
+    /// Become agents by (parent agent, key), and each one's key and label.
+    becomes: HashMap<(NodeId, String), BecomeAgent>,
+    become_of: HashMap<NodeId, ((NodeId, String), String)>,
+    use_clock: u64,
 }
 
 impl Tree {
@@ -235,6 +307,9 @@ impl Tree {
             agent: None,
             agent_keys: Vec::new(),
             hellos: hellos.clone(),
+            becomes: HashMap::new(),
+            become_of: HashMap::new(),
+            use_clock: 0,
         };
         (tree, TreeHandle { tx, hellos })
     }
@@ -279,7 +354,100 @@ impl Tree {
             Cmd::Forget(stream) => {
                 self.streams.remove(&stream);
             }
+            Cmd::Become {
+                parent,
+                key,
+                label,
+                start,
+                done,
+            } => self.become_slot(parent, key, label, start, done),
+            Cmd::BecomeDone { node, outcome } => self.become_settle(node, outcome),
             Cmd::Shutdown(_) => {}
+        }
+    }
+
+    fn become_slot(
+        &mut self,
+        parent: NodeId,
+        key: String,
+        label: String,
+        start: bool,
+        done: oneshot::Sender<Result<Option<BecomeSlot>, String>>,
+    ) {
+        self.use_clock += 1;
+        let clock = self.use_clock;
+        let k = (parent, key);
+        if let Some(b) = self.becomes.get_mut(&k) {
+            match &mut b.state {
+                BecomeState::Up => {
+                    b.last_used = clock;
+                    let _ = done.send(Ok(Some(BecomeSlot::Ready(b.node))));
+                }
+                BecomeState::Starting(waiters) if start => waiters.push(done),
+                BecomeState::Starting(_) => {
+                    let _ = done.send(Ok(None));
+                }
+            }
+            return;
+        }
+        if !start {
+            let _ = done.send(Ok(None));
+            return;
+        }
+        // Room for one more: the login agent counts as one interpreter.
+        let siblings = self.becomes.keys().filter(|(p, _)| *p == parent).count();
+        if siblings + 2 > self.cfg.interpreters_max.max(2) {
+            let lru = self
+                .becomes
+                .iter()
+                .filter(|((p, _), b)| *p == parent && matches!(b.state, BecomeState::Up))
+                .min_by_key(|(_, b)| b.last_used)
+                .map(|(k, b)| (k.clone(), b.node));
+            if let Some((old_key, old)) = lru {
+                tracing::debug!(node = %old, key = %old_key.1, "evicting the least recently used interpreter");
+                self.becomes.remove(&old_key);
+                self.become_of.remove(&old);
+                let stream = self.stream_id();
+                let req = serde_json::json!({"op": "unbecome", "node": old.0, "noreply": true});
+                let payload = arbor_wire::msg::encode(req.to_string().as_bytes(), b"");
+                let f = Frame::new(Kind::Request, parent, NodeId::CONTROLLER, stream, payload);
+                self.core.send(Instant::now(), f);
+            }
+        }
+        let node = NodeId(self.next_node);
+        self.next_node += 1;
+        self.becomes.insert(
+            k.clone(),
+            BecomeAgent {
+                node,
+                state: BecomeState::Starting(Vec::new()),
+                last_used: clock,
+            },
+        );
+        self.become_of.insert(node, (k, label));
+        let _ = done.send(Ok(Some(BecomeSlot::Start(node))));
+    }
+
+    /// A become agent started, or failed to: waiters learn which. A failed
+    /// one is forgotten, so a later task (say with the right password) tries
+    /// again.
+    fn become_settle(&mut self, node: NodeId, outcome: Result<(), String>) {
+        let Some((k, _)) = self.become_of.get(&node).cloned() else {
+            return;
+        };
+        let waiters = match self.becomes.get_mut(&k) {
+            Some(b) if b.node == node => match std::mem::replace(&mut b.state, BecomeState::Up) {
+                BecomeState::Starting(w) => w,
+                BecomeState::Up => Vec::new(),
+            },
+            _ => return,
+        };
+        if outcome.is_err() {
+            self.becomes.remove(&k);
+            self.become_of.remove(&node);
+        }
+        for w in waiters {
+            let _ = w.send(outcome.clone().map(|_| Some(BecomeSlot::Ready(node))));
         }
     }
 
@@ -340,7 +508,7 @@ impl Tree {
         let remote_cmd = match role {
             Role2::Relay => arbor_bootstrap::relay_command(node, self.cfg.relay_binary.len()),
             Role2::Agent => {
-                arbor_bootstrap::agent_command(hop.python.as_deref().unwrap_or("python3"), node)
+                arbor_bootstrap::agent_command(hop.python.as_deref().unwrap_or("python3"))
             }
         };
         let result = if chain.len() == 1 {
@@ -389,7 +557,7 @@ impl Tree {
         let argv = ssh::argv(hop, remote_cmd, true, role == Role2::Relay);
         let preamble: Vec<u8> = match role {
             Role2::Relay => self.cfg.relay_binary.to_vec(),
-            Role2::Agent => arbor_bootstrap::agent_payload().to_vec(),
+            Role2::Agent => arbor_bootstrap::agent_preamble(node),
         };
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
@@ -430,7 +598,7 @@ impl Tree {
             env: Vec::new(),
             preamble: match role {
                 Role2::Relay => Vec::new(),
-                Role2::Agent => arbor_bootstrap::agent_payload().to_vec(),
+                Role2::Agent => arbor_bootstrap::agent_preamble(node),
             },
             send_self: role == Role2::Relay,
             known_hosts: Some(ssh::known_hosts(hop, &self.cfg.home)),
@@ -577,12 +745,29 @@ impl Tree {
         if let Ok(mut h) = self.hellos.lock() {
             h.remove(&node);
         }
-        let label = self.node_hop.get(&node).map(|(_, l)| l.clone());
+        let label = self
+            .node_hop
+            .get(&node)
+            .map(|(_, l)| l.clone())
+            .or_else(|| self.become_of.get(&node).map(|(_, l)| l.clone()));
         let why = match &label {
             Some(l) if !why.starts_with(l.as_str()) => format!("{l}: {why}"),
             _ => why.to_string(),
         };
         self.settle(node, Err(why.clone()));
+        self.become_settle(node, Err(why.clone()));
+        let lost: Vec<NodeId> = self
+            .becomes
+            .iter()
+            .filter(|((p, _), b)| *p == node || b.node == node)
+            .map(|(_, b)| b.node)
+            .collect();
+        for n in lost {
+            self.become_settle(n, Err(why.clone()));
+            if let Some((k, _)) = self.become_of.remove(&n) {
+                self.becomes.remove(&k);
+            }
+        }
         if let Some((key, _)) = self.node_hop.get(&node) {
             self.hops.insert(key.clone(), HopState::Failed(why.clone()));
         }

@@ -49,17 +49,22 @@ def test_golden_message_payloads_split():
     assert obj == {"op": "exec", "cmd": "/bin/sh -c 'echo hi && sleep 0'"} and blob == b"stdin bytes"
 
 
+def boot_code():
+    stage = (AGENT_DIR / "first_stage.py").read_bytes()
+    return "import base64;exec(base64.b64decode(%r))" % base64.b64encode(stage).decode()
+
+
 class Link:
     """An agent process started through the first stage, and its frames."""
 
     def __init__(self, tmp_path):
-        stage = (AGENT_DIR / "first_stage.py").read_bytes()
         code = zlib.compress((AGENT_DIR / "arbor_agent.py").read_bytes(), 9)
-        boot = "import base64;exec(base64.b64decode(%r))" % base64.b64encode(stage).decode()
-        self.proc = subprocess.Popen([sys.executable, "-c", boot, str(NODE), str(len(code))],
+        boot = boot_code()
+        self.proc = subprocess.Popen([sys.executable, "-c", boot],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, cwd=tmp_path)
-        self.proc.stdin.write(code)
+        self.proc.stdin.write(b"leftover password line\n" + A.AGENT_MARKER
+                              + struct.pack("<II", NODE, len(code)) + code)
         self.proc.stdin.flush()
         self.buf = bytearray()
         self.stream = 0
@@ -74,8 +79,8 @@ class Link:
             assert chunk, "agent closed its stdout: %s" % self.proc.stderr.read()
             self.buf.extend(chunk)
 
-    def send(self, kind, payload, stream=None):
-        self.proc.stdin.write(A.encode(kind, NODE, 0, stream or self.stream, payload))
+    def send(self, kind, payload, stream=None, dst=NODE):
+        self.proc.stdin.write(A.encode(kind, dst, 0, stream or self.stream, payload))
         self.proc.stdin.flush()
 
     def call(self, obj, blob=b""):
@@ -423,3 +428,84 @@ def test_a_forked_modules_exit_handlers_run(link, tmp_path):
               b"sys.exit(3)\n" % str(mark).encode())
     res, _ = link.call({"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python}, script)
     assert res["rc"] == 3 and mark.read_text() == "yes"
+
+
+# A become command as sudo/su/doas behave: asks on the controlling terminal,
+# reads the answer there, then prints the success marker and runs the rest.
+FAKE_BECOME = r"""
+printf 'Password: ' > /dev/tty
+IFS= read -r pw < /dev/tty
+[ "$pw" = "s3cret" ] || { sleep 0.2; echo 'Sorry, try again.' > /dev/tty; exit 1; }
+echo BECOME-SUCCESS-k1
+exec "$@"
+"""
+
+
+def become(link, child, password):
+    """Runs the become handshake for node `child`; returns the frames seen
+    (kind, src, obj) and the final reply."""
+    import shlex
+    cmd = "/bin/sh -c %s fake %s -c %s" % (shlex.quote(FAKE_BECOME), shlex.quote(sys.executable),
+                                           shlex.quote(boot_code()))
+    link.stream += 1
+    stream = link.stream
+    link.send(A.REQUEST, A.msg({"op": "become", "node": child, "cmd": cmd,
+                                "success": "BECOME-SUCCESS-k1", "timeout_s": 10}))
+    seen = []
+    while True:
+        kind, _, dst, src, fstream, payload = link.frame()
+        if kind == A.DATA and fstream == stream:
+            obj = A.split_msg(payload)[0]
+            seen.append(("output", obj["output"]))
+            if "Password:" in obj["output"]:
+                link.send(A.DATA, A.msg({"password": password}), stream=stream)
+        elif kind == A.ROUTE_ADD:
+            seen.append(("route_add", src))
+        elif kind == A.REPLY and fstream == stream:
+            return seen, A.split_msg(payload)[0]
+
+
+def test_become_starts_a_nested_agent_through_a_password_prompt(link):
+    seen, res = become(link, 40, "s3cret")
+    assert res.get("node") == 40, res
+    assert ("route_add", 40) in seen
+    # The password was asked for on the terminal, and never echoed back.
+    assert any("Password:" in o for k, o in seen if k == "output")
+    assert not any("s3cret" in str(o) for _, o in seen)
+    # Requests to the nested agent are routed through this one.
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "ping"}), dst=40)
+    kind, _, dst, src, stream, payload = link.frame()
+    assert (kind, dst, src, stream) == (A.REPLY, 0, 40, link.stream)
+    child_pid = A.split_msg(payload)[0]["pid"]
+    assert child_pid != link.proc.pid
+    res, blob = link.call({"op": "ping"})
+    assert res["pid"] == link.proc.pid
+    # Ending it withdraws its route.
+    res, _ = link.call({"op": "unbecome", "node": 40})
+    kind, _, dst, src, _, payload = link.frame()
+    assert (kind, src) == (A.ROUTE_DEL, 40), payload
+    deadline = time.time() + 5
+    while time.time() < deadline and os.path.exists("/proc/%d" % child_pid):
+        time.sleep(0.05)
+    assert not os.path.exists("/proc/%d" % child_pid)
+
+
+def test_become_with_a_wrong_password_fails_with_the_commands_output(link):
+    seen, res = become(link, 41, "wrong")
+    assert "exited with status 1" in res["error"] and "Sorry, try again." in res["error"], res
+    assert not any(k == "route_add" for k, _ in seen)
+    # The agent still serves.
+    assert link.call({"op": "ping"})[0]["pid"] == link.proc.pid
+
+
+def test_nested_agents_end_with_their_parent(link):
+    _, res = become(link, 42, "s3cret")
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "ping"}), dst=42)
+    child_pid = A.split_msg(link.frame()[5])[0]["pid"]
+    assert link.close() == 0
+    deadline = time.time() + 5
+    while time.time() < deadline and os.path.exists("/proc/%d" % child_pid):
+        time.sleep(0.05)
+    assert not os.path.exists("/proc/%d" % child_pid)

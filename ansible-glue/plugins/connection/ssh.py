@@ -128,6 +128,10 @@ def _private_dir(path):
         raise AnsibleConnectionFailure("arbor: %s is not a private directory of this user" % path)
 
 
+class _BecomeNeeded(AnsibleError):
+    """The request's become interpreter is not up yet."""
+
+
 class _Client(object):
     """The daemon's local API: [u32 length][u32 json length][json][blob]."""
 
@@ -157,6 +161,8 @@ class _Client(object):
         if "error" in obj:
             if obj.get("unreachable"):
                 raise AnsibleConnectionFailure(obj["error"])
+            if obj.get("become_needed"):
+                raise _BecomeNeeded(obj["error"])
             raise AnsibleError("arbor: %s" % obj["error"])
         return obj, body[4 + jn:]
 
@@ -203,6 +209,48 @@ def _connect_daemon():
                 time.sleep(0.01)
 
 
+def _become_opt(plugin, name):
+    """A become plugin's option as text; "" if it has no such option."""
+    try:
+        return to_text(plugin.get_option(name) or "")
+    except KeyError:
+        return ""
+
+
+class _BecomeProxy(object):
+    """The task's become plugin as Ansible's action code sees it. Through
+    arbor, become is a nested persistent interpreter under the become user,
+    started once with the plugin's own command and prompt checks (see
+    Connection._arbor_become): so a command to run with become is not
+    wrapped, only marked, and goes to that interpreter. Everything else is
+    the plugin's."""
+
+    def __init__(self, conn, real):
+        object.__setattr__(self, "_arbor_conn", conn)
+        object.__setattr__(self, "_arbor_real", real)
+
+    def __getattr__(self, name):
+        return getattr(self._arbor_real, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._arbor_real, name, value)
+
+    @property
+    def pipelining(self):
+        # The nested interpreter has its own terminal: a plugin that needs a
+        # tty (su) still gets pipelined modules.
+        if self._arbor_conn._enabled():
+            return True
+        return self._arbor_real.pipelining
+
+    def build_become_command(self, cmd, shell):
+        conn = self._arbor_conn
+        if not conn._enabled():
+            return self._arbor_real.build_become_command(cmd, shell)
+        conn._arbor_sudo_next = True
+        return cmd
+
+
 class Connection(_vanilla.Connection):
     """Ansible's ssh plugin, carried by arbor's tree unless disabled."""
 
@@ -215,6 +263,14 @@ class Connection(_vanilla.Connection):
         self._arbor_hello = None
         # A put or mkdtemp was sent and no answered request followed it yet.
         self._arbor_unacked = False
+        # The next command runs with become (see _BecomeProxy).
+        self._arbor_sudo_next = False
+        self._arbor_become_real = None
+
+    def set_become_plugin(self, plugin):
+        self._arbor_become_real = plugin
+        super(Connection, self).set_become_plugin(
+            _BecomeProxy(self, plugin) if plugin is not None else None)
 
     def _enabled(self):
         return not self.get_option("arbor_disable")
@@ -303,41 +359,140 @@ class Connection(_vanilla.Connection):
     def arbor_active(self):
         return self._enabled()
 
-    def arbor_info(self):
+    def arbor_info(self, sudo=False):
         """The target agent's hello (pid, user, home): the daemon has it, so
-        this costs no round trip to the target once it is connected."""
+        this costs no round trip to the target once it is connected. With
+        sudo: the become interpreter's (started if need be)."""
+        if sudo:
+            self._connect()
+            return self._arbor_roundtrip(lambda: self._arbor_send({"op": "info"}, sudo=True), True)[0]
         if self._arbor_hello is None:
             self._connect()
             self._arbor.send({"op": "info", "chain": self._chain})
             self._arbor_hello = self._arbor.recv()[0]
         return self._arbor_hello
 
-    def arbor_call(self, req, noreply=False):
+    def arbor_call(self, req, noreply=False, sudo=False):
         """An agent operation (stat, mkdtemp, rmtree, sync). With noreply,
-        nothing is awaited: a failure answers the next request instead."""
+        nothing is awaited: a failure answers the next request instead.
+        With sudo, the become interpreter does it."""
         self._connect()
-        display.vvv("ARBOR %s %s%s" % (req.get("op", "").upper(), req.get("path") or req.get("paths") or req.get("name", ""),
-                                       " (not awaited)" if noreply else ""), host=self._chain[-1]["name"])
-        self._arbor.send({"op": "call", "chain": self._chain, "req": req, "noreply": noreply})
+        display.vvv("ARBOR %s %s%s%s" % (req.get("op", "").upper(), req.get("path") or req.get("paths") or req.get("name", ""),
+                                         " (not awaited)" if noreply else "", " (become)" if sudo else ""),
+                    host=self._chain[-1]["name"])
+        send = lambda: self._arbor_send({"op": "call", "req": req, "noreply": noreply}, sudo=sudo)  # noqa: E731
         if noreply:
+            if sudo:
+                raise AnsibleError("arbor: a request for the become interpreter must be answered")
+            send()
             if req.get("op") != "rmtree":
                 self._arbor_unacked = True
             return None
         self._arbor_unacked = False
-        return self._arbor.recv()[0]
+        return self._arbor_roundtrip(send, sudo)[0]
+
+    # ---------------------------------------------------------------- become
+
+    def _arbor_become_key(self):
+        b = self._arbor_become_real
+        parts = [b.name or type(b).__name__]
+        parts += [_become_opt(b, opt) for opt in ("become_user", "become_exe", "become_flags")]
+        return json.dumps(parts)
+
+    def _arbor_send(self, obj, blob=b"", sudo=False):
+        """Sends a request for the login interpreter, or with sudo for the
+        become interpreter."""
+        obj = dict(obj, chain=self._chain)
+        if sudo:
+            obj["become"] = {"key": self._arbor_become_key()}
+        self._arbor.send(obj, blob)
+
+    def _arbor_roundtrip(self, send, sudo):
+        """The first answer to what send() sends. If it was for a become
+        interpreter that is not up, that is started and send() repeated."""
+        try:
+            send()
+            return self._arbor.recv()
+        except _BecomeNeeded:
+            if not sudo:
+                raise
+        self._arbor_become()
+        send()
+        return self._arbor.recv()
+
+    def _arbor_become(self):
+        """Makes sure the become interpreter for this task's become settings
+        is up. The first time, the plugin builds its own command around the
+        agent's start command, and its own checks read what that command
+        prints: a password prompt gets `become_pass`, once."""
+        b = self._arbor_become_real
+        key = self._arbor_become_key()
+        user = _become_opt(b, "become_user")
+        host = self._chain[-1]["name"]
+        flags = _become_opt(b, "become_flags")
+        label = "%s (become %s via %s%s)" % (host, user or "default user", b.name,
+                                              " " + flags if flags else "")
+        python = self.arbor_info().get("executable") or "python3"
+        self._arbor.send({"op": "agent_command", "python": python})
+        agent_cmd = self._arbor.recv()[0]["cmd"]
+        cmd = b.build_become_command(agent_cmd, self._shell)
+        try:
+            timeout = int(self.get_option("timeout") or 10)
+        except (TypeError, ValueError):
+            timeout = 10
+        display.vvv("ARBOR BECOME %s" % label, host=host)
+        self._arbor.send({"op": "become", "chain": self._chain, "become": {"key": key},
+                          "label": label, "cmd": cmd, "success": b.success,
+                          "timeout_s": timeout + 10})
+        output = b""
+        verdict = None
+        answered = False
+        try:
+            while True:
+                m = self._arbor.recv()[0]
+                if m.get("op") != "output":
+                    return
+                output += to_bytes(m.get("output", ""), errors="surrogate_or_strict")
+                answer = {"op": "answer"}
+                if verdict is None:
+                    if b.check_incorrect_password(output) or (answered and b.check_password_prompt(output)):
+                        verdict = "Incorrect %s password" % b.name
+                    elif b.check_missing_password(output):
+                        verdict = "Missing %s password" % b.name
+                    elif b.check_password_prompt(output):
+                        password = b.get_option("become_pass")
+                        if not password:
+                            verdict = "Missing %s password" % b.name
+                        else:
+                            answer["password"] = to_text(password)
+                            answered = True
+                            output = b""
+                    if verdict is not None:
+                        answer["abort"] = verdict
+                self._arbor.send(answer)
+        except AnsibleConnectionFailure:
+            raise
+        except AnsibleError as e:
+            if verdict is not None:
+                raise AnsibleError("%s: %s" % (label, verdict))
+            raise e
 
     def exec_command(self, cmd, in_data=None, sudoable=True):
         if not self._enabled():
             return super(Connection, self).exec_command(cmd, in_data=in_data, sudoable=sudoable)
         self._connect()
-        display.vvv("ARBOR EXEC %s" % cmd, host=self._chain[-1]["name"])
+        sudo = sudoable and self._arbor_sudo_next and self._arbor_become_real is not None
+        self._arbor_sudo_next = False
+        display.vvv("ARBOR EXEC%s %s" % (" (become)" if sudo else "", cmd), host=self._chain[-1]["name"])
         data = in_data or b""
-        self._arbor.send({"op": "exec", "chain": self._chain, "cmd": to_text(cmd),
-                          "stdin_size": len(data)}, data[:_PART_BYTES])
-        for i in range(_PART_BYTES, len(data), _PART_BYTES):
-            self._arbor.send({"op": "data"}, data[i:i + _PART_BYTES])
+
+        def send():
+            self._arbor_send({"op": "exec", "cmd": to_text(cmd), "stdin_size": len(data)},
+                             data[:_PART_BYTES], sudo=sudo)
+            for i in range(_PART_BYTES, len(data), _PART_BYTES):
+                self._arbor.send({"op": "data"}, data[i:i + _PART_BYTES])
         self._arbor_unacked = False
-        res, blob = self._arbor.recv()
+        res, blob = self._arbor_roundtrip(send, sudo)
         parts = [blob]
         got = len(blob)
         while got < res.get("blob_size", got):
@@ -429,6 +584,17 @@ def _arbor_conn(action):
     return None
 
 
+def _become_applies(action):
+    """Whether a sudoable command of this task runs with become: the test
+    of ActionBase._low_level_execute_command."""
+    conn = action._connection
+    if not conn.become:
+        return False
+    ruser = action._get_remote_user()
+    buser = action.get_become_option("become_user")
+    return bool(C.BECOME_ALLOW_SAME_USER or (buser != ruser or not any((ruser, buser))))
+
+
 def _remote_expand_user(self, path, sudoable=True, pathsep=None):
     conn = _arbor_conn(self)
     if conn is None or not path.startswith("~"):
@@ -444,6 +610,9 @@ def _remote_expand_user(self, path, sudoable=True, pathsep=None):
     else:
         user = expand[1:]
     info = conn.arbor_info()
+    if (sudoable and expand == "~" and user and user != info.get("user")
+            and _become_applies(self) and user == self.get_become_option("become_user")):
+        info = conn.arbor_info(sudo=True)
     if not info.get("home") or user not in ("", info.get("user")):
         return _vanilla_action["_remote_expand_user"](self, path, sudoable=sudoable, pathsep=pathsep)
     if len(split_path) > 1:
@@ -486,12 +655,12 @@ def _remove_tmp_path(self, tmp_path, force=False):
 
 def _execute_remote_stat(self, path, all_vars, follow, tmp=None, checksum=True):
     conn = _arbor_conn(self)
-    if conn is None or conn.become:
+    if conn is None:
         return _vanilla_action["_execute_remote_stat"](self, path, all_vars, follow, tmp=tmp,
                                                        checksum=checksum)
     try:
         st = conn.arbor_call({"op": "stat", "path": path, "follow": bool(follow),
-                              "checksum": bool(checksum)})["stat"]
+                              "checksum": bool(checksum)}, sudo=_become_applies(self))["stat"]
     except AnsibleConnectionFailure:
         raise
     except AnsibleError as e:

@@ -1,0 +1,189 @@
+"""Become end to end: logged in as an unprivileged user (arbu) behind the
+python-less bastion, tasks become root with sudo and a password, another
+user with su and that user's password, and root with doas through a become
+plugin arbor has no code for (playbooks/become_plugins/lab_doas.py). The
+same playbook runs through vanilla Ansible and through arbor: every task's
+result and the files left must match. Through arbor each (target, become
+settings) gets one nested interpreter, started once over the target's one
+connection."""
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from test_arbor import (LAB, PLAYBOOKS, VENV, env_for, lab, recap, run, ssh,  # noqa: F401 (lab)
+                        wait_gone, any_arbor, arbor_procs)
+from test_features import by_task
+
+HERE = Path(__file__).resolve().parent
+TARGETS = ("target1", "target2", "target3")
+LOGIN, OTHER = "arbu", "arbv"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
+
+
+@pytest.fixture(scope="module")
+def users(lab):
+    """Two accounts on the lab's machine (its hosts share /etc and /home):
+    arbu logs in with the lab's key and may sudo and doas with its password;
+    arbv is reached with su and its own password. Removed afterwards."""
+    for tool in ("sudo", "doas"):
+        if not any(os.access(os.path.join(d, tool), os.X_OK) for d in ("/usr/bin", "/usr/sbin")):
+            pytest.fail(f"{tool} is not installed (deploy/setup installs it)")
+    passwords = {LOGIN: secrets.token_urlsafe(12), OTHER: secrets.token_urlsafe(12)}
+    for user, pw in passwords.items():
+        run("useradd", "--create-home", "--shell", "/bin/bash", user)
+        run("chpasswd", input=f"{user}:{pw}\n")
+    home = Path("/home") / LOGIN
+    (home / ".ssh").mkdir(mode=0o700)
+    pub = run("ssh-keygen", "-y", "-f", lab["private_key"]).stdout
+    (home / ".ssh" / "authorized_keys").write_text(pub)
+    run("chown", "-R", f"{LOGIN}:{LOGIN}", home / ".ssh")
+    sudoers = Path("/etc/sudoers.d/arbor-lab")
+    sudoers.write_text(f"{LOGIN} ALL=(ALL:ALL) ALL\n")
+    sudoers.chmod(0o440)
+    doas = Path("/etc/doas.conf")
+    old_doas = doas.read_bytes() if doas.exists() else None
+    doas.write_text(f"permit {LOGIN} as root\n")
+    doas.chmod(0o600)
+    extra = Path(lab["run_dir"]) / "become-inventory.yml"
+    extra.write_text(json.dumps({"targets": {"vars": {
+        "ansible_user": LOGIN, "arbu_password": passwords[LOGIN],
+        "arbv_password": passwords[OTHER]}}}))
+    yield {"passwords": passwords, "inventory": str(extra)}
+    sudoers.unlink()
+    if old_doas is None:
+        doas.unlink()
+    else:
+        doas.write_bytes(old_doas)
+    for user in passwords:
+        run("pkill", "-KILL", "-u", user, check=False)
+        time.sleep(0.2)
+        run("userdel", "--remove", user, check=False)
+
+
+def run_become(lab, users, mode, out_dir):
+    record = out_dir / "record.jsonl"
+    env = env_for(mode)
+    env.update(ARBOR_RECORD=str(record), ANSIBLE_CALLBACK_PLUGINS=str(HERE / "callback_plugins"),
+               ANSIBLE_CALLBACKS_ENABLED="record",
+               ANSIBLE_BECOME_PLUGINS=str(PLAYBOOKS / "become_plugins"))
+    inv = lab["inventory"] if mode == "arbor" else lab["inventory_vanilla"]
+    res = subprocess.run([str(VENV / "ansible-playbook"), "-i", inv, "-i", users["inventory"],
+                          str(PLAYBOOKS / "become.yml"), "-vvv"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    lines = [json.loads(x) for x in record.read_text().splitlines()] if record.exists() else []
+    return res.returncode, res.stdout + res.stderr, lines
+
+
+def clean(lab):
+    for t in TARGETS:
+        ssh(lab, t, "rm -f /root/arbor-become.txt /tmp/arbor-become-arbv.txt; "
+                    "rm -rf /root/.ansible /home/arbu/.ansible /home/arbv/.ansible")
+
+
+def files(lab):
+    out = {}
+    for t in TARGETS:
+        out[t] = ssh(lab, t, "for f in /root/arbor-become.txt /tmp/arbor-become-arbv.txt; do "
+                             "stat -c '%n %U %a %s' $f; cat $f; done").stdout
+    return out
+
+
+WRONG = "a wrong sudo password"
+
+
+def test_become_matches_vanilla(lab, users, tmp_path):
+    clean(lab)
+    (tmp_path / "vanilla").mkdir()
+    (tmp_path / "arbor").mkdir()
+    rc_v, out_v, lines_v = run_become(lab, users, "vanilla", tmp_path / "vanilla")
+    files_v = files(lab)
+    clean(lab)
+    rc_a, out_a, lines_a = run_become(lab, users, "arbor", tmp_path / "arbor")
+    files_a = files(lab)
+    (tmp_path / "vanilla" / "out.txt").write_text(out_v)
+    (tmp_path / "arbor" / "out.txt").write_text(out_a)
+    assert rc_v == 0 and rc_a == 0, (out_v[-3000:], out_a[-3000:])
+    assert recap(out_a) == recap(out_v) and len(recap(out_v)) == 3, out_a[-3000:]
+    v, a = by_task(lines_v), by_task(lines_a)
+    assert sorted(a) == sorted(v)
+    for key in v:
+        if key[1] == WRONG:
+            # Both fail the task and say why; arbor's message also names
+            # the host and the become hop.
+            for res in a[key] + v[key]:
+                assert res["status"] == "failed" and "Incorrect sudo password" in res["msg"], res
+            assert key[0] in a[key][0]["msg"]
+            continue
+        assert a[key] == v[key], key
+    assert files_a == files_v
+    assert "root only" in files_a["target1"] and "arbv 640" in files_a["target1"]
+    # Who ran what: arbu logged in, root and arbv through become.
+    said = {t: [r.get("stdout") for r in a[(t, "who logs in")] + a[(t, "sudo to root with a password")]
+                + a[(t, "su to another user with that user's password")]] for t in TARGETS}
+    assert said["target2"] == [LOGIN, "root", "arbv\n/home/arbv"], said
+    # No password reached the output at -vvv.
+    for pw in users["passwords"].values():
+        assert pw not in out_a
+    # Each (target, become settings) started one nested interpreter, once.
+    started = re.findall(r"ARBOR BECOME (\S+) \(become (\S+) via ([^)]+)\)", out_a)
+    assert len(started) == len(set(started)), started
+    assert {(u, m) for t, u, m in started if t == "target1"} == {
+        ("root", "sudo -H -S -n"), ("arbv", "su"), ("root", "lab_doas"), ("root", "sudo -H -S"),
+        ("arbv", "sudo -H -S -n")}, started
+    # The run left no interpreter behind, under any account.
+    left = wait_gone(lab)
+    assert not any_arbor(left), left
+
+
+LRU_PLAY = """
+- hosts: target1
+  gather_facts: false
+  tasks:
+    - command: id -un
+      become: true
+      become_user: "{{ item }}"
+      loop: [root, arbv, nobody, daemon, root]
+      vars: {ansible_become_pass: "{{ arbu_password }}"}
+"""
+
+
+def test_interpreters_per_target_are_bounded_least_recently_used_first(lab, users, tmp_path):
+    """ARBOR_MAX_INTERPRETERS=3: the login interpreter and two become ones.
+    Each new become user evicts the least recently used: root, used first,
+    is started again at the end. Sampled all along, target1 never holds
+    more than 3 interpreters."""
+    import threading
+    book = tmp_path / "lru.yml"
+    book.write_text(LRU_PLAY)
+    env = env_for("arbor")
+    env["ARBOR_MAX_INTERPRETERS"] = "3"
+    seen, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            seen.append(len(arbor_procs(lab)["target1"]["agents"]))
+            time.sleep(0.05)
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        res = subprocess.run([str(VENV / "ansible-playbook"), "-i", lab["inventory"], "-i",
+                              users["inventory"], str(book), "-vvv"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        stop.set()
+        t.join()
+    assert res.returncode == 0, res.stdout[-3000:]
+    said = re.findall(r'"stdout": "(\w+)"', res.stdout)
+    assert said == ["root", "arbv", "nobody", "daemon", "root"], said
+    started = re.findall(r"ARBOR BECOME target1 \(become (\S+) via", res.stdout)
+    assert started == ["root", "arbv", "nobody", "daemon", "root"], started
+    assert max(seen) == 3, seen
+    assert not any_arbor(wait_gone(lab))
