@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_arbor import (LAB, PLAYBOOKS, VENV, env_for, lab, recap, run, ssh,  # noqa: F401 (lab)
+from test_arbor import (GLUE, LAB, PLAYBOOKS, VENV, env_for, lab, recap, run, ssh,  # noqa: F401 (lab)
                         wait_gone, any_arbor, arbor_procs)
 from test_features import by_task
 
@@ -187,3 +187,49 @@ def test_interpreters_per_target_are_bounded_least_recently_used_first(lab, user
     assert started == ["root", "arbv", "nobody", "daemon", "root"], started
     assert max(seen) == 3, seen
     assert not any_arbor(wait_gone(lab))
+
+
+STACK_PLAY = """
+- hosts: target1
+  gather_facts: false
+  tasks:
+    - arbor_get_stack:
+      register: plain
+    - mitogen_get_stack:
+      become: true
+      become_user: arbv
+      vars: {ansible_become_pass: "{{ arbu_password }}"}
+      register: nested
+    - copy:
+        content: "{{ {'plain': plain.result, 'nested': nested.result} | to_json }}"
+        dest: "{{ out }}"
+      delegate_to: localhost
+"""
+
+
+def test_get_stack_shows_the_resolved_hops(lab, users, tmp_path):
+    """arbor_get_stack and its Mitogen name show the hops a task's host is
+    reached through, with the via host's own settings, and the become
+    interpreter, in Mitogen's shape; no password, and nothing is started."""
+    book = tmp_path / "stack.yml"
+    book.write_text(STACK_PLAY)
+    out = tmp_path / "stack.json"
+    env = env_for("arbor")
+    env["ANSIBLE_ACTION_PLUGINS"] = str(GLUE.parent / "action")
+    res = subprocess.run([str(VENV / "ansible-playbook"), "-i", lab["inventory"], "-i",
+                          users["inventory"], str(book), "-e", f"out={out}", "-vvv"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:]
+    stack = json.loads(out.read_text())
+    plain = stack["plain"]
+    assert [(e["method"], e["kwargs"]["name"], e["kwargs"]["role"]) for e in plain] == [
+        ("ssh", "bastion1", "relay"), ("ssh", "target1", "agent")], plain
+    assert plain[0]["kwargs"]["user"] == "root" and plain[1]["kwargs"]["user"] == LOGIN
+    assert plain[0]["kwargs"]["host"] == lab["hosts"]["bastion1"]["address"]
+    assert stack["nested"][:2] == plain
+    assert stack["nested"][2] == {"method": "sudo", "kwargs": {
+        "role": "nested agent", "become_user": "arbv", "become_exe": "sudo",
+        "become_flags": "-H -S -n", "password": True}}, stack["nested"]
+    assert users["passwords"][LOGIN] not in out.read_text() + res.stdout
+    # Nothing was connected: no arbor operation reached target1.
+    assert "ARBOR " not in res.stdout and "<target1> ESTABLISH" not in res.stdout

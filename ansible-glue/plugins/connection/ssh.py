@@ -359,6 +359,25 @@ class Connection(_vanilla.Connection):
     def arbor_active(self):
         return self._enabled()
 
+    def arbor_stack(self, become=False):
+        """The hops to this host as arbor resolves them (Mitogen's
+        `mitogen_get_stack` shape: [{"method", "kwargs"}]), first hop first,
+        and the become interpreter last if the task uses one. No secrets."""
+        stack = []
+        for hop in self._build_chain():
+            kwargs = dict((k, v) for k, v in hop.items() if k not in ("method",) and v not in (None, [], ""))
+            stack.append({"method": hop["method"], "kwargs": kwargs})
+        stack[-1]["kwargs"]["role"] = "agent"
+        for entry in stack[:-1]:
+            entry["kwargs"]["role"] = "relay"
+        if become and self._arbor_become_real is not None:
+            b = self._arbor_become_real
+            stack.append({"method": b.name, "kwargs": {
+                "role": "nested agent", "become_user": _become_opt(b, "become_user"),
+                "become_exe": _become_opt(b, "become_exe"), "become_flags": _become_opt(b, "become_flags"),
+                "password": bool(_become_opt(b, "become_pass"))}})
+        return stack
+
     def arbor_info(self, sudo=False):
         """The target agent's hello (pid, user, home): the daemon has it, so
         this costs no round trip to the target once it is connected. With
