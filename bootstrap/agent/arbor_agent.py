@@ -597,6 +597,76 @@ class Child(object):
             return False
 
 
+class Job(object):
+    """A command or forked module running while the agent serves others:
+    its stdin is fed and its outputs read from the agent's loop; `finish`
+    gets (exit status, outputs) when all outputs are at EOF."""
+
+    def __init__(self, pid, outputs, stdin, data, finish):
+        self.pid = pid
+        self.files = dict((f.fileno(), f) for f in outputs)
+        self.order = [f.fileno() for f in outputs]
+        self.outs = dict((fd, []) for fd in self.order)
+        self.readers = list(self.order)
+        self.stdin = stdin
+        self.view = memoryview(data)
+        self.finish = finish
+        if stdin is not None:
+            if self.view:
+                os.set_blocking(stdin.fileno(), False)
+            else:
+                stdin.close()
+                self.stdin = None
+
+    def writer(self):
+        return self.stdin.fileno() if self.stdin is not None else None
+
+    def fds(self):
+        fds = list(self.files)
+        if self.stdin is not None:
+            fds.append(self.stdin.fileno())
+        return fds
+
+    def on_read(self, fd):
+        chunk = os.read(fd, READ_BYTES)
+        if chunk:
+            self.outs[fd].append(chunk)
+        else:
+            self.readers.remove(fd)
+            self.files.pop(fd).close()
+
+    def on_write(self):
+        try:
+            n = os.write(self.stdin.fileno(), self.view[:READ_BYTES])
+            self.view = self.view[n:]
+        except BlockingIOError:
+            return
+        except BrokenPipeError:
+            self.view = self.view[:0]
+        if not self.view:
+            self.stdin.close()
+            self.stdin = None
+
+    def done(self):
+        return not self.readers and self.stdin is None
+
+    def kill(self):
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        for f in self.files.values():
+            f.close()
+        self.files = {}
+        if self.stdin is not None:
+            self.stdin.close()
+            self.stdin = None
+        try:
+            os.waitpid(self.pid, 0)
+        except OSError:
+            pass
+
+
 class Agent(object):
     def __init__(self, node, rfd=0, wfd=1):
         self.node = node
@@ -611,7 +681,10 @@ class Agent(object):
         self.puts = {}  # stream -> (src, Put)
         self.bodies = {}  # stream -> (src, request, [parts], size)
         self.served = 0
-        self.deferred = []  # errors of requests sent without waiting
+        # Errors of requests sent without waiting, by lane (the daemon gives
+        # each Ansible worker connection its own lane).
+        self.deferred = {}
+        self.jobs = []  # commands and modules running
         self.tmpdirs = []  # this agent's own temp dirs
         self.shell = login_shell()
         self.python = os.path.realpath(sys.executable)
@@ -620,8 +693,6 @@ class Agent(object):
         self.wrappers = {}  # digest -> compiled AnsiballZ wrapper
         self.warm = WarmImports(self.codes)
         sys.meta_path.insert(0, self.warm)
-        self.to_warm = []  # module_utils the last module imported
-        self.to_compile = (None, [])  # (its files, what it compiled)
 
     def send(self, kind, dst, stream, payload=b""):
         write_all(self.wfd, encode(kind, dst, self.node, stream, payload))
@@ -679,10 +750,16 @@ class Agent(object):
             full = full or len(c.queue) >= CHILD_QUEUE_BYTES_MAX
         if not full:
             watch.append(self.rfd)
+        for j in self.jobs:
+            watch.extend(j.readers)
+            if j.writer() is not None:
+                wlist.append(j.writer())
         try:
             r, w, _ = select.select(watch, wlist, [], timeout)
         except InterruptedError:
             return [], []
+        if self.jobs:
+            self.service_jobs(r, w)
         for c in list(self.children.values()):
             if c.inp is not None and c.inp in w:
                 self.child_flush(c)
@@ -693,6 +770,23 @@ class Agent(object):
         if self.rfd in r:
             self.take_input()
         return [fd for fd in r if fd in readers], [fd for fd in w if fd in writers]
+
+    def service_jobs(self, r, w):
+        for j in list(self.jobs):
+            for fd in list(j.readers):
+                if fd in r:
+                    j.on_read(fd)
+            if j.writer() is not None and j.writer() in w:
+                j.on_write()
+            if j.done():
+                self.jobs.remove(j)
+                try:
+                    j.finish([b"".join(j.outs[fd]) for fd in j.order])
+                except (WireError, LinkGone):
+                    raise
+                except Exception as e:
+                    sys.stderr.write("arbor agent n%d: finishing a command: %s: %s\n"
+                                     % (self.node, type(e).__name__, e))
 
     def take_input(self):
         try:
@@ -799,8 +893,9 @@ class Agent(object):
     def handle(self, src, stream, req, blob):
         op = req.get("op")
         noreply = bool(req.get("noreply"))
-        if self.deferred and not noreply and op != "ping":
-            errors, self.deferred = self.deferred, []
+        lane = req.get("lane")
+        if self.deferred.get(lane) and not noreply and op != "ping":
+            errors = self.deferred.pop(lane)
             self.reply(src, stream, {"error": "; ".join(errors)})
             return
         try:
@@ -809,9 +904,7 @@ class Agent(object):
                 if script is None:
                     self.reply(src, stream, {"error": "module zip not cached", "zip_miss": True})
                     return
-                rc, out, err = self.exec_(req, *script)
-                self.reply(src, stream, {"rc": rc, "stdout_len": len(out)}, out + err)
-                self.after_module()
+                self.exec_(src, stream, req, *script)
             elif op == "put":
                 self.put_start(src, stream, req, blob)
             elif op == "fetch":
@@ -863,8 +956,10 @@ class Agent(object):
         message = "an earlier request (%s) failed: %s" % (what.strip(), message)
         if req.get("op") == "rmtree":
             sys.stderr.write("arbor agent n%d: %s\n" % (self.node, message))
-        elif len(self.deferred) < 16:
-            self.deferred.append(message)
+        else:
+            errors = self.deferred.setdefault(req.get("lane"), [])
+            if len(errors) < 16 and len(self.deferred) <= 1024:
+                errors.append(message)
 
     def mkdtemp(self, req):
         base, name = req["base"], req["name"]
@@ -1030,14 +1125,11 @@ class Agent(object):
             self.zips[key] = mz
         return bytes(stdin[:a]) + bytes(stdin[b:]), mz, a
 
-    def after_module(self):
-        """After the reply, while idle: what the last module imported is
-        imported here, and what it compiled is kept, so the next module
-        forks warm and compiles nothing."""
-        names, self.to_warm = self.to_warm, []
+    def after_module(self, names, files, rels):
+        """After a module's reply, while idle: what it imported is imported
+        here, and what it compiled is kept, so the next module forks warm
+        and compiles nothing."""
         self.warm.warm(names)
-        files, rels = self.to_compile
-        self.to_compile = (None, [])
         for rel in rels:
             entry = files.get(rel) if files else None
             if entry is not None:
@@ -1046,65 +1138,24 @@ class Agent(object):
                 except Exception:
                     pass
 
-    def exec_(self, req, script, mz=None, at=None):
+    def exec_(self, src, stream, req, script, mz=None, at=None):
+        """Starts a command (or a pipelined module, forked); it runs while
+        the agent serves other requests, and is answered when it ends."""
         cmd = req["cmd"]
         m = PIPELINED.match(cmd)
         if m and b"_ansiballz_main(" in script and self.same_python(m.group("python")):
-            return self.run_forked(script, mz, at)
+            return self.run_forked(src, stream, script, mz, at)
         stdin = script if mz is None else script[:at] + mz.literal + script[at:]
         # Its own process group, so the whole command can be stopped.
         proc = subprocess.Popen([self.shell, "-c", cmd], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 cwd=req.get("cwd"), start_new_session=True)
-        try:
-            out, err = self.pump(proc.pid, proc.stdin, stdin, [proc.stdout, proc.stderr])
-        finally:
-            proc.stdout.close()
-            proc.stderr.close()
-        return proc.wait(), out, err
 
-    def pump(self, pgid, stdin, data, outputs):
-        """Feeds `data` to stdin and reads `outputs` to EOF, while serving
-        the link: frames that arrive are kept for later (or passed to a
-        nested agent), and if the link ends, the process group is killed
-        and LinkGone raised."""
-        outs = dict((f.fileno(), []) for f in outputs)
-        readers = list(outs)
-        view = memoryview(data)
-        writers = []
-        if stdin is not None:
-            if view:
-                os.set_blocking(stdin.fileno(), False)
-                writers = [stdin.fileno()]
-            else:
-                stdin.close()
-        while readers or writers:
-            try:
-                r, w = self.wait_io(readers, writers)
-            except (LinkGone, WireError):
-                try:
-                    os.killpg(pgid, signal.SIGKILL)
-                except OSError:
-                    pass
-                raise
-            for fd in r:
-                chunk = os.read(fd, READ_BYTES)
-                if chunk:
-                    outs[fd].append(chunk)
-                else:
-                    readers.remove(fd)
-            if w:
-                try:
-                    n = os.write(writers[0], view[:READ_BYTES])
-                    view = view[n:]
-                except BlockingIOError:
-                    pass
-                except BrokenPipeError:
-                    view = view[:0]
-                if not view:
-                    writers = []
-                    stdin.close()
-        return [b"".join(outs[f.fileno()]) for f in outputs]
+        def finish(outs):
+            out, err = outs
+            rc = proc.wait()
+            self.reply(src, stream, {"rc": rc, "stdout_len": len(out)}, out + err)
+        self.jobs.append(Job(proc.pid, [proc.stdout, proc.stderr], proc.stdin, stdin, finish))
 
     def script_code(self, source):
         """Compiled parts of a module script: its AnsiballZ wrapper, the same
@@ -1138,7 +1189,7 @@ class Agent(object):
                     break
         return os.path.realpath(path) == self.python
 
-    def run_forked(self, script, mz=None, at=None):
+    def run_forked(self, src, stream, script, mz=None, at=None):
         """Runs a pipelined module in a fork of this warm interpreter, as
         `python3 < script` would: same stdout, stderr and exit status. With
         its zip kept here, the zip literal is not compiled again and the
@@ -1178,6 +1229,9 @@ class Agent(object):
                 os.dup2(w_err, 2)
                 for fd in (null, r_out, w_out, r_err, w_err, r_names, self.rfd, self.wfd):
                     if fd > 2:
+                        os.close(fd)
+                for j in self.jobs:
+                    for fd in j.fds():
                         os.close(fd)
                 # A nested agent must see EOF when this one goes, whatever
                 # the module leaves running.
@@ -1222,24 +1276,17 @@ class Agent(object):
         os.close(w_out)
         os.close(w_err)
         os.close(w_names)
-        r_out, r_err = os.fdopen(r_out, "rb", 0), os.fdopen(r_err, "rb", 0)
-        r_names = os.fdopen(r_names, "rb", 0)
-        try:
-            out, err, names = self.pump(pid, None, b"", [r_out, r_err, r_names])
+        outputs = [os.fdopen(r_out, "rb", 0), os.fdopen(r_err, "rb", 0), os.fdopen(r_names, "rb", 0)]
+
+        def finish(outs):
+            out, err, names = outs
+            _, status = os.waitpid(pid, 0)
+            rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            self.reply(src, stream, {"rc": rc, "stdout_len": len(out)}, out + err)
             names = names.decode("utf-8", "replace").split()
-            self.to_warm = [n for n in names if not n.startswith("@")]
-            self.to_compile = (files, [n[1:] for n in names if n.startswith("@")])
-        except LinkGone:
-            os.waitpid(pid, 0)
-            raise
-        finally:
-            r_out.close()
-            r_err.close()
-            r_names.close()
-        _, status = os.waitpid(pid, 0)
-        if os.WIFSIGNALED(status):
-            return -os.WTERMSIG(status), out, err
-        return os.WEXITSTATUS(status), out, err
+            self.after_module([n for n in names if not n.startswith("@")], files,
+                              [n[1:] for n in names if n.startswith("@")])
+        self.jobs.append(Job(pid, outputs, None, b"", finish))
 
     # ------------------------------------------------------------ files
 
@@ -1320,6 +1367,9 @@ class Agent(object):
         for _, p in self.puts.values():
             p.abort()
         self.puts.clear()
+        jobs, self.jobs = self.jobs, []
+        for j in jobs:
+            j.kill()
         children = list(self.children.values()) + self.leaving
         self.children = {}
         self.leaving = []

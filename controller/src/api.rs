@@ -159,8 +159,30 @@ pub async fn write_message(conn: &mut UnixStream, v: &Value, blob: &[u8]) -> std
     conn.write_all(&out).await
 }
 
+tokio::task_local! {
+    /// The lane of the glue connection being served: each Ansible worker
+    /// connection has its own, so an agent reports a failure of a request
+    /// sent without waiting to that worker's next request only.
+    static LANE: u64;
+}
+
+static NEXT_LANE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// `req` marked with the lane of the connection it came in on.
+fn in_lane(mut req: Value) -> Value {
+    if let Ok(lane) = LANE.try_with(|l| *l) {
+        req["lane"] = json!(lane);
+    }
+    req
+}
+
 /// Serves one glue connection until it closes.
-pub async fn serve(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
+pub async fn serve(conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
+    let lane = NEXT_LANE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    LANE.scope(lane, serve_lane(conn, tree, zips)).await
+}
+
+async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
     loop {
         let (req, blob) = match read_message(&mut conn).await {
             Ok(Some(m)) => m,
@@ -468,7 +490,8 @@ async fn read_body(
 
 /// A request's first frame: its JSON and the first chunk of its body,
 /// marked "streamed" if more of the body follows (see [`rest_of_body`]).
-fn first_frame(mut req: Value, body: &[u8]) -> Vec<u8> {
+fn first_frame(req: Value, body: &[u8]) -> Vec<u8> {
+    let mut req = in_lane(req);
     if body.len() > CHUNK_BYTES {
         req["streamed"] = Value::Bool(true);
     }
@@ -690,7 +713,10 @@ async fn put(
     let head = first.len().min(CHUNK_BYTES);
     let opened = match &node {
         Ok(node) => {
-            let payload = msg::encode(agent_req.to_string().as_bytes(), &first[..head]);
+            let payload = msg::encode(
+                in_lane(agent_req.clone()).to_string().as_bytes(),
+                &first[..head],
+            );
             let opened = if posted {
                 tree.post(*node, payload).await.map(|s| (s, None))
             } else {

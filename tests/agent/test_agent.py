@@ -509,3 +509,30 @@ def test_nested_agents_end_with_their_parent(link):
     while time.time() < deadline and os.path.exists("/proc/%d" % child_pid):
         time.sleep(0.05)
     assert not os.path.exists("/proc/%d" % child_pid)
+
+
+def test_commands_run_concurrently_and_answer_as_they_end(link):
+    """Two workers' commands on one agent (delegate_to many hosts to one)
+    run side by side: the quick one is answered while the slow one runs."""
+    link.send(A.REQUEST, A.msg({"op": "exec", "cmd": "sleep 1.5; echo slow"}), stream=101)
+    link.send(A.REQUEST, A.msg({"op": "exec", "cmd": "echo fast"}), stream=102)
+    link.send(A.REQUEST, A.msg({"op": "ping"}), stream=103)
+    answers = []
+    for _ in range(3):
+        kind, _, _, _, stream, payload = link.frame()
+        res, blob = A.split_msg(payload)
+        answers.append((stream, blob[:res.get("stdout_len", 0)]))
+    assert answers[0][0] in (102, 103) and answers[1][0] in (102, 103), answers
+    assert answers[2] == (101, b"slow\n")
+    assert dict(answers)[102] == b"fast\n"
+
+
+def test_failures_not_awaited_are_told_to_their_own_lane(link, tmp_path):
+    """A failed put sent without waiting by one worker (lane 1) is reported
+    to that worker's next request, not to another worker's (lane 2)."""
+    link.send(A.REQUEST, A.msg({"op": "put", "path": str(tmp_path / "no" / "such"), "size": 1,
+                                "noreply": True, "lane": 1}, b"x"), stream=201)
+    res, _ = link.call({"op": "exec", "cmd": "true", "lane": 2})
+    assert res.get("rc") == 0, res
+    res, _ = link.call({"op": "exec", "cmd": "true", "lane": 1})
+    assert "an earlier request (put" in res["error"], res
