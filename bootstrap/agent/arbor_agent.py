@@ -59,6 +59,7 @@ import pwd
 import pty
 import re
 import select
+import shlex
 import shutil
 import signal
 import stat as stat_
@@ -82,6 +83,8 @@ BODY_BYTES_MAX = 256 * 1024 * 1024
 # Frames buffered while a command runs, before the link counts as abused.
 PENDING_BYTES_MAX = 64 * 1024 * 1024
 FLAG_LZ4 = 0x01
+# pam_env files whose later edits commands see, as after a new login.
+ENV_FILES = ("/etc/environment", "~/.pam_environment")
 # What precedes a nested agent's node id and code on its stdin.
 AGENT_MARKER = b"\0arbor\0"
 # Nested agents (become) one agent may route for.
@@ -394,6 +397,74 @@ class WarmImports(MemoryModules):
                 sys.modules.pop(name, None)
 
 
+class EnvFile(object):
+    """A pam_env file (/etc/environment, ~/.pam_environment). sshd and sudo
+    apply it at each login, so without arbor a task sees the edits earlier
+    tasks made; a persistent interpreter would not. Before each command the
+    file is checked, and a change applied where it is safe (the rules
+    Mitogen documents):
+    - a key new in the file is set if the environment lacks it;
+    - a key whose value changed is updated, and a key removed from the file
+      is removed, if the environment still holds the file's old value
+      (otherwise something else set it after pam_env, e.g. /etc/profile:
+      left alone).
+    /etc/resolv.conf needs nothing: each module is a new process, and glibc
+    reads it afresh (and again when it changes)."""
+
+    environ = getattr(os, "environb", os.environ)
+
+    def __init__(self, path):
+        self.path = os.path.expanduser(path)
+        self.st = self.stat()
+        self.values = self.load()
+
+    def stat(self):
+        try:
+            st = os.stat(self.path)
+            return (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            return None
+
+    def load(self):
+        """{key: value} as pam_env reads it: KEY=VALUE lines, an optional
+        `export`, shell quoting; comments and other lines skipped."""
+        out = {}
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(1 << 20)
+        except OSError:
+            return out
+        for line in data.decode("latin-1").splitlines():
+            try:
+                bits = shlex.split(line, comments=True)
+            except ValueError:
+                continue
+            if bits and bits[0] == "export":
+                bits = bits[1:]
+            key, sep, value = " ".join(bits).partition("=")
+            if key and sep and " " not in key:
+                out[key.encode("latin-1")] = value.encode("latin-1")
+        return out
+
+    def check(self):
+        st = self.stat()
+        if st == self.st:
+            return
+        new = self.load()
+        env = self.environ
+        for key, old in self.values.items():
+            if env.get(key) != old:
+                continue
+            if key not in new:
+                del env[key]
+            elif new[key] != old:
+                env[key] = new[key]
+        for key, value in new.items():
+            if key not in self.values and key not in env:
+                env[key] = value
+        self.st, self.values = st, new
+
+
 class Put(object):
     """A file being written atomically: temp file, fsync, chmod, rename."""
 
@@ -685,6 +756,7 @@ class Agent(object):
         # each Ansible worker connection its own lane).
         self.deferred = {}
         self.jobs = []  # commands and modules running
+        self.env_files = [EnvFile(p) for p in ENV_FILES]
         self.tmpdirs = []  # this agent's own temp dirs
         self.shell = login_shell()
         self.python = os.path.realpath(sys.executable)
@@ -1141,6 +1213,8 @@ class Agent(object):
     def exec_(self, src, stream, req, script, mz=None, at=None):
         """Starts a command (or a pipelined module, forked); it runs while
         the agent serves other requests, and is answered when it ends."""
+        for f in self.env_files:
+            f.check()
         cmd = req["cmd"]
         m = PIPELINED.match(cmd)
         if m and b"_ansiballz_main(" in script and self.same_python(m.group("python")):

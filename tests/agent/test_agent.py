@@ -536,3 +536,43 @@ def test_failures_not_awaited_are_told_to_their_own_lane(link, tmp_path):
     assert res.get("rc") == 0, res
     res, _ = link.call({"op": "exec", "cmd": "true", "lane": 1})
     assert "an earlier request (put" in res["error"], res
+
+
+def test_env_file_edits_reach_later_commands_as_after_a_new_login(tmp_path, monkeypatch):
+    """The rules for pam_env files (EnvFile): new keys are added, changed and
+    removed keys follow the file only while the environment still holds the
+    file's old value."""
+    f = tmp_path / "environment"
+    f.write_text('KEEP=1\nOWNED="old value"\nGONE=x\nSHADOWED=file\n')
+    env = {b"KEEP": b"1", b"OWNED": b"old value", b"GONE": b"x", b"SHADOWED": b"profile"}
+    monkeypatch.setattr(A.EnvFile, "environ", env)
+    w = A.EnvFile(str(f))
+    w.check()
+    assert env[b"OWNED"] == b"old value"  # unchanged file: nothing done
+    f.write_text('# a comment\nKEEP=1\nexport OWNED=new\nSHADOWED=other\nNEW="a b"\nnot a line\n')
+    os.utime(f, ns=(1, 1))
+    w.check()
+    assert env == {b"KEEP": b"1", b"OWNED": b"new", b"SHADOWED": b"profile", b"NEW": b"a b"}
+
+
+def test_pam_environment_edits_are_seen_by_the_next_command(tmp_path):
+    """Through a real agent: ~/.pam_environment written after the agent
+    started is in the environment of its next command, as sshd would give a
+    new session."""
+    home = tmp_path / "home"
+    home.mkdir()
+    old = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)
+    try:
+        l = Link(tmp_path)
+    finally:
+        os.environ["HOME"] = old
+    try:
+        assert l.frame()[0] == A.ROUTE_ADD
+        res, blob = l.call({"op": "exec", "cmd": "echo \"[$ARBOR_TEST_PROXY]\""})
+        assert blob[:res["stdout_len"]] == b"[]\n"
+        (home / ".pam_environment").write_text("ARBOR_TEST_PROXY=http://proxy:3128\n")
+        res, blob = l.call({"op": "exec", "cmd": "echo \"[$ARBOR_TEST_PROXY]\""})
+        assert blob[:res["stdout_len"]] == b"[http://proxy:3128]\n"
+    finally:
+        l.close()
