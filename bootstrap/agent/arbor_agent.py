@@ -35,7 +35,8 @@
 #          first stage skips stdin's. On success the nested agent gets this
 #          agent's own code, and its frames are routed through here.
 #   unbecome {"node"}                        -> {}: ends that nested agent (EOF)
-# Errors come back as {"error": message}.
+# Errors come back as {"error": message}. Any reply may carry "log": what
+# the agent logged since its last reply (shown by the glue at -vvv).
 # A request with "noreply": true is answered only if it fails, and then not
 # at once: its error is the answer to the next request that is answered, so
 # a task's steps can be sent without waiting for each (rmtree only logs).
@@ -85,6 +86,8 @@ PENDING_BYTES_MAX = 64 * 1024 * 1024
 FLAG_LZ4 = 0x01
 # pam_env files whose later edits commands see, as after a new login.
 ENV_FILES = ("/etc/environment", "~/.pam_environment")
+# Log lines kept for the next reply.
+LOG_LINES_MAX = 64
 # What precedes a nested agent's node id and code on its stdin.
 AGENT_MARKER = b"\0arbor\0"
 # Nested agents (become) one agent may route for.
@@ -447,22 +450,28 @@ class EnvFile(object):
         return out
 
     def check(self):
+        """Applies a change of the file; returns the keys it changed."""
         st = self.stat()
         if st == self.st:
-            return
+            return []
         new = self.load()
         env = self.environ
+        changed = []
         for key, old in self.values.items():
             if env.get(key) != old:
                 continue
             if key not in new:
                 del env[key]
+                changed.append("-" + key.decode("latin-1"))
             elif new[key] != old:
                 env[key] = new[key]
+                changed.append(key.decode("latin-1"))
         for key, value in new.items():
             if key not in self.values and key not in env:
                 env[key] = value
+                changed.append("+" + key.decode("latin-1"))
         self.st, self.values = st, new
+        return changed
 
 
 class Put(object):
@@ -757,6 +766,7 @@ class Agent(object):
         self.deferred = {}
         self.jobs = []  # commands and modules running
         self.env_files = [EnvFile(p) for p in ENV_FILES]
+        self.logs = collections.deque(maxlen=LOG_LINES_MAX)
         self.tmpdirs = []  # this agent's own temp dirs
         self.shell = login_shell()
         self.python = os.path.realpath(sys.executable)
@@ -769,8 +779,20 @@ class Agent(object):
     def send(self, kind, dst, stream, payload=b""):
         write_all(self.wfd, encode(kind, dst, self.node, stream, payload))
 
+    def log(self, message):
+        """To stderr, and to the controller with the next reply (-vvv)."""
+        line = "n%d: %s" % (self.node, message)
+        self.logs.append(line[:1000])
+        try:
+            sys.stderr.write("arbor agent %s\n" % line)
+        except Exception:
+            pass
+
     def reply(self, src, stream, obj, blob=b""):
         """Replies; a blob over one chunk is streamed after the reply."""
+        if self.logs:
+            obj = dict(obj, log=list(self.logs))
+            self.logs.clear()
         if len(blob) <= CHUNK_BYTES:
             self.send(REPLY, src, stream, msg(obj, blob))
             return
@@ -857,8 +879,7 @@ class Agent(object):
                 except (WireError, LinkGone):
                     raise
                 except Exception as e:
-                    sys.stderr.write("arbor agent n%d: finishing a command: %s: %s\n"
-                                     % (self.node, type(e).__name__, e))
+                    self.log("finishing a command: %s: %s" % (type(e).__name__, e))
 
     def take_input(self):
         try:
@@ -902,10 +923,9 @@ class Agent(object):
             os.close(c.tty)
             c.tty = None
             return
-        try:
-            os.write(2, data)
-        except OSError:
-            pass
+        text = data.decode("utf-8", "replace").strip()
+        if text:
+            self.log("n%d's terminal: %s" % (c.node, text))
 
     def child_output(self, c):
         try:
@@ -939,6 +959,7 @@ class Agent(object):
         if self.children.get(c.node) is not c:
             return
         del self.children[c.node]
+        self.log("nested interpreter n%d (pid %d) left: %s" % (c.node, c.proc.pid, why))
         c.close()
         self.leaving.append(c)
         write_all(self.wfd, encode(ROUTE_DEL, CONTROLLER, c.node, 0, why.encode()))
@@ -1027,7 +1048,7 @@ class Agent(object):
         what = "%s %s" % (req.get("op"), req.get("path") or req.get("name") or "")
         message = "an earlier request (%s) failed: %s" % (what.strip(), message)
         if req.get("op") == "rmtree":
-            sys.stderr.write("arbor agent n%d: %s\n" % (self.node, message))
+            self.log(message)
         else:
             errors = self.deferred.setdefault(req.get("lane"), [])
             if len(errors) < 16 and len(self.deferred) <= 1024:
@@ -1158,6 +1179,7 @@ class Agent(object):
                 text = seen.decode("utf-8", "replace").strip()
                 raise BecomeFailed("%s%s" % (e, "; output: %s" % text if text else ""))
             raise
+        self.log("nested interpreter n%d started (pid %d)" % (node, proc.pid))
         return {"node": node, "pid": proc.pid}
 
     def stream_messages(self, src, stream):
@@ -1214,7 +1236,9 @@ class Agent(object):
         """Starts a command (or a pipelined module, forked); it runs while
         the agent serves other requests, and is answered when it ends."""
         for f in self.env_files:
-            f.check()
+            changed = f.check()
+            if changed:
+                self.log("%s changed: %s" % (f.path, " ".join(changed)))
         cmd = req["cmd"]
         m = PIPELINED.match(cmd)
         if m and b"_ansiballz_main(" in script and self.same_python(m.group("python")):

@@ -247,9 +247,25 @@ fn noreply(req: &Value) -> bool {
     req.get("noreply").and_then(Value::as_bool) == Some(true)
 }
 
+/// The agent's hello, with `"hops"`: every hop's hello (label, node,
+/// connect time), first hop first, then the become agent's if asked for.
 async fn info(conn: &mut UnixStream, tree: &TreeHandle, req: &Value) -> Result<(), ApiError> {
     let node = agent_for(tree, req).await?;
-    let hello = tree.hello(node).unwrap_or_else(|| json!({}));
+    let t: Target = serde_json::from_value(req.clone())
+        .map_err(|e| ApiError::failed(format!("bad chain: {e}")))?;
+    let mut path = tree
+        .ensure_path(&t.chain, Role2::Agent)
+        .await
+        .map_err(ApiError::unreachable)?;
+    if path.last() != Some(&node) {
+        path.push(node);
+    }
+    let mut hello = tree.hello(node).unwrap_or_else(|| json!({}));
+    hello["hops"] = Value::Array(
+        path.iter()
+            .map(|n| tree.hello(*n).unwrap_or_else(|| json!({"node": n.0})))
+            .collect(),
+    );
     write_message(conn, &hello, b"")
         .await
         .map_err(|e| ApiError::failed(e.to_string()))
@@ -356,6 +372,7 @@ async fn become_agent(
         .become_slot(login, key, &label, true)
         .await
         .map_err(ApiError::failed)?;
+    let mut log = Value::Null;
     let node = match slot {
         Some(BecomeSlot::Ready(node)) => node,
         Some(BecomeSlot::Start(node)) => {
@@ -371,12 +388,12 @@ async fn become_agent(
                 labelled.as_ref().map(|_| ()).map_err(|e| e.message.clone()),
             )
             .await;
-            labelled?;
+            log = labelled?;
             node
         }
         None => return Err(ApiError::failed(format!("{label}: not started"))),
     };
-    write_message(conn, &json!({ "node": node.0 }), b"")
+    write_message(conn, &json!({ "node": node.0, "log": log }), b"")
         .await
         .map_err(|e| ApiError::failed(e.to_string()))
 }
@@ -384,13 +401,14 @@ async fn become_agent(
 /// The become handshake: the agent's output goes to the glue, the glue's
 /// answers (a password, or giving up) to the agent, until the agent says
 /// the nested agent is up or failed. Passwords pass through, never logged.
+/// Returns what the agent logged.
 async fn drive_become(
     conn: &mut UnixStream,
     tree: &TreeHandle,
     login: NodeId,
     node: NodeId,
     req: &Value,
-) -> Result<(), ApiError> {
+) -> Result<Value, ApiError> {
     let timeout = req
         .get("timeout_s")
         .and_then(Value::as_u64)
@@ -454,7 +472,7 @@ async fn drive_become(
                     serde_json::from_slice(j).map_err(|e| ApiError::failed(e.to_string()))?;
                 return match v.get("error").and_then(Value::as_str) {
                     Some(err) => Err(ApiError::failed(err.to_string())),
-                    None => Ok(()),
+                    None => Ok(v.get("log").cloned().unwrap_or(Value::Null)),
                 };
             }
             _ => {

@@ -126,8 +126,17 @@ impl TreeHandle {
     /// Makes sure every hop of `chain` is up, the last running `role`;
     /// returns the last hop's node, or a message naming the host and hop.
     pub async fn ensure(&self, chain: &[Hop], role: Role2) -> Result<NodeId, String> {
+        Ok(*self
+            .ensure_path(chain, role)
+            .await?
+            .last()
+            .unwrap_or(&NodeId::CONTROLLER))
+    }
+
+    /// As [`TreeHandle::ensure`], returning every hop's node, first first.
+    pub async fn ensure_path(&self, chain: &[Hop], role: Role2) -> Result<Vec<NodeId>, String> {
         arbor_topology::validate(chain).map_err(|e| e.to_string())?;
-        let mut node = NodeId::CONTROLLER;
+        let mut nodes = Vec::with_capacity(chain.len());
         for i in 0..chain.len() {
             let r = if i + 1 == chain.len() {
                 role
@@ -143,11 +152,12 @@ impl TreeHandle {
                 })
                 .await
                 .map_err(|_| "arbor controller is shutting down".to_string())?;
-            node = wait
-                .await
-                .map_err(|_| "arbor controller is shutting down".to_string())??;
+            nodes.push(
+                wait.await
+                    .map_err(|_| "arbor controller is shutting down".to_string())??,
+            );
         }
-        Ok(node)
+        Ok(nodes)
     }
 
     /// Opens a stream to `dst` with a request; frames of its answer arrive
@@ -280,6 +290,8 @@ pub struct Tree {
     hellos: Hellos,
     /// Become agents by (parent agent, key), and each one's key and label.
     becomes: HashMap<(NodeId, String), BecomeAgent>,
+    /// When each node still connecting was started.
+    started: HashMap<NodeId, Instant>,
     become_of: HashMap<NodeId, ((NodeId, String), String)>,
     use_clock: u64,
 }
@@ -308,6 +320,7 @@ impl Tree {
             agent_keys: Vec::new(),
             hellos: hellos.clone(),
             becomes: HashMap::new(),
+            started: HashMap::new(),
             become_of: HashMap::new(),
             use_clock: 0,
         };
@@ -425,6 +438,7 @@ impl Tree {
             },
         );
         self.become_of.insert(node, (k, label));
+        self.started.insert(node, Instant::now());
         let _ = done.send(Ok(Some(BecomeSlot::Start(node))));
     }
 
@@ -501,6 +515,7 @@ impl Tree {
             },
         );
         self.node_hop.insert(node, (key.clone(), label.clone()));
+        self.started.insert(node, Instant::now());
 
         if role == Role2::Relay {
             self.load_keys(&chain).await;
@@ -716,10 +731,25 @@ impl Tree {
             match event {
                 Event::Deliver(frame) => self.deliver(frame).await,
                 Event::NodeUp { node, hello, .. } => {
-                    let info = arbor_wire::msg::split(&hello)
+                    let mut info = arbor_wire::msg::split(&hello)
                         .ok()
-                        .and_then(|(j, _)| serde_json::from_slice(j).ok());
-                    if let (Some(info), Ok(mut h)) = (info, self.hellos.lock()) {
+                        .and_then(|(j, _)| serde_json::from_slice::<serde_json::Value>(j).ok())
+                        .filter(|v| v.is_object())
+                        .unwrap_or_else(|| serde_json::json!({}));
+                    // For -vvv: which hop this is and how long it took.
+                    let label = self
+                        .node_hop
+                        .get(&node)
+                        .map(|(_, l)| l.clone())
+                        .or_else(|| self.become_of.get(&node).map(|(_, l)| l.clone()));
+                    info["node"] = serde_json::json!(node.0);
+                    if let Some(l) = label {
+                        info["label"] = serde_json::json!(l);
+                    }
+                    if let Some(t) = self.started.remove(&node) {
+                        info["connect_ms"] = serde_json::json!(t.elapsed().as_millis() as u64);
+                    }
+                    if let Ok(mut h) = self.hellos.lock() {
                         h.insert(node, info);
                     }
                     if self.node_hop.contains_key(&node) {

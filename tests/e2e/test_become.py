@@ -129,6 +129,12 @@ def test_become_matches_vanilla(lab, users, tmp_path):
     said = {t: [r.get("stdout") for r in a[(t, "who logs in")] + a[(t, "sudo to root with a password")]
                 + a[(t, "su to another user with that user's password")]] for t in TARGETS}
     assert said["target2"] == [LOGIN, "root", "arbv\n/home/arbv"], said
+    # -vvv shows each hop with its connect time, and what the agents logged.
+    assert re.search(r"ARBOR HOP bastion1 \(relay, from the controller\): node \d+, up in \d+ ms",
+                     out_a), out_a[:3000]
+    assert re.search(r"ARBOR HOP target1 \(agent, via bastion1\): node \d+, up in \d+ ms, pid \d+",
+                     out_a)
+    assert re.search(r"<target1> ARBOR LOG n\d+: nested interpreter n\d+ started \(pid \d+\)", out_a)
     # No password reached the output at -vvv.
     for pw in users["passwords"].values():
         assert pw not in out_a

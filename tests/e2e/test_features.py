@@ -48,7 +48,9 @@ def run_features(lab, mode, inputs, out_dir):
                  "ANSIBLE_CALLBACKS_ENABLED": "record"}
     os.environ.update(env_extra)
     try:
-        p = playbook(lab, mode, "features.yml", "-e", f"fetch_dir={fetch}",
+        # arbor's run at -vvv: no_log data must stay out of its logs too.
+        verbose = ["-vvv"] if mode == "arbor" else []
+        p = playbook(lab, mode, "features.yml", *verbose, "-e", f"fetch_dir={fetch}",
                      "-e", f"archive={inputs['archive']}", "-e", f"big_file={inputs['big']}")
         out, _ = p.communicate(timeout=600)
     finally:

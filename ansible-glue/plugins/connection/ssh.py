@@ -136,6 +136,7 @@ class _Client(object):
     """The daemon's local API: [u32 length][u32 json length][json][blob]."""
 
     def __init__(self, path):
+        self.host = None
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
 
@@ -158,6 +159,9 @@ class _Client(object):
         body = self._exact(n)
         (jn,) = struct.unpack_from("<I", body)
         obj = json.loads(body[4:4 + jn])
+        # What the agent logged: forwarded target-side logging, at -vvv.
+        for line in obj.pop("log", None) or ():
+            display.vvv("ARBOR LOG %s" % line, host=self.host)
         if "error" in obj:
             if obj.get("unreachable"):
                 raise AnsibleConnectionFailure(obj["error"])
@@ -353,6 +357,7 @@ class Connection(_vanilla.Connection):
         if self._arbor is None:
             self._chain = self._build_chain()
             self._arbor = _connect_daemon()
+            self._arbor.host = self._chain[-1]["name"]
             self._connected = True
         return self
 
@@ -389,6 +394,14 @@ class Connection(_vanilla.Connection):
             self._connect()
             self._arbor.send({"op": "info", "chain": self._chain})
             self._arbor_hello = self._arbor.recv()[0]
+            if display.verbosity >= 3:
+                for hop in self._arbor_hello.get("hops", ()):
+                    display.vvv("ARBOR HOP %s: node %s%s%s%s" % (
+                        hop.get("label", "?"), hop.get("node"),
+                        ", up in %s ms" % hop["connect_ms"] if "connect_ms" in hop else "",
+                        ", pid %s" % hop["pid"] if "pid" in hop else "",
+                        ", python %s" % hop["python"] if hop.get("python") else ""),
+                        host=self._chain[-1]["name"])
         return self._arbor_hello
 
     def arbor_call(self, req, noreply=False, sudo=False):
@@ -502,7 +515,8 @@ class Connection(_vanilla.Connection):
         self._connect()
         sudo = sudoable and self._arbor_sudo_next and self._arbor_become_real is not None
         self._arbor_sudo_next = False
-        display.vvv("ARBOR EXEC%s %s" % (" (become)" if sudo else "", cmd), host=self._chain[-1]["name"])
+        shown = "(no_log: command not shown)" if getattr(self._play_context, "no_log", False) else cmd
+        display.vvv("ARBOR EXEC%s %s" % (" (become)" if sudo else "", shown), host=self._chain[-1]["name"])
         data = in_data or b""
 
         def send():
