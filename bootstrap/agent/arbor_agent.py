@@ -35,6 +35,10 @@
 #          first stage skips stdin's. On success the nested agent gets this
 #          agent's own code, and its frames are routed through here.
 #   unbecome {"node"}                        -> {}: ends that nested agent (EOF)
+#   pipe   {"cmd"}                           -> {"streamed": true} at once; then
+#          the command's stdout and stderr as Data {"fd": 1|2} + bytes, as
+#          they come, and Data {"rc"} and End when it ends. Data frames to
+#          the stream are its stdin; End closes it. (rsync --rsh, tunnelled.)
 # Errors come back as {"error": message}. Any reply may carry "log": what
 # the agent logged since its last reply (shown by the glue at -vvv).
 # A request with "noreply": true is answered only if it fails, and then not
@@ -747,6 +751,55 @@ class Job(object):
             pass
 
 
+class Pipe(object):
+    """A command whose stdin and outputs stream both ways while it runs
+    (`pipe`): what arrives for its stream is written to its stdin, what it
+    prints goes out at once."""
+
+    def __init__(self, src, stream, proc):
+        self.src = src
+        self.stream = stream
+        self.proc = proc
+        self.outs = {proc.stdout.fileno(): (1, proc.stdout), proc.stderr.fileno(): (2, proc.stderr)}
+        self.inq = bytearray()
+        self.eof = False
+        os.set_blocking(proc.stdin.fileno(), False)
+
+    def writer(self):
+        if self.proc.stdin is None:
+            return None
+        if self.inq:
+            return self.proc.stdin.fileno()
+        if self.eof:
+            self.proc.stdin.close()
+            self.proc.stdin = None
+        return None
+
+    def on_write(self):
+        try:
+            n = os.write(self.proc.stdin.fileno(), self.inq[:4 * READ_BYTES])
+            del self.inq[:n]
+        except BlockingIOError:
+            pass
+        except OSError:
+            # It stopped reading (exited): what it did not read is dropped.
+            self.inq = bytearray()
+            self.eof = True
+
+    def kill(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        for _, f in self.outs.values():
+            f.close()
+        self.outs = {}
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+            self.proc.stdin = None
+        self.proc.wait()
+
+
 class Agent(object):
     def __init__(self, node, rfd=0, wfd=1):
         self.node = node
@@ -765,6 +818,7 @@ class Agent(object):
         # each Ansible worker connection its own lane).
         self.deferred = {}
         self.jobs = []  # commands and modules running
+        self.pipes = {}  # stream -> Pipe
         self.env_files = [EnvFile(p) for p in ENV_FILES]
         self.logs = collections.deque(maxlen=LOG_LINES_MAX)
         self.tmpdirs = []  # this agent's own temp dirs
@@ -842,18 +896,25 @@ class Agent(object):
             if c.queue and c.inp is not None:
                 wlist.append(c.inp)
             full = full or len(c.queue) >= CHILD_QUEUE_BYTES_MAX
-        if not full:
-            watch.append(self.rfd)
         for j in self.jobs:
             watch.extend(j.readers)
             if j.writer() is not None:
                 wlist.append(j.writer())
+        for pipe in self.pipes.values():
+            watch.extend(pipe.outs)
+            if pipe.writer() is not None:
+                wlist.append(pipe.writer())
+            full = full or len(pipe.inq) >= CHILD_QUEUE_BYTES_MAX
+        if not full:
+            watch.append(self.rfd)
         try:
             r, w, _ = select.select(watch, wlist, [], timeout)
         except InterruptedError:
             return [], []
         if self.jobs:
             self.service_jobs(r, w)
+        if self.pipes:
+            self.service_pipes(r, w)
         for c in list(self.children.values()):
             if c.inp is not None and c.inp in w:
                 self.child_flush(c)
@@ -880,6 +941,29 @@ class Agent(object):
                     raise
                 except Exception as e:
                     self.log("finishing a command: %s: %s" % (type(e).__name__, e))
+
+    def service_pipes(self, r, w):
+        for pipe in list(self.pipes.values()):
+            if pipe.proc.stdin is not None and pipe.proc.stdin.fileno() in w:
+                pipe.on_write()
+            for fd in list(pipe.outs):
+                if fd not in r:
+                    continue
+                which, f = pipe.outs[fd]
+                chunk = os.read(fd, READ_BYTES)
+                if chunk:
+                    self.send(DATA, pipe.src, pipe.stream, msg({"fd": which}, chunk))
+                else:
+                    f.close()
+                    del pipe.outs[fd]
+            if not pipe.outs:
+                # Its outputs are closed: it has exited, or will at once.
+                pipe.eof = True
+                pipe.writer()
+                rc = pipe.proc.wait()
+                del self.pipes[pipe.stream]
+                self.send(DATA, pipe.src, pipe.stream, msg({"rc": rc}))
+                self.send(END, pipe.src, pipe.stream, b"")
 
     def take_input(self):
         try:
@@ -1000,6 +1084,12 @@ class Agent(object):
                 self.exec_(src, stream, req, *script)
             elif op == "put":
                 self.put_start(src, stream, req, blob)
+            elif op == "pipe":
+                proc = subprocess.Popen([self.shell, "-c", req["cmd"]], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        start_new_session=True)
+                self.pipes[stream] = Pipe(src, stream, proc)
+                self.send(REPLY, src, stream, msg({"streamed": True}))
             elif op == "fetch":
                 self.fetch(src, stream, req)
             elif op == "stat":
@@ -1331,6 +1421,9 @@ class Agent(object):
                 for j in self.jobs:
                     for fd in j.fds():
                         os.close(fd)
+                for pipe in self.pipes.values():
+                    for fd in list(pipe.outs) + ([pipe.proc.stdin.fileno()] if pipe.proc.stdin else []):
+                        os.close(fd)
                 # A nested agent must see EOF when this one goes, whatever
                 # the module leaves running.
                 for c in self.children.values():
@@ -1414,6 +1507,14 @@ class Agent(object):
         self.answer(src, stream, p.req, {"size": p.size})
 
     def stream_part(self, kind, src, stream, payload):
+        pipe = self.pipes.get(stream)
+        if pipe is not None and pipe.src == src:
+            if kind == DATA:
+                if not pipe.eof:
+                    pipe.inq += payload
+            else:
+                pipe.eof = True
+            return
         body = self.bodies.get(stream)
         if body is not None and body[0] == src:
             _, req, parts, size = body
@@ -1468,6 +1569,9 @@ class Agent(object):
         jobs, self.jobs = self.jobs, []
         for j in jobs:
             j.kill()
+        pipes, self.pipes = self.pipes, {}
+        for pipe in pipes.values():
+            pipe.kill()
         children = list(self.children.values()) + self.leaving
         self.children = {}
         self.leaving = []

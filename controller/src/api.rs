@@ -17,6 +17,9 @@
 //! become {"chain", "become": {"key"}, "label", "cmd", "success", "timeout_s"}
 //!        -> {"node"}
 //! ```
+//! pipe   {"chain", "cmd"}: a command whose stdin and output stream both
+//!        ways: the glue sends `{"op":"data"}` (blob: stdin) and `{"op":"end"}`;
+//!        it gets `{"op":"data","fd":1|2}` (blob: output) and `{"op":"exit","rc"}`.
 //! `become` starts (once per target and key) a nested agent under another
 //! account: `cmd` is the become plugin's command around `agent_command`.
 //! Until it is up, each output of that command comes to the glue as
@@ -127,7 +130,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-pub async fn read_message(conn: &mut UnixStream) -> std::io::Result<Option<(Value, Vec<u8>)>> {
+pub async fn read_message<R: tokio::io::AsyncRead + Unpin>(
+    conn: &mut R,
+) -> std::io::Result<Option<(Value, Vec<u8>)>> {
     let mut len = [0u8; 4];
     match tokio::time::timeout(IDLE_TIMEOUT, conn.read_exact(&mut len)).await {
         Err(_) => return Ok(None),
@@ -151,7 +156,11 @@ pub async fn read_message(conn: &mut UnixStream) -> std::io::Result<Option<(Valu
     Ok(Some((v, blob.to_vec())))
 }
 
-pub async fn write_message(conn: &mut UnixStream, v: &Value, blob: &[u8]) -> std::io::Result<()> {
+pub async fn write_message<W: tokio::io::AsyncWrite + Unpin>(
+    conn: &mut W,
+    v: &Value,
+    blob: &[u8],
+) -> std::io::Result<()> {
     let body = msg::encode(v.to_string().as_bytes(), blob);
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -231,6 +240,7 @@ async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
                     .map_err(|e| ApiError::failed(e.to_string()))
             }
             "become" => become_agent(&mut conn, &tree, &req).await,
+            "pipe" => pipe(&mut conn, &tree, &req).await,
             other => Err(ApiError::failed(format!("unknown API request {other:?}"))),
         };
         if let Err(e) = result {
@@ -810,6 +820,69 @@ async fn fetch(conn: &mut UnixStream, tree: &TreeHandle, req: &Value) -> Result<
             .map_err(io)?;
     }
     Ok(())
+}
+
+/// A command with stdin and output streaming both ways (rsync's --rsh).
+async fn pipe(conn: &mut UnixStream, tree: &TreeHandle, req: &Value) -> Result<(), ApiError> {
+    let node = agent_for(tree, req).await?;
+    let agent_req = json!({"op": "pipe", "cmd": req.get("cmd").cloned().unwrap_or(Value::Null)});
+    let (stream, mut rx) = send_request(tree, node, agent_req, b"").await?;
+    first_reply(&mut rx).await?;
+    let (mut rd, mut wr) = conn.split();
+    let upstream = async {
+        loop {
+            match read_message(&mut rd).await {
+                Ok(Some((m, blob))) if m.get("op").and_then(Value::as_str) == Some("data") => {
+                    if send_data(tree, node, stream, &blob).await.is_err() {
+                        break;
+                    }
+                }
+                // "end", or the glue went away: the command's stdin ends.
+                _ => {
+                    let _ = tree.send_part(node, stream, Kind::End, Vec::new()).await;
+                    break;
+                }
+            }
+        }
+    };
+    let downstream = async {
+        let io = |e: std::io::Error| ApiError::failed(e.to_string());
+        loop {
+            let Some(f) = rx.recv().await else {
+                return Err(ApiError::unreachable("the tree closed during the command"));
+            };
+            match f.kind {
+                Kind::Data => {
+                    let (j, blob) =
+                        msg::split(&f.payload).map_err(|e| ApiError::failed(e.to_string()))?;
+                    let v: Value =
+                        serde_json::from_slice(j).map_err(|e| ApiError::failed(e.to_string()))?;
+                    let out = match v.get("rc") {
+                        Some(rc) => json!({"op": "exit", "rc": rc}),
+                        None => {
+                            json!({"op": "data", "fd": v.get("fd").cloned().unwrap_or(json!(1))})
+                        }
+                    };
+                    write_message(&mut wr, &out, blob).await.map_err(io)?;
+                }
+                Kind::End => return Ok(()),
+                _ => {
+                    return Err(ApiError::unreachable(
+                        String::from_utf8_lossy(&f.payload).into_owned(),
+                    ))
+                }
+            }
+        }
+    };
+    tokio::pin!(upstream);
+    tokio::pin!(downstream);
+    // Once the command has ended, its stdin is of no more use.
+    let down = tokio::select! {
+        d = &mut downstream => d,
+        _ = &mut upstream => downstream.await,
+    };
+    tree.forget(stream).await;
+    down
 }
 
 #[cfg(test)]

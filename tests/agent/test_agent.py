@@ -576,3 +576,25 @@ def test_pam_environment_edits_are_seen_by_the_next_command(tmp_path):
         assert blob[:res["stdout_len"]] == b"[http://proxy:3128]\n"
     finally:
         l.close()
+
+
+def test_pipe_streams_stdin_and_output_both_ways(link):
+    """A pipe's stdin arrives in parts while it runs, and its output comes
+    back as it is printed: an interactive exchange is possible."""
+    link.stream += 1
+    s = link.stream
+    link.send(A.REQUEST, A.msg({"op": "pipe", "cmd": "read a; echo got $a; read b; echo got $b >&2; exit 4"}))
+    kind, _, _, _, stream, payload = link.frame()
+    assert (kind, stream) == (A.REPLY, s) and A.split_msg(payload)[0] == {"streamed": True}
+    link.send(A.DATA, b"one\n", stream=s)
+    kind, _, _, _, _, payload = link.frame()
+    assert kind == A.DATA and A.split_msg(payload) == ({"fd": 1}, b"got one\n")
+    link.send(A.DATA, b"two\n", stream=s)
+    link.send(A.END, b"", stream=s)
+    got = []
+    while True:
+        kind, _, _, _, _, payload = link.frame()
+        if kind == A.END:
+            break
+        got.append(A.split_msg(payload))
+    assert got == [({"fd": 2}, b"got two\n"), ({"rc": 4}, b"")], got

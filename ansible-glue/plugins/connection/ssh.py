@@ -12,12 +12,14 @@
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import importlib.util
 import json
 import multiprocessing
 import os
 import re
+import shlex
 import shutil
 import socket
 import stat
@@ -174,11 +176,15 @@ class _Client(object):
         self.sock.close()
 
 
+def _run_dir():
+    return os.path.join(os.environ.get("TMPDIR", "/tmp"), "arbor-%d" % os.getuid(), str(_run_pid()))
+
+
 def _connect_daemon():
     """Connects to this run's daemon, starting it if it is not up yet."""
-    base = os.path.join(os.environ.get("TMPDIR", "/tmp"), "arbor-%d" % os.getuid())
+    base = os.path.dirname(_run_dir())
     _private_dir(base)
-    run_dir = os.path.join(base, str(_run_pid()))
+    run_dir = _run_dir()
     sock = os.path.join(run_dir, "sock")
     try:
         return _Client(sock)
@@ -363,6 +369,16 @@ class Connection(_vanilla.Connection):
 
     def arbor_active(self):
         return self._enabled()
+
+    def arbor_rsh(self):
+        """rsync's --rsh value that reaches this host through arbor's tree
+        (ansible-glue/arbor_rsh.py, run by this Python)."""
+        self._connect()
+        script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                              "arbor_rsh.py")
+        chain = base64.b64encode(json.dumps(self._chain).encode()).decode()
+        return " ".join(shlex.quote(a) for a in (sys.executable, script,
+                                                   os.path.join(_run_dir(), "sock"), chain))
 
     def arbor_stack(self, become=False):
         """The hops to this host as arbor resolves them (Mitogen's
@@ -718,3 +734,40 @@ for _name, _fn in (("_remote_expand_user", _remote_expand_user), ("_make_tmp_pat
                    ("_remove_tmp_path", _remove_tmp_path), ("_remote_chmod", _remote_chmod),
                    ("_execute_remote_stat", _execute_remote_stat)):
     setattr(ActionBase, _name, _fn)
+
+
+# ------------------------------------------------------------ synchronize
+#
+# ansible.posix's synchronize runs rsync on the controller with ssh as its
+# remote shell, which cannot reach a host behind a via chain. Through arbor,
+# its remote shell is arbor_rsh.py: rsync's server runs on the host's agent,
+# its data streamed through the tree. Only for hosts arbor carries, and
+# only when the task names no --rsh of its own.
+
+def _patch_synchronize():
+    try:
+        from ansible_collections.ansible.posix.plugins.action import synchronize
+    except Exception:
+        return
+    vanilla_run = synchronize.ActionModule.run
+    if getattr(vanilla_run, "_arbor", False):
+        return
+
+    def run(self, tmp=None, task_vars=None):
+        conn = _arbor_conn(self)
+        if conn is not None and self._task.delegate_to is None:
+            opts = self._task.args.get("rsync_opts") or []
+            if isinstance(opts, str):
+                opts = opts.split(",")
+            opts = list(opts)
+            if not any("--rsh" in o for o in opts):
+                rsh = conn.arbor_rsh()
+                display.vvv("ARBOR SYNCHRONIZE through the tree: --rsh=%s" % rsh, host=conn._chain[-1]["name"])
+                # The module runs rsync from one shell-quoted string.
+                self._task.args["rsync_opts"] = opts + ["--rsh=" + shlex.quote(rsh)]
+        return vanilla_run(self, tmp=tmp, task_vars=task_vars)
+    run._arbor = True
+    synchronize.ActionModule.run = run
+
+
+_patch_synchronize()
