@@ -16,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 LAB = REPO / "deploy" / "lab"
-VENV = REPO / ".venv" / "bin"
+# ARBOR_TEST_VENV: another venv (e.g. an older ansible-core) to run Ansible from.
+VENV = Path(os.environ.get("ARBOR_TEST_VENV") or REPO / ".venv" / "bin")
 PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
 GLUE = REPO / "ansible-glue" / "plugins" / "connection"
 ARBOR = REPO / "target" / "release" / "arbor"
