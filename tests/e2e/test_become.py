@@ -97,6 +97,8 @@ def files(lab):
 
 
 WRONG = "a wrong sudo password"
+FAILS = {"sudo without the password it needs": "Missing sudo password",
+         "su with a wrong password": "Incorrect su password"}
 
 
 def test_become_matches_vanilla(lab, users, tmp_path):
@@ -115,6 +117,13 @@ def test_become_matches_vanilla(lab, users, tmp_path):
     v, a = by_task(lines_v), by_task(lines_a)
     assert sorted(a) == sorted(v)
     for key in v:
+        if key[1] in FAILS:
+            # Both fail the task and say why; arbor's message also names
+            # the host and the become hop.
+            for res in a[key] + v[key]:
+                assert res["status"] == "failed" and FAILS[key[1]] in res["msg"], res
+            assert key[0] in a[key][0]["msg"]
+            continue
         if key[1] == WRONG:
             # Both fail the task and say why; arbor's message also names
             # the host and the become hop.
@@ -143,7 +152,7 @@ def test_become_matches_vanilla(lab, users, tmp_path):
     assert len(started) == len(set(started)), started
     assert {(u, m) for t, u, m in started if t == "target1"} == {
         ("root", "sudo -H -S -n"), ("arbv", "su"), ("root", "lab_doas"), ("root", "sudo -H -S"),
-        ("arbv", "sudo -H -S -n")}, started
+        ("arbv", "sudo -H -S -n"), ("daemon", "sudo -H -S -n"), ("nobody", "su")}, started
     # The run left no interpreter behind, under any account.
     left = wait_gone(lab)
     assert not any_arbor(left), left

@@ -521,6 +521,14 @@ class Connection(_vanilla.Connection):
         except AnsibleConnectionFailure:
             raise
         except AnsibleError as e:
+            if verdict is None:
+                # The command may have ended before its last words were
+                # relayed: they are in the error, for the plugin's checks.
+                said = to_bytes(to_text(e), errors="surrogate_or_strict")
+                if b.check_incorrect_password(said):
+                    verdict = "Incorrect %s password" % b.name
+                elif b.check_missing_password(said):
+                    verdict = "Missing %s password" % b.name
             if verdict is not None:
                 raise AnsibleError("%s: %s" % (label, verdict))
             raise e
