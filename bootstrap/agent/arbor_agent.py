@@ -35,6 +35,11 @@
 #          first stage skips stdin's. On success the nested agent gets this
 #          agent's own code, and its frames are routed through here.
 #   unbecome {"node"}                        -> {}: ends that nested agent (EOF)
+#   choose {"path", "checksum", "split", "same": exec request, "differs": exec request},
+#          blob: same's stdin[:split] + differs' stdin -> {"stat", "branch", "rc",
+#          "stdout_len"}: stats path (no follow) and runs "same" if its sha1 is
+#          checksum, else "differs"; only {"stat"} if path is a directory
+#          (copy's stat and module in one round trip)
 #   pipe   {"cmd"}                           -> {"streamed": true} at once; then
 #          the command's stdout and stderr as Data {"fd": 1|2} + bytes, as
 #          they come, and Data {"rc"} and End when it ends. Data frames to
@@ -1084,6 +1089,24 @@ class Agent(object):
                 self.exec_(src, stream, req, *script)
             elif op == "put":
                 self.put_start(src, stream, req, blob)
+            elif op == "choose":
+                n = int(req["split"])
+                cands = {}
+                for name, body in (("same", blob[:n]), ("differs", blob[n:])):
+                    sub = dict(req[name])
+                    script = self.with_zip(sub, body)
+                    if script is None:
+                        self.reply(src, stream, {"error": "module zip not cached", "zip_miss": True})
+                        return
+                    cands[name] = (sub, script)
+                st = file_stat({"path": req["path"], "follow": False, "checksum": True})
+                if st["exists"] and st["isdir"]:
+                    self.reply(src, stream, {"stat": st})
+                else:
+                    branch = "same" if st.get("checksum") == req["checksum"] else "differs"
+                    sub, script = cands[branch]
+                    sub["lane"] = req.get("lane")
+                    self.exec_(src, stream, sub, *script, extra={"stat": st, "branch": branch})
             elif op == "pipe":
                 proc = subprocess.Popen([self.shell, "-c", req["cmd"]], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1322,7 +1345,7 @@ class Agent(object):
                 except Exception:
                     pass
 
-    def exec_(self, src, stream, req, script, mz=None, at=None):
+    def exec_(self, src, stream, req, script, mz=None, at=None, extra=None):
         """Starts a command (or a pipelined module, forked); it runs while
         the agent serves other requests, and is answered when it ends."""
         for f in self.env_files:
@@ -1332,7 +1355,7 @@ class Agent(object):
         cmd = req["cmd"]
         m = PIPELINED.match(cmd)
         if m and b"_ansiballz_main(" in script and self.same_python(m.group("python")):
-            return self.run_forked(src, stream, script, mz, at)
+            return self.run_forked(src, stream, script, mz, at, extra)
         stdin = script if mz is None else script[:at] + mz.literal + script[at:]
         # Its own process group, so the whole command can be stopped.
         proc = subprocess.Popen([self.shell, "-c", cmd], stdin=subprocess.PIPE,
@@ -1342,7 +1365,7 @@ class Agent(object):
         def finish(outs):
             out, err = outs
             rc = proc.wait()
-            self.reply(src, stream, {"rc": rc, "stdout_len": len(out)}, out + err)
+            self.reply(src, stream, dict(extra or {}, rc=rc, stdout_len=len(out)), out + err)
         self.jobs.append(Job(proc.pid, [proc.stdout, proc.stderr], proc.stdin, stdin, finish))
 
     def script_code(self, source):
@@ -1377,7 +1400,7 @@ class Agent(object):
                     break
         return os.path.realpath(path) == self.python
 
-    def run_forked(self, src, stream, script, mz=None, at=None):
+    def run_forked(self, src, stream, script, mz=None, at=None, extra=None):
         """Runs a pipelined module in a fork of this warm interpreter, as
         `python3 < script` would: same stdout, stderr and exit status. With
         its zip kept here, the zip literal is not compiled again and the
@@ -1473,7 +1496,7 @@ class Agent(object):
             out, err, names = outs
             _, status = os.waitpid(pid, 0)
             rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-            self.reply(src, stream, {"rc": rc, "stdout_len": len(out)}, out + err)
+            self.reply(src, stream, dict(extra or {}, rc=rc, stdout_len=len(out)), out + err)
             names = names.decode("utf-8", "replace").split()
             self.after_module([n for n in names if not n.startswith("@")], files,
                               [n[1:] for n in names if n.startswith("@")])

@@ -17,6 +17,10 @@
 //! become {"chain", "become": {"key"}, "label", "cmd", "success", "timeout_s"}
 //!        -> {"node"}
 //! ```
+//! choose {"chain", "path", "checksum", "same": {"cmd", "size"}, "differs": {"cmd", "size"}},
+//!        blob: both stdins -> {"stat", "branch"?, "rc"?, "stdout_len"?}, blob: output
+//!        (copy in one round trip: the agent stats `path` and runs `same`
+//!        if its checksum is `checksum`, else `differs`; nothing if a dir)
 //! pipe   {"chain", "cmd"}: a command whose stdin and output stream both
 //!        ways: the glue sends `{"op":"data"}` (blob: stdin) and `{"op":"end"}`;
 //!        it gets `{"op":"data","fd":1|2}` (blob: output) and `{"op":"exit","rc"}`.
@@ -241,6 +245,7 @@ async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
             }
             "become" => become_agent(&mut conn, &tree, &req).await,
             "pipe" => pipe(&mut conn, &tree, &req).await,
+            "choose" => choose(&mut conn, &tree, &zips, &req, blob).await,
             other => Err(ApiError::failed(format!("unknown API request {other:?}"))),
         };
         if let Err(e) = result {
@@ -676,6 +681,96 @@ async fn exec(
             }
         }
     };
+    if let Some(o) = v.as_object_mut() {
+        o.remove("streamed");
+    }
+    send_chunked(conn, v, &out).await
+}
+
+/// A module's stdin in the form its agent needs: without its zip literal if
+/// the agent holds the zip (`zip_key`, `zip_at`), else whole (with
+/// `zip_span`, so the agent keeps the zip). Returns the request fields, the
+/// body and the zip's key.
+fn zip_form(
+    zips: &ZipCache,
+    node: NodeId,
+    stdin: &[u8],
+    whole: bool,
+) -> (serde_json::Map<String, Value>, Vec<u8>, Option<String>) {
+    let mut fields = serde_json::Map::new();
+    let Some((a, b)) = zip_span(stdin) else {
+        return (fields, stdin.to_vec(), None);
+    };
+    let key: String = Sha256::digest(&stdin[a..b])
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect();
+    fields.insert("zip_key".into(), json!(key));
+    if !whole && zips.has(node, &key) {
+        fields.insert("zip_at".into(), json!(a));
+        (fields, [&stdin[..a], &stdin[b..]].concat(), Some(key))
+    } else {
+        fields.insert("zip_span".into(), json!([a, b]));
+        (fields, stdin.to_vec(), Some(key))
+    }
+}
+
+/// Copy in one round trip (see the module doc).
+async fn choose(
+    conn: &mut UnixStream,
+    tree: &TreeHandle,
+    zips: &ZipCache,
+    req: &Value,
+    blob: Vec<u8>,
+) -> Result<(), ApiError> {
+    let size_of = |k: &str| {
+        req.get(k)
+            .and_then(|c| c.get("size"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as usize
+    };
+    let (n_same, n_differs) = (size_of("same"), size_of("differs"));
+    let body = read_body(conn, blob, n_same + n_differs).await?;
+    let node = agent_for(tree, req).await?;
+    let stdins = [&body[..n_same], &body[n_same..]];
+    let mut result = None;
+    for whole in [false, true] {
+        let mut agent_req = json!({
+            "op": "choose",
+            "path": req.get("path").cloned().unwrap_or(Value::Null),
+            "checksum": req.get("checksum").cloned().unwrap_or(Value::Null),
+        });
+        let mut out = Vec::new();
+        let mut keys = Vec::new();
+        for (name, stdin) in ["same", "differs"].iter().zip(stdins) {
+            let (mut fields, part, key) = zip_form(zips, node, stdin, whole);
+            fields.insert(
+                "cmd".into(),
+                req.get(*name)
+                    .and_then(|c| c.get("cmd"))
+                    .cloned()
+                    .unwrap_or(Value::Null),
+            );
+            agent_req[*name] = Value::Object(fields);
+            if *name == "same" {
+                agent_req["split"] = json!(part.len());
+            }
+            out.extend_from_slice(&part);
+            keys.extend(key);
+        }
+        match exec_once(tree, node, agent_req, &out).await {
+            Err(e) if e.zip_miss && !whole => continue,
+            other => {
+                let r = other?;
+                for k in &keys {
+                    zips.set(node, k);
+                }
+                result = Some(r);
+                break;
+            }
+        }
+    }
+    let (mut v, out) = result.ok_or_else(|| ApiError::failed("choose: no answer"))?;
     if let Some(o) = v.as_object_mut() {
         o.remove("streamed");
     }

@@ -130,6 +130,10 @@ def _private_dir(path):
         raise AnsibleConnectionFailure("arbor: %s is not a private directory of this user" % path)
 
 
+class _Captured(Exception):
+    """A module command was captured instead of run (copy in one round trip)."""
+
+
 class _BecomeNeeded(AnsibleError):
     """The request's become interpreter is not up yet."""
 
@@ -275,6 +279,10 @@ class Connection(_vanilla.Connection):
         self._arbor_unacked = False
         # The next command runs with become (see _BecomeProxy).
         self._arbor_sudo_next = False
+        # Copy in one round trip: module commands captured, or an answer
+        # already had for the next one.
+        self._arbor_capture = None
+        self._arbor_canned = None
         self._arbor_become_real = None
 
     def set_become_plugin(self, plugin):
@@ -537,6 +545,15 @@ class Connection(_vanilla.Connection):
         if not self._enabled():
             return super(Connection, self).exec_command(cmd, in_data=in_data, sudoable=sudoable)
         self._connect()
+        if in_data and b"_ansiballz_main(" in in_data:
+            if self._arbor_capture is not None:
+                self._arbor_sudo_next = False
+                self._arbor_capture.append((to_text(cmd), in_data))
+                raise _Captured()
+            if self._arbor_canned is not None:
+                canned, self._arbor_canned = self._arbor_canned, None
+                self._arbor_sudo_next = False
+                return canned
         sudo = sudoable and self._arbor_sudo_next and self._arbor_become_real is not None
         self._arbor_sudo_next = False
         shown = "(no_log: command not shown)" if getattr(self._play_context, "no_log", False) else cmd
@@ -559,6 +576,33 @@ class Connection(_vanilla.Connection):
         blob = b"".join(parts)
         n = res["stdout_len"]
         return res["rc"], blob[:n], blob[n:]
+
+    def arbor_choose(self, path, checksum, same, differs):
+        """One round trip for copy: the agent stats `path` and runs the
+        `same` module command (cmd, stdin) if the file's sha1 is `checksum`,
+        else `differs`. Returns (stat, branch or None if a directory,
+        (rc, stdout, stderr))."""
+        self._connect()
+        display.vvv("ARBOR CHOOSE %s" % path, host=self._chain[-1]["name"])
+        data = same[1] + differs[1]
+        self._arbor.send({"op": "choose", "chain": self._chain, "path": to_text(path), "checksum": checksum,
+                          "same": {"cmd": same[0], "size": len(same[1])},
+                          "differs": {"cmd": differs[0], "size": len(differs[1])}}, data[:_PART_BYTES])
+        for i in range(_PART_BYTES, len(data), _PART_BYTES):
+            self._arbor.send({"op": "data"}, data[i:i + _PART_BYTES])
+        self._arbor_unacked = False
+        res, blob = self._arbor.recv()
+        parts = [blob]
+        got = len(blob)
+        while got < res.get("blob_size", got):
+            _, more = self._arbor.recv()
+            parts.append(more)
+            got += len(more)
+        blob = b"".join(parts)
+        if "branch" not in res:
+            return res["stat"], None, None
+        n = res["stdout_len"]
+        return res["stat"], res["branch"], (res["rc"], blob[:n], blob[n:])
 
     def put_file(self, in_path, out_path):
         if not self._enabled():
@@ -779,3 +823,128 @@ def _patch_synchronize():
 
 
 _patch_synchronize()
+
+
+# ------------------------------------------------------------ copy, one round trip
+#
+# Ansible's copy action stats the destination, then runs the copy module (if
+# the checksum differs, after uploading the source) or the file module (if
+# it is the same): two round trips. Through arbor, the source goes up
+# without waiting, both module commands are built, and the agent stats and
+# runs the right one in one request; the chosen module's answer then goes
+# through Ansible's own result handling, so results and files are as
+# vanilla's. Only the common case: no become, diff or check mode, raw,
+# follow, force=no or a directory destination (a directory found at the
+# destination falls back to Ansible's path); sources up to 256 KiB (a
+# larger one is not uploaded before it is known to be needed).
+
+_SPECULATIVE_BYTES_MAX = 256 * 1024
+
+
+def _capture(conn, run):
+    conn._arbor_capture = []
+    try:
+        run()
+    except _Captured:
+        pass
+    finally:
+        got, conn._arbor_capture = conn._arbor_capture, None
+    if len(got) != 1:
+        raise AnsibleError("arbor: expected one module command, captured %d" % len(got))
+    return got[0]
+
+
+def _patch_copy():
+    from ansible.plugins.action import copy as copy_action
+    from ansible.module_utils.parsing.convert_bool import boolean
+    from ansible.utils.hashing import checksum as local_checksum_of
+    import stat as stat_mod
+    vanilla_copy_file = copy_action.ActionModule._copy_file
+    if getattr(vanilla_copy_file, "_arbor", False):
+        return
+
+    def _copy_file(self, source_full, source_rel, content, content_tempfile, dest, task_vars, follow):
+        conn = _arbor_conn(self)
+        args = self._task.args
+
+        def vanilla():
+            return vanilla_copy_file(self, source_full, source_rel, content, content_tempfile, dest,
+                                     task_vars, follow)
+        if (conn is None or _become_applies(self) or self._task.diff or self._task.check_mode
+                or not boolean(args.get("force", "yes"), strict=False)
+                or boolean(args.get("raw", "no"), strict=False) or follow or args.get("checksum")
+                or conn._shell.path_has_trailing_slash(dest) or not conn._shell.tmpdir
+                or not self._is_pipelining_enabled("new")):
+            return vanilla()
+        decrypt = boolean(args.get("decrypt", True), strict=False)
+        try:
+            real = self._loader.get_real_file(source_full, decrypt=decrypt)
+        except AnsibleFileNotFound:
+            return vanilla()
+        if os.path.getsize(real) > _SPECULATIVE_BYTES_MAX:
+            self._loader.cleanup_tmp_file(real)
+            return vanilla()
+        lmode = None
+        if args.get("mode", None) == "preserve":
+            lmode = "0%03o" % stat_mod.S_IMODE(os.stat(real).st_mode)
+        local_checksum = local_checksum_of(real)
+        tmp_src = conn._shell.join_path(conn._shell.tmpdir, ".source")
+        suffix = os.path.splitext(dest)[1]
+        if suffix:
+            tmp_src += suffix
+        copy_args = copy_action._create_remote_copy_args(args)
+        copy_args.update(dict(src=tmp_src, dest=dest, _original_basename=source_rel, follow=follow,
+                              checksum=local_checksum))
+        file_args = copy_action._create_remote_file_args(args)
+        file_args.update(dict(dest=dest, _original_basename=source_rel, recurse=False, state="file"))
+        file_args.pop("src", None)
+        if lmode:
+            copy_args["mode"] = lmode
+            file_args["mode"] = lmode
+        # Uploaded before it is known to be needed: not awaited, and small.
+        remote_path = self._transfer_file(real, tmp_src)
+        self._fixup_perms2((conn._shell.tmpdir, remote_path))
+        # Each module is built once, for the capture and for its answer.
+        built = {}
+        configure = self._configure_module
+
+        def configure_once(module_name, module_args, task_vars=None):
+            key = (module_name, json.dumps(module_args, sort_keys=True, default=repr))
+            if key not in built:
+                built[key] = configure(module_name=module_name, module_args=module_args,
+                                       task_vars=task_vars)
+            return built[key]
+        self._configure_module = configure_once
+        try:
+            same = _capture(conn, lambda: self._execute_module(
+                module_name="ansible.legacy.file", module_args=dict(file_args), task_vars=task_vars))
+            differs = _capture(conn, lambda: self._execute_module(
+                module_name="ansible.legacy.copy", module_args=dict(copy_args), task_vars=task_vars))
+            st, branch, answer = conn.arbor_choose(dest, local_checksum, same, differs)
+            if branch is None:
+                # A directory: Ansible's own path (it stats again).
+                self._loader.cleanup_tmp_file(real)
+                del self._configure_module
+                return vanilla()
+            conn._arbor_canned = answer
+            if branch == "same":
+                module_return = self._execute_module(module_name="ansible.legacy.file",
+                                                     module_args=dict(file_args), task_vars=task_vars)
+            else:
+                module_return = self._execute_module(module_name="ansible.legacy.copy",
+                                                     module_args=dict(copy_args), task_vars=task_vars)
+        finally:
+            conn._arbor_canned = None
+            self.__dict__.pop("_configure_module", None)
+        self._remove_tempfile_if_content_defined(content, content_tempfile)
+        self._loader.cleanup_tmp_file(real)
+        if not module_return.get("checksum"):
+            module_return["checksum"] = local_checksum
+        result = {"diff": []}
+        result.update(module_return)
+        return result
+    _copy_file._arbor = True
+    copy_action.ActionModule._copy_file = _copy_file
+
+
+_patch_copy()
