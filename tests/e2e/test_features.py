@@ -101,6 +101,8 @@ def test_features_match_vanilla(lab, inputs, tmp_path):
     for t in TARGETS:
         assert (fetch_a / t / "tmp/arbor-e2e/app.conf").read_text() == \
             (fetch_v / t / "tmp/arbor-e2e/app.conf").read_text()
+    # copy and template ran in one round trip each (stat and module at once).
+    assert "ARBOR CHOOSE" in out_a
     # no_log kept the output out of the results, as vanilla does.
     assert "secret-value" not in out_a and "secret-value" not in json.dumps(lines_a)
     # Once the run is over, nothing of arbor's is left in the remote temp

@@ -854,8 +854,7 @@ def _capture(conn, run):
     return got[0]
 
 
-def _patch_copy():
-    from ansible.plugins.action import copy as copy_action
+def _patch_copy(copy_action):
     from ansible.module_utils.parsing.convert_bool import boolean
     from ansible.utils.hashing import checksum as local_checksum_of
     import stat as stat_mod
@@ -947,4 +946,18 @@ def _patch_copy():
     copy_action.ActionModule._copy_file = _copy_file
 
 
-_patch_copy()
+# Ansible loads the builtin copy action under more than one module name
+# (`copy` is ansible.plugins.action.copy; `ansible.builtin.copy` its
+# collection name): each class is patched when its first instance is made.
+_COPY_MODULES = ("ansible.plugins.action.copy", "ansible_collections.ansible.builtin.plugins.action.copy")
+_vanilla_action_init = ActionBase.__init__
+
+
+def _action_init(self, *args, **kwargs):
+    _vanilla_action_init(self, *args, **kwargs)
+    cls = type(self)
+    if cls.__module__ in _COPY_MODULES and not getattr(cls._copy_file, "_arbor", False):
+        _patch_copy(sys.modules[cls.__module__])
+
+
+ActionBase.__init__ = _action_init
