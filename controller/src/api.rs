@@ -130,6 +130,63 @@ fn zip_span(script: &[u8]) -> Option<(usize, usize)> {
     (end - start >= ZIP_LITERAL_BYTES_MIN).then_some((start, end))
 }
 
+/// The key a module's zip is cached under: a hash of its members' names,
+/// CRC-32s and sizes, read off the zip's central directory. AnsiballZ zips
+/// of the same module differ between runs only by their timestamps, so the
+/// key stays the same across runs. If the literal is not a zip that can be
+/// read so, the SHA-256 of the literal itself.
+fn zip_key(literal: &[u8]) -> String {
+    let hex = |d: &[u8]| d.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    match normalised_zip_digest(literal) {
+        Some(d) => format!("z1-{}", hex(&d)),
+        None => hex(&Sha256::digest(literal)),
+    }
+}
+
+fn normalised_zip_digest(literal: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let inner = literal
+        .strip_prefix(b"'")
+        .and_then(|l| l.strip_suffix(b"'"))
+        .or_else(|| {
+            literal
+                .strip_prefix(b"\"")
+                .and_then(|l| l.strip_suffix(b"\""))
+        })?;
+    let zip = base64::engine::general_purpose::STANDARD
+        .decode(inner)
+        .ok()?;
+    let u16_at = |i: usize| -> Option<usize> {
+        Some(u16::from_le_bytes(zip.get(i..i + 2)?.try_into().ok()?) as usize)
+    };
+    let u32_at =
+        |i: usize| -> Option<u32> { Some(u32::from_le_bytes(zip.get(i..i + 4)?.try_into().ok()?)) };
+    // The end of central directory record: 22 bytes, then a comment of
+    // at most 64 KiB.
+    let lowest = zip.len().saturating_sub(22 + 0xFFFF);
+    let end = (lowest..=zip.len().checked_sub(22)?)
+        .rev()
+        .find(|&i| u32_at(i) == Some(0x0605_4b50))?;
+    let count = u16_at(end + 10)?;
+    let mut at = u32_at(end + 16)? as usize;
+    let mut h = Sha256::new();
+    for _ in 0..count {
+        if u32_at(at)? != 0x0201_4b50 {
+            return None;
+        }
+        let (crc, size) = (u32_at(at + 16)?, u32_at(at + 24)?);
+        let (name_len, extra_len, comment_len) =
+            (u16_at(at + 28)?, u16_at(at + 30)?, u16_at(at + 32)?);
+        let name = zip.get(at + 46..at + 46 + name_len)?;
+        h.update((name.len() as u32).to_le_bytes());
+        h.update(name);
+        h.update(crc.to_le_bytes());
+        h.update(size.to_le_bytes());
+        at += 46 + name_len + extra_len + comment_len;
+    }
+    Some(h.finalize().to_vec())
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -652,10 +709,7 @@ async fn exec(
     let (mut v, out) = match zip_span(&stdin) {
         None => exec_once(tree, node, agent_req, &stdin).await?,
         Some((a, b)) => {
-            let key: String = Sha256::digest(&stdin[a..b])
-                .iter()
-                .map(|x| format!("{x:02x}"))
-                .collect();
+            let key = zip_key(&stdin[a..b]);
             let cached = if zips.has(node, &key) {
                 let mut short_req = agent_req.clone();
                 short_req["zip_key"] = json!(key);
@@ -701,10 +755,7 @@ fn zip_form(
     let Some((a, b)) = zip_span(stdin) else {
         return (fields, stdin.to_vec(), None);
     };
-    let key: String = Sha256::digest(&stdin[a..b])
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect();
+    let key = zip_key(&stdin[a..b]);
     fields.insert("zip_key".into(), json!(key));
     if !whole && zips.has(node, &key) {
         fields.insert("zip_at".into(), json!(a));
@@ -983,6 +1034,104 @@ async fn pipe(conn: &mut UnixStream, tree: &TreeHandle, req: &Value) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A zip of stored members, each (name, data), written with `time` as
+    /// every member's DOS time: what Python's zipfile writes, in small.
+    fn zip_of(members: &[(&str, &[u8])], time: u16) -> Vec<u8> {
+        fn crc32(d: &[u8]) -> u32 {
+            let mut c = !0u32;
+            for &b in d {
+                c ^= b as u32;
+                for _ in 0..8 {
+                    c = if c & 1 != 0 {
+                        (c >> 1) ^ 0xEDB8_8320
+                    } else {
+                        c >> 1
+                    };
+                }
+            }
+            !c
+        }
+        let (mut out, mut central) = (Vec::new(), Vec::new());
+        for (name, data) in members {
+            let offset = out.len() as u32;
+            let crc = crc32(data);
+            let len = data.len() as u32;
+            let mut head = vec![];
+            head.extend(0x0403_4b50u32.to_le_bytes());
+            head.extend([20, 0, 0, 0, 0, 0]);
+            head.extend(time.to_le_bytes());
+            head.extend(0x5521u16.to_le_bytes());
+            head.extend(crc.to_le_bytes());
+            head.extend(len.to_le_bytes());
+            head.extend(len.to_le_bytes());
+            head.extend((name.len() as u16).to_le_bytes());
+            head.extend(0u16.to_le_bytes());
+            out.extend(&head);
+            out.extend(name.as_bytes());
+            out.extend(*data);
+            central.extend(0x0201_4b50u32.to_le_bytes());
+            central.extend([20, 0, 20, 0, 0, 0, 0, 0]);
+            central.extend(time.to_le_bytes());
+            central.extend(0x5521u16.to_le_bytes());
+            central.extend(crc.to_le_bytes());
+            central.extend(len.to_le_bytes());
+            central.extend(len.to_le_bytes());
+            central.extend((name.len() as u16).to_le_bytes());
+            central.extend([0u8; 12]);
+            central.extend(offset.to_le_bytes());
+            central.extend(name.as_bytes());
+        }
+        let (cd_at, cd_len) = (out.len() as u32, central.len() as u32);
+        out.extend(&central);
+        out.extend(0x0605_4b50u32.to_le_bytes());
+        out.extend([0u8; 4]);
+        out.extend((members.len() as u16).to_le_bytes());
+        out.extend((members.len() as u16).to_le_bytes());
+        out.extend(cd_len.to_le_bytes());
+        out.extend(cd_at.to_le_bytes());
+        out.extend(0u16.to_le_bytes());
+        out
+    }
+
+    fn literal(zip: &[u8]) -> Vec<u8> {
+        use base64::Engine;
+        format!(
+            "'{}'",
+            base64::engine::general_purpose::STANDARD.encode(zip)
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn zip_key_ignores_timestamps_but_not_content() {
+        let members: &[(&str, &[u8])] =
+            &[("ansible/__init__.py", b"x = 1\n"), ("m.py", b"print(1)\n")];
+        let a = literal(&zip_of(members, 0x6000));
+        let b = literal(&zip_of(members, 0x6123));
+        assert_ne!(a, b, "the literals differ, as between runs");
+        assert_eq!(zip_key(&a), zip_key(&b));
+        assert!(zip_key(&a).starts_with("z1-"));
+        let other = literal(&zip_of(
+            &[("ansible/__init__.py", b"x = 2\n"), ("m.py", b"print(1)\n")],
+            0x6000,
+        ));
+        assert_ne!(zip_key(&a), zip_key(&other));
+        let renamed = literal(&zip_of(
+            &[("ansible/__init__.py", b"x = 1\n"), ("n.py", b"print(1)\n")],
+            0x6000,
+        ));
+        assert_ne!(zip_key(&a), zip_key(&renamed));
+        // Deflated zips written by Python's zipfile an hour and a half apart.
+        let py_a = b"'UEsDBBQAAAAIAABQdV2Hj6fgCQAAAFAAAAATAAAAYW5zaWJsZS9fX2luaXRfXy5weauwNeSqoCIGAFBLAwQUAAAACAAAUHVd3U4WbBMAAACMAAAAFwAAAGFuc2libGUvbW9kdWxlcy9waW5nLnB5KyjKzCvRUC/Iz0tX1+QqGFAeAFBLAQIUAxQAAAAIAABQdV2Hj6fgCQAAAFAAAAATAAAAAAAAAAAAAACAAQAAAABhbnNpYmxlL19faW5pdF9fLnB5UEsBAhQDFAAAAAgAAFB1Xd1OFmwTAAAAjAAAABcAAAAAAAAAAAAAAIABOgAAAGFuc2libGUvbW9kdWxlcy9waW5nLnB5UEsFBgAAAAACAAIAhgAAAIIAAAAAAA=='";
+        let py_b = b"'UEsDBBQAAAAIAMFbdV2Hj6fgCQAAAFAAAAATAAAAYW5zaWJsZS9fX2luaXRfXy5weauwNeSqoCIGAFBLAwQUAAAACADBW3Vd3U4WbBMAAACMAAAAFwAAAGFuc2libGUvbW9kdWxlcy9waW5nLnB5KyjKzCvRUC/Iz0tX1+QqGFAeAFBLAQIUAxQAAAAIAMFbdV2Hj6fgCQAAAFAAAAATAAAAAAAAAAAAAACAAQAAAABhbnNpYmxlL19faW5pdF9fLnB5UEsBAhQDFAAAAAgAwVt1Xd1OFmwTAAAAjAAAABcAAAAAAAAAAAAAAIABOgAAAGFuc2libGUvbW9kdWxlcy9waW5nLnB5UEsFBgAAAAACAAIAhgAAAIIAAAAAAA=='";
+        assert_ne!(&py_a[..], &py_b[..]);
+        assert!(zip_key(py_a).starts_with("z1-"));
+        assert_eq!(zip_key(py_a), zip_key(py_b));
+        // Not a zip: the literal's own hash.
+        assert_eq!(zip_key(b"'bm90IGEgemlw'").len(), 64);
+        assert_eq!(zip_key(b"garbage").len(), 64);
+    }
 
     #[test]
     fn zip_literal_is_found_only_in_ansiballz_scripts() {
