@@ -920,21 +920,24 @@ def _patch_copy(copy_action):
             differs = _capture(conn, lambda: self._execute_module(
                 module_name="ansible.legacy.copy", module_args=dict(copy_args), task_vars=task_vars))
             st, branch, answer = conn.arbor_choose(dest, local_checksum, same, differs)
-            if branch is None:
-                # A directory: Ansible's own path (it stats again).
-                self._loader.cleanup_tmp_file(real)
-                del self._configure_module
-                return vanilla()
-            conn._arbor_canned = answer
-            if branch == "same":
-                module_return = self._execute_module(module_name="ansible.legacy.file",
-                                                     module_args=dict(file_args), task_vars=task_vars)
-            else:
-                module_return = self._execute_module(module_name="ansible.legacy.copy",
-                                                     module_args=dict(copy_args), task_vars=task_vars)
+            if branch is not None:
+                conn._arbor_canned = answer
+                module_name, module_args = (("ansible.legacy.file", file_args) if branch == "same"
+                                            else ("ansible.legacy.copy", copy_args))
+                module_return = self._execute_module(module_name=module_name,
+                                                     module_args=dict(module_args), task_vars=task_vars)
+        except BaseException:
+            # Nothing of the task stays on the controller either.
+            self._remove_tempfile_if_content_defined(content, content_tempfile)
+            self._loader.cleanup_tmp_file(real)
+            raise
         finally:
             conn._arbor_canned = None
             self.__dict__.pop("_configure_module", None)
+        if branch is None:
+            # A directory: Ansible's own path (it stats again).
+            self._loader.cleanup_tmp_file(real)
+            return vanilla()
         self._remove_tempfile_if_content_defined(content, content_tempfile)
         self._loader.cleanup_tmp_file(real)
         if not module_return.get("checksum"):
