@@ -95,6 +95,8 @@ PENDING_BYTES_MAX = 64 * 1024 * 1024
 FLAG_LZ4 = 0x01
 # pam_env files whose later edits commands see, as after a new login.
 ENV_FILES = ("/etc/environment", "~/.pam_environment")
+# Longest wait for a pipe's command to exit once its outputs are closed.
+PIPE_EXIT_WAIT_S = 5
 # Log lines kept for the next reply.
 LOG_LINES_MAX = 64
 # What precedes a nested agent's node id and code on its stdin.
@@ -965,7 +967,16 @@ class Agent(object):
                 # Its outputs are closed: it has exited, or will at once.
                 pipe.eof = True
                 pipe.writer()
-                rc = pipe.proc.wait()
+                try:
+                    rc = pipe.proc.wait(timeout=PIPE_EXIT_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    # Its outputs are closed but it lingers: ended, so the
+                    # agent is not held.
+                    try:
+                        os.killpg(pipe.proc.pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                    rc = pipe.proc.wait()
                 del self.pipes[pipe.stream]
                 self.send(DATA, pipe.src, pipe.stream, msg({"rc": rc}))
                 self.send(END, pipe.src, pipe.stream, b"")

@@ -459,6 +459,7 @@ impl Tree {
         if outcome.is_err() {
             self.becomes.remove(&k);
             self.become_of.remove(&node);
+            self.started.remove(&node);
         }
         for w in waiters {
             let _ = w.send(outcome.clone().map(|_| Some(BecomeSlot::Ready(node))));
@@ -551,7 +552,10 @@ impl Tree {
         };
         let new = match &outcome {
             Ok(n) => HopState::Up(*n),
-            Err(why) => HopState::Failed(why.clone()),
+            Err(why) => {
+                self.started.remove(&node);
+                HopState::Failed(why.clone())
+            }
         };
         if let Some(HopState::Connecting { node: n, waiters }) = self.hops.insert(key, new) {
             debug_assert_eq!(n, node);

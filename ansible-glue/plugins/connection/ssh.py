@@ -561,21 +561,29 @@ class Connection(_vanilla.Connection):
         data = in_data or b""
 
         def send():
-            self._arbor_send({"op": "exec", "cmd": to_text(cmd), "stdin_size": len(data)},
-                             data[:_PART_BYTES], sudo=sudo)
-            for i in range(_PART_BYTES, len(data), _PART_BYTES):
-                self._arbor.send({"op": "data"}, data[i:i + _PART_BYTES])
+            self._arbor_send_body({"op": "exec", "cmd": to_text(cmd), "stdin_size": len(data)},
+                                  data, sudo=sudo)
         self._arbor_unacked = False
-        res, blob = self._arbor_roundtrip(send, sudo)
+        res, blob = self._arbor_gather(*self._arbor_roundtrip(send, sudo))
+        n = res["stdout_len"]
+        return res["rc"], blob[:n], blob[n:]
+
+    def _arbor_send_body(self, obj, data, sudo=False):
+        """A request whose body may be larger than one message: the first
+        part with it, the rest in data messages."""
+        self._arbor_send(obj, data[:_PART_BYTES], sudo=sudo)
+        for i in range(_PART_BYTES, len(data), _PART_BYTES):
+            self._arbor.send({"op": "data"}, data[i:i + _PART_BYTES])
+
+    def _arbor_gather(self, res, blob):
+        """A reply and its whole blob, whose rest follows in data messages."""
         parts = [blob]
         got = len(blob)
         while got < res.get("blob_size", got):
             _, more = self._arbor.recv()
             parts.append(more)
             got += len(more)
-        blob = b"".join(parts)
-        n = res["stdout_len"]
-        return res["rc"], blob[:n], blob[n:]
+        return res, b"".join(parts)
 
     def arbor_choose(self, path, checksum, same, differs):
         """One round trip for copy: the agent stats `path` and runs the
@@ -584,21 +592,12 @@ class Connection(_vanilla.Connection):
         (rc, stdout, stderr))."""
         self._connect()
         display.vvv("ARBOR CHOOSE %s" % path, host=self._chain[-1]["name"])
-        data = same[1] + differs[1]
-        self._arbor.send({"op": "choose", "chain": self._chain, "path": to_text(path), "checksum": checksum,
-                          "same": {"cmd": same[0], "size": len(same[1])},
-                          "differs": {"cmd": differs[0], "size": len(differs[1])}}, data[:_PART_BYTES])
-        for i in range(_PART_BYTES, len(data), _PART_BYTES):
-            self._arbor.send({"op": "data"}, data[i:i + _PART_BYTES])
+        self._arbor_send_body({"op": "choose", "path": to_text(path), "checksum": checksum,
+                               "same": {"cmd": same[0], "size": len(same[1])},
+                               "differs": {"cmd": differs[0], "size": len(differs[1])}},
+                              same[1] + differs[1])
         self._arbor_unacked = False
-        res, blob = self._arbor.recv()
-        parts = [blob]
-        got = len(blob)
-        while got < res.get("blob_size", got):
-            _, more = self._arbor.recv()
-            parts.append(more)
-            got += len(more)
-        blob = b"".join(parts)
+        res, blob = self._arbor_gather(*self._arbor.recv())
         if "branch" not in res:
             return res["stat"], None, None
         n = res["stdout_len"]
