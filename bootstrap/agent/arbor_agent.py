@@ -58,12 +58,14 @@ import base64
 import collections
 import errno
 import fcntl
+import gc
 import grp
 import hashlib
 import importlib.abc
 import importlib.util
 import io
 import json
+import locale
 import os
 import pwd
 import pty
@@ -77,8 +79,10 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 import traceback
+import warnings
 import zipfile
 
 MAGIC = 0xA7
@@ -126,6 +130,13 @@ ZIP_NAME = b"__arbor_zip_data__"
 # Where an AnsiballZ script's constant wrapper ends and its call begins.
 WRAPPER_CALL = b'\nif __name__ == "__main__":\n'
 WRAPPERS_MAX = 16
+# Standard library modules a module imported are imported in the agent too,
+# except these, whose import acts on the terminal or the process.
+STDLIB = frozenset(getattr(sys, "stdlib_module_names", ()))
+STDLIB_NEVER_WARM = frozenset((
+    "__main__", "antigravity", "this", "readline", "rlcompleter", "curses",
+    "tkinter", "turtle", "turtledemo", "idlelib", "pdb", "pydoc", "site",
+    "sitecustomize", "usercustomize", "getpass", "tty", "pty", "webbrowser"))
 
 # The command Ansible sends for a pipelined module: the interpreter reads the
 # AnsiballZ script from stdin.
@@ -372,14 +383,36 @@ class ZipModules(MemoryModules):
         return code
 
 
+# Modules that run in a thread of the persistent interpreter (no fork): the
+# builtin ones that keep to themselves (no chdir, signals, daemons, locale
+# or respawn of their own). Every other module forks: the default fork list
+# is everything else. `arbor_task_isolation=fork` (or Mitogen's
+# `mitogen_task_isolation=fork`) forks any module.
+INPROCESS_MODULES = frozenset("ansible.modules." + m for m in (
+    "assemble", "blockinfile", "copy", "file", "find", "get_url", "getent",
+    "known_hosts", "lineinfile", "ping", "replace", "slurp", "stat", "tempfile",
+    "uri", "wait_for"))
+# The module an AnsiballZ script of ansible-core 2.19 runs (in its call).
+MODULE_FQN = re.compile(rb"^module_fqn='([\w.]+)',$", re.M)
+
+
+def warmable_stdlib(name):
+    """Whether `name` is a standard library module the agent may import for
+    later modules (Python 3.10 and newer name them)."""
+    top = name.partition(".")[0]
+    return top in STDLIB and top not in STDLIB_NEVER_WARM and not top.startswith("_test")
+
+
 class WarmImports(MemoryModules):
-    """Keeps the module_utils that modules use imported in this interpreter,
-    so a module forked from it does not import them again.
+    """Keeps the module_utils and standard library modules that modules use
+    imported in this interpreter, so a module forked from it does not import
+    (or even look for) them again.
 
     Sources come from the AnsiballZ payloads themselves (their zip), held in
     memory. After a module has run, the `ansible.module_utils.*` modules it
-    imported are imported here from those sources; one that fails to import
-    stays cold. Forked modules do not use this finder: whatever they import
+    imported are imported here from those sources, and the standard library
+    modules it imported are imported here as Python would; one that fails to
+    import stays cold. Forked modules do not use this finder: whatever they import
     that is not warm comes from their own zip, as without arbor.
     """
 
@@ -402,7 +435,9 @@ class WarmImports(MemoryModules):
     def warm(self, names):
         """Imports `names` here (parents first); never raises."""
         for name in sorted(set(names), key=lambda n: n.count(".")):
-            if name in sys.modules or name in self.cold or not name.startswith("ansible"):
+            if name in sys.modules or name in self.cold:
+                continue
+            if not (name.startswith("ansible.module_utils") or warmable_stdlib(name)):
                 continue
             try:
                 importlib.import_module(name)
@@ -742,10 +777,11 @@ class Job(object):
         return not self.readers and self.stdin is None
 
     def kill(self):
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except OSError:
-            pass
+        if self.pid is not None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
         for f in self.files.values():
             f.close()
         self.files = {}
@@ -753,9 +789,193 @@ class Job(object):
             self.stdin.close()
             self.stdin = None
         try:
-            os.waitpid(self.pid, 0)
+            if self.pid is not None:
+                os.waitpid(self.pid, 0)
         except OSError:
             pass
+
+
+def _saved_globals():
+    """Each imported ansible module's globals, and a copy of each dict,
+    list and set among them, to be put back after an in-process module."""
+    saved = []
+    kinds = (dict, list, set)
+    for name, mod in list(sys.modules.items()):
+        d = getattr(mod, "__dict__", None) if name.startswith("ansible") else None
+        if d is None:
+            continue
+        skip = d.get("__builtins__")
+        boxes = [(v, v.copy()) for v in d.values() if type(v) in kinds and v is not skip]
+        saved.append((d, d.copy(), boxes))
+    return saved
+
+
+def _restore_globals(saved):
+    for d, copy, boxes in saved:
+        d.clear()
+        d.update(copy)
+        for box, old in boxes:
+            if type(box) is list:
+                box[:] = old
+            else:
+                box.clear()
+                box.update(old)
+
+
+class ThreadJob(Job):
+    """The Job of an in-process module: done at its thread's one byte."""
+
+    def on_read(self, fd):
+        os.read(fd, 1)
+        self.readers.remove(fd)
+        self.files.pop(fd).close()
+
+
+class InProcess(object):
+    """One module run in a thread of the persistent interpreter, as Mitogen
+    runs modules by default: no fork, no copy-on-write, nothing imported
+    again. The agent's loop goes on serving frames meanwhile.
+
+    What a module may change in the process is saved before and put back
+    after: cwd, umask, environment, locale, sys.path, argv, meta_path and
+    stdio, warnings filters, the path importer cache, exit handlers (the
+    module's run when it ends, as python3 would run them), and the globals
+    of the ansible modules already imported (rebound names, and the contents
+    of their dicts, lists and sets). The ansible modules it imported are
+    dropped again; the agent then imports them warm, afresh, for the next.
+    While it runs, commands the agent starts get the saved cwd, umask and
+    environment. One at a time: a module that comes meanwhile forks."""
+
+    def __init__(self, agent):
+        try:
+            self.cwd = os.getcwd()
+        except OSError:
+            self.cwd = None
+        self.umask = agent.umask
+        self.environ = dict(os.environ)
+        self.locale = locale.setlocale(locale.LC_ALL)
+        self.path = sys.path
+        self.path_items = list(sys.path)
+        self.argv = sys.argv
+        self.meta_path = list(sys.meta_path)
+        self.importers = set(sys.path_importer_cache)
+        self.stdio = (sys.stdin, sys.stdout, sys.stderr)
+        self.filters = list(warnings.filters)
+        self.modules = set(sys.modules)
+        self.globals = _saved_globals()
+        self.register = atexit.register
+        self.unregister = atexit.unregister
+        self.exits = []
+        self.rc = 1
+        self.out = io.BytesIO()
+        self.err = io.BytesIO()
+
+    def start(self, codes, source, env, finder, warm, done):
+        """Runs `codes` in a thread, which writes a byte to `done` (a pipe
+        the agent's loop owns and closes) when the module has ended."""
+        self.done = done
+        if warm in sys.meta_path:
+            sys.meta_path.remove(warm)
+        sys.meta_path.insert(0, finder)
+
+        def text(raw, like, errors):
+            return io.TextIOWrapper(raw, encoding=getattr(like, "encoding", None) or "utf-8",
+                                    errors=errors, write_through=True)
+        real = sys.__stderr__
+        sys.stdin = open(os.devnull, "r")
+        sys.stdout = text(self.out, real, getattr(sys.__stdout__, "errors", None) or "strict")
+        sys.stderr = text(self.err, real, "backslashreplace")
+        sys.argv = [""]
+        atexit.register = self.on_exit
+        atexit.unregister = self.no_exit
+
+        def body():
+            try:
+                self.rc = run_module_code(codes, source, env)
+                for func, args, kwargs in reversed(self.exits):
+                    try:
+                        func(*args, **kwargs)
+                    except SystemExit:
+                        pass
+                    except BaseException:
+                        traceback.print_exc()
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                except BaseException:
+                    pass
+            finally:
+                try:
+                    os.write(done, b"x")
+                except OSError:
+                    pass
+        t = threading.Thread(target=body, name="arbor-module")
+        t.daemon = True
+        t.start()
+
+    def on_exit(self, func, *args, **kwargs):
+        self.exits.append((func, args, kwargs))
+        return func
+
+    def no_exit(self, func):
+        self.exits = [e for e in self.exits if e[0] != func]
+
+    def end(self):
+        """Puts the process back; (exit status, stdout, stderr, names of the
+        module_utils and standard library modules it imported)."""
+        # Read before the module's stdio goes: closing it closes these.
+        out, err = self.out.getvalue(), self.err.getvalue()
+        new = [n for n in list(sys.modules) if n not in self.modules]
+        names = [n for n in new if n.startswith("ansible.module_utils") or warmable_stdlib(n)]
+        for n in new:
+            if n.startswith("ansible"):
+                sys.modules.pop(n, None)
+        _restore_globals(self.globals)
+        sys.stdin.close()
+        sys.stdin, sys.stdout, sys.stderr = self.stdio
+        sys.argv = self.argv
+        sys.path = self.path
+        sys.path[:] = self.path_items
+        sys.meta_path[:] = self.meta_path
+        for k in [k for k in sys.path_importer_cache if k not in self.importers]:
+            del sys.path_importer_cache[k]
+        warnings.filters[:] = self.filters
+        getattr(warnings, "_filters_mutated", lambda: None)()
+        atexit.register = self.register
+        atexit.unregister = self.unregister
+        if os.environ != self.environ:
+            os.environ.clear()
+            os.environ.update(self.environ)
+        try:
+            if self.cwd is not None and os.getcwd() != self.cwd:
+                os.chdir(self.cwd)
+        except OSError:
+            pass
+        os.umask(self.umask)
+        try:
+            if locale.setlocale(locale.LC_ALL) != self.locale:
+                locale.setlocale(locale.LC_ALL, self.locale)
+        except locale.Error:
+            pass
+        return self.rc, out, err, names
+
+
+def run_module_code(codes, source, env):
+    """Runs a module's compiled script as python3 would; its exit status."""
+    try:
+        for code in codes:
+            exec(code if code is not None else compile(source, "<stdin>", "exec", dont_inherit=True), env)
+        return 0
+    except SystemExit as e:
+        if e.code is None:
+            return 0
+        if isinstance(e.code, int):
+            return e.code & 0xFF
+        sys.stderr.write("%s\n" % (e.code,))
+        return 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
 
 
 class Pipe(object):
@@ -836,6 +1056,11 @@ class Agent(object):
         self.wrappers = {}  # digest -> compiled AnsiballZ wrapper
         self.warm = WarmImports(self.codes)
         sys.meta_path.insert(0, self.warm)
+        self.inproc = None  # the InProcess module running, if any
+        self.umask = os.umask(0o022)
+        os.umask(self.umask)
+        # The agent's own stderr: an in-process module has its own.
+        self.stderr = sys.stderr
 
     def send(self, kind, dst, stream, payload=b""):
         write_all(self.wfd, encode(kind, dst, self.node, stream, payload))
@@ -845,7 +1070,8 @@ class Agent(object):
         line = "n%d: %s" % (self.node, message)
         self.logs.append(line[:1000])
         try:
-            sys.stderr.write("arbor agent %s\n" % line)
+            self.stderr.write("arbor agent %s\n" % line)
+            self.stderr.flush()
         except Exception:
             pass
 
@@ -1117,11 +1343,12 @@ class Agent(object):
                     branch = "same" if st.get("checksum") == req["checksum"] else "differs"
                     sub, script = cands[branch]
                     sub["lane"] = req.get("lane")
+                    sub["isolation"] = req.get("isolation")
                     self.exec_(src, stream, sub, *script, extra={"stat": st, "branch": branch})
             elif op == "pipe":
-                proc = subprocess.Popen([self.shell, "-c", req["cmd"]], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        start_new_session=True)
+                proc = self.popen([self.shell, "-c", req["cmd"]], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  start_new_session=True)
                 self.pipes[stream] = Pipe(src, stream, proc)
                 self.send(REPLY, src, stream, msg({"streamed": True}))
             elif op == "fetch":
@@ -1221,9 +1448,9 @@ class Agent(object):
             attrs = termios.tcgetattr(slave)
             attrs[3] &= ~termios.ECHO
             termios.tcsetattr(slave, termios.TCSANOW, attrs)
-            proc = subprocess.Popen([self.shell, "-c", req["cmd"]], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=slave, close_fds=True,
-                                    start_new_session=True, preexec_fn=_take_tty)
+            proc = self.popen([self.shell, "-c", req["cmd"]], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=slave, close_fds=True,
+                              start_new_session=True, preexec_fn=_take_tty)
         except BaseException:
             os.close(master)
             raise
@@ -1366,12 +1593,16 @@ class Agent(object):
         cmd = req["cmd"]
         m = PIPELINED.match(cmd)
         if m and b"_ansiballz_main(" in script and self.same_python(m.group("python")):
+            fqn = MODULE_FQN.search(script, max(0, script.rfind(WRAPPER_CALL)))
+            if (self.inproc is None and req.get("isolation") != "fork"
+                    and fqn is not None and fqn.group(1).decode() in INPROCESS_MODULES):
+                return self.run_inprocess(src, stream, script, mz, at, extra)
             return self.run_forked(src, stream, script, mz, at, extra)
         stdin = script if mz is None else script[:at] + mz.literal + script[at:]
         # Its own process group, so the whole command can be stopped.
-        proc = subprocess.Popen([self.shell, "-c", cmd], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=req.get("cwd"), start_new_session=True)
+        proc = self.popen([self.shell, "-c", cmd], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          cwd=req.get("cwd"), start_new_session=True)
 
         def finish(outs):
             out, err = outs
@@ -1411,11 +1642,22 @@ class Agent(object):
                     break
         return os.path.realpath(path) == self.python
 
-    def run_forked(self, src, stream, script, mz=None, at=None, extra=None):
-        """Runs a pipelined module in a fork of this warm interpreter, as
-        `python3 < script` would: same stdout, stderr and exit status. With
-        its zip kept here, the zip literal is not compiled again and the
-        zip's modules come from memory (ZipModules)."""
+    def popen(self, argv, **kw):
+        """subprocess.Popen; while a module runs in-process, with the
+        agent's own cwd, umask and environment, whatever the module did to
+        them."""
+        ip = self.inproc
+        if ip is not None:
+            kw.setdefault("env", ip.environ)
+            kw.setdefault("cwd", ip.cwd)
+            if sys.version_info >= (3, 9):
+                kw["umask"] = ip.umask
+        return subprocess.Popen(argv, **kw)
+
+    def module_parts(self, script, mz, at):
+        """(globals, source, the zip's files, compiled code) of a module's
+        script. With its zip kept here, the zip literal is not compiled
+        again and the zip's modules come from memory (ZipModules)."""
         env = {"__name__": "__main__", "__builtins__": __builtins__}
         if mz is None:
             m = ZIP_DATA.search(script)
@@ -1426,16 +1668,60 @@ class Agent(object):
             source = script[:at] + ZIP_NAME + script[at:]
         files = mz.files() if mz is not None else {}
         self.warm.add_files(files)
-        codes = self.script_code(source)
+        return env, source, files, self.script_code(source)
+
+    def run_inprocess(self, src, stream, script, mz=None, at=None, extra=None):
+        """Runs a pipelined module in a thread of this interpreter (see
+        InProcess); answered as `python3 < script` would be."""
+        env, source, files, codes = self.module_parts(script, mz, at)
         zipmods = ZipModules(files, self.codes)
+        r_done, w_done = os.pipe()
+        ip = self.inproc = InProcess(self)
+        try:
+            ip.start(codes, source, env, zipmods, self.warm, w_done)
+        except BaseException:
+            self.inproc = None
+            ip.end()
+            os.close(w_done)
+            os.close(r_done)
+            raise
+
+        def finish(_outs):
+            self.inproc = None
+            os.close(w_done)
+            rc, out, err, names = ip.end()
+            self.reply(src, stream, dict(extra or {}, rc=rc, stdout_len=len(out)), out + err)
+            self.after_module(names, files, zipmods.served)
+        self.jobs.append(ThreadJob(None, [os.fdopen(r_done, "rb", 0)], None, b"", finish))
+
+    def run_forked(self, src, stream, script, mz=None, at=None, extra=None):
+        """Runs a pipelined module in a fork of this warm interpreter, as
+        `python3 < script` would: same stdout, stderr and exit status."""
+        env, source, files, codes = self.module_parts(script, mz, at)
+        zipmods = ZipModules(files, self.codes)
+        ip = self.inproc
         r_out, w_out = os.pipe()
         r_err, w_err = os.pipe()
         r_names, w_names = os.pipe()
-        pid = os.fork()
+        # The agent's objects move to the permanent generation for the
+        # fork: a collection in the module then never walks (and so never
+        # copies) the agent's pages. The parent takes them back at once.
+        gc.freeze()
+        pid = None
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:
+                gc.unfreeze()
         if pid == 0:
             rc = 1
             try:
                 os.setpgid(0, 0)
+                if ip is not None:
+                    # Forked while a module runs in-process (in a thread
+                    # not copied here): the process as it was before it.
+                    os.close(ip.done)
+                    ip.end()
                 # The module's exit handlers run as python3 would run them
                 # (AnsibleModule removes its temp dir in one); the agent's
                 # are not the module's.
@@ -1469,17 +1755,7 @@ class Agent(object):
                 sys.stdout = open(1, "w", closefd=False)
                 sys.stderr = open(2, "w", closefd=False)
                 sys.argv = [""]
-                for code in codes:
-                    exec(code if code is not None else compile(source, "<stdin>", "exec", dont_inherit=True), env)
-                rc = 0
-            except SystemExit as e:
-                if e.code is None:
-                    rc = 0
-                elif isinstance(e.code, int):
-                    rc = e.code & 0xFF
-                else:
-                    sys.stderr.write("%s\n" % (e.code,))
-                    rc = 1
+                rc = run_module_code(codes, source, env)
             except BaseException:
                 traceback.print_exc()
                 rc = 1
@@ -1491,7 +1767,8 @@ class Agent(object):
                 try:
                     sys.stdout.flush()
                     sys.stderr.flush()
-                    names = [n for n in list(sys.modules) if n.startswith("ansible.module_utils")]
+                    names = [n for n in list(sys.modules)
+                             if n.startswith("ansible.module_utils") or warmable_stdlib(n)]
                     served = ["@" + rel for rel in zipmods.served]
                     write_all(w_names, "\n".join(names + served).encode())
                 except BaseException:
@@ -1624,8 +1901,14 @@ def main(node):
     # end of its link (EOF) is what ends it, after its cleanup. (A handler,
     # not SIG_IGN, so the commands it runs get the default back.)
     signal.signal(signal.SIGHUP, lambda *_: None)
-    # Frames own fds 0 and 1; nothing else may write to them.
-    agent = Agent(node)
+    # The link moves off fds 0 and 1, which become /dev/null: nothing a
+    # module or a command inherits or writes can reach the link.
+    rfd, wfd = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    agent = Agent(node, rfd, wfd)
     sys.stdout = sys.stderr
     try:
         code = agent.run()

@@ -705,7 +705,11 @@ async fn exec(
         .unwrap_or(blob.len() as u64) as usize;
     let stdin = read_body(conn, blob, size).await?;
     let node = agent_for(tree, req).await?;
-    let agent_req = json!({"op": "exec", "cmd": req.get("cmd").cloned().unwrap_or(Value::Null)});
+    let agent_req = json!({
+        "op": "exec",
+        "cmd": req.get("cmd").cloned().unwrap_or(Value::Null),
+        "isolation": req.get("isolation").cloned().unwrap_or(Value::Null),
+    });
     let (mut v, out) = match zip_span(&stdin) {
         None => exec_once(tree, node, agent_req, &stdin).await?,
         Some((a, b)) => {
@@ -790,6 +794,7 @@ async fn choose(
             "op": "choose",
             "path": req.get("path").cloned().unwrap_or(Value::Null),
             "checksum": req.get("checksum").cloned().unwrap_or(Value::Null),
+            "isolation": req.get("isolation").cloned().unwrap_or(Value::Null),
         });
         let mut out = Vec::new();
         let mut keys = Vec::new();

@@ -598,3 +598,92 @@ def test_pipe_streams_stdin_and_output_both_ways(link):
             break
         got.append(A.split_msg(payload))
     assert got == [({"fd": 2}, b"got two\n"), ({"rc": 4}, b"")], got
+
+
+def fake_ansiballz(body, fqn="ansible.modules.ping"):
+    """A script shaped as ansible-core 2.19's AnsiballZ (its call names the
+    module), whose `_ansiballz_main` runs `body`."""
+    return (b"import atexit, json, os, sys, warnings\n"
+            b"def _ansiballz_main(**kw):\n"
+            + b"".join(b"    " + line + b"\n" for line in body.splitlines())
+            + b'\nif __name__ == "__main__":\n    _ansiballz_main(\n'
+            + b"module_fqn='" + fqn.encode() + b"',\n)\n")
+
+
+PROBE = (b"print(json.dumps({'pid': os.getpid(), 'cwd': os.getcwd(), 'umask': os.umask(0),\n"
+         b"    'env': os.environ.get('ARBOR_LEAK'), 'argv': sys.argv, 'name': __name__,\n"
+         b"    'leak_mod': 'ansible_leak' in sys.modules,\n"
+         b"    'path': [p for p in sys.path if 'leak' in p],\n"
+         b"    'filters': len([f for f in warnings.filters if f[0] == 'error'])}))\n"
+         b"sys.stderr.write('probe\\n')\n")
+
+
+def test_listed_modules_run_in_process_and_leave_nothing_behind(link, tmp_path):
+    """A module on the in-process list runs in the agent itself; what it
+    changes in the process is put back before the next one, its exit
+    handlers run, and its stdout, stderr and status are its own."""
+    python = os.path.realpath(sys.executable)
+    cmd = {"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python}
+    mark = tmp_path / "atexit-ran"
+    leaky = fake_ansiballz(
+        b"os.environ['ARBOR_LEAK'] = '1'\n"
+        b"os.chdir('/')\n"
+        b"os.umask(0o077)\n"
+        b"sys.path.append('/leak')\n"
+        b"warnings.simplefilter('error')\n"
+        b"sys.modules['ansible_leak'] = sys\n"
+        b"atexit.register(os.mkdir, %r)\n"
+        b"print('{\"leaked\": true}')\n"
+        b"sys.stderr.write('err\\n')\n"
+        b"sys.exit(3)\n" % str(mark).encode())
+    res, blob = link.call(cmd, leaky)
+    assert res["rc"] == 3
+    assert blob[:res["stdout_len"]] == b'{"leaked": true}\n' and blob[res["stdout_len"]:] == b"err\n"
+    assert mark.is_dir(), "the module's exit handler did not run"
+    res, blob = link.call(cmd, fake_ansiballz(PROBE))
+    assert res["rc"] == 0 and blob[res["stdout_len"]:] == b"probe\n"
+    got = json.loads(blob[:res["stdout_len"]])
+    assert got["pid"] == link.proc.pid, "not run in the agent's own process"
+    assert got["cwd"] == str(tmp_path) and got["umask"] == 0o022
+    assert got["env"] is None and got["path"] == [] and got["filters"] == 0
+    assert not got["leak_mod"]
+    assert got["argv"] == [""] and got["name"] == "__main__"
+    # A command started afterwards sees none of it either.
+    res, blob = link.call({"op": "exec", "cmd": "pwd; umask; echo ${ARBOR_LEAK:-unset}"})
+    assert blob[:res["stdout_len"]].split() == [str(tmp_path).encode(), b"0022", b"unset"]
+
+
+def test_unlisted_modules_and_fork_isolation_fork(link):
+    python = os.path.realpath(sys.executable)
+    cmd = {"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python}
+    for script, req in ((fake_ansiballz(PROBE, "ansible.modules.command"), cmd),
+                        (fake_ansiballz(PROBE), dict(cmd, isolation="fork"))):
+        res, blob = link.call(req, script)
+        got = json.loads(blob[:res["stdout_len"]])
+        assert res["rc"] == 0 and got["pid"] != link.proc.pid
+
+
+def test_a_module_arriving_while_one_runs_in_process_forks_and_both_answer(link):
+    """One in-process module at a time: a second one, sent while the first
+    sleeps, forks, and gets the process as it was before the first."""
+    python = os.path.realpath(sys.executable)
+    cmd = {"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python}
+    slow = fake_ansiballz(b"import time\nos.environ['ARBOR_LEAK'] = '1'\ntime.sleep(1)\n"
+                          b"print(json.dumps({'pid': os.getpid()}))\n")
+    link.stream += 1
+    first = link.stream
+    link.send(A.REQUEST, A.msg(cmd, slow))
+    time.sleep(0.3)
+    link.stream += 1
+    second = link.stream
+    link.send(A.REQUEST, A.msg(cmd, fake_ansiballz(PROBE)))
+    replies = {}
+    while len(replies) < 2:
+        kind, _, _, _, stream, payload = link.frame()
+        replies[stream] = A.split_msg(payload)
+    assert list(replies) == [second, first], "the second did not overtake the sleeping first"
+    res, blob = replies[second]
+    got = json.loads(blob[:res["stdout_len"]])
+    assert got["pid"] != link.proc.pid and got["env"] is None
+    res, blob = replies[first]
+    assert json.loads(blob[:res["stdout_len"]])["pid"] == link.proc.pid

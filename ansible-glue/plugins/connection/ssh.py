@@ -81,6 +81,14 @@ def _documentation():
             "type": "str",
             "vars": [{"name": "ansible_python_interpreter"}],
         },
+        "arbor_task_isolation": {
+            "description": "C(fork) runs every module of the task in a fork of the target's"
+                           " interpreter; by default the builtin modules known to keep to"
+                           " themselves run in the persistent interpreter and the rest fork."
+                           " (Mitogen's spelling is honoured.)",
+            "type": "str",
+            "vars": [{"name": "arbor_task_isolation"}, {"name": "mitogen_task_isolation"}],
+        },
         "arbor_disable": {
             "description": "Use Ansible's own ssh for this host.",
             "type": "bool",
@@ -561,12 +569,23 @@ class Connection(_vanilla.Connection):
         data = in_data or b""
 
         def send():
-            self._arbor_send_body({"op": "exec", "cmd": to_text(cmd), "stdin_size": len(data)},
+            self._arbor_send_body({"op": "exec", "cmd": to_text(cmd), "stdin_size": len(data),
+                                   "isolation": self._arbor_isolation()},
                                   data, sudo=sudo)
         self._arbor_unacked = False
         res, blob = self._arbor_gather(*self._arbor_roundtrip(send, sudo))
         n = res["stdout_len"]
         return res["rc"], blob[:n], blob[n:]
+
+    def _arbor_isolation(self):
+        """"fork" if the task asks for it, else None (the agent's default)."""
+        value = self.get_option("arbor_task_isolation")
+        if value in (None, ""):
+            return None
+        if to_text(value) != "fork":
+            raise AnsibleError("%s: arbor_task_isolation (or mitogen_task_isolation) must be"
+                               " 'fork' or unset, not %r" % (self._chain[-1]["name"], value))
+        return "fork"
 
     def _arbor_send_body(self, obj, data, sudo=False):
         """A request whose body may be larger than one message: the first
@@ -593,6 +612,7 @@ class Connection(_vanilla.Connection):
         self._connect()
         display.vvv("ARBOR CHOOSE %s" % path, host=self._chain[-1]["name"])
         self._arbor_send_body({"op": "choose", "path": to_text(path), "checksum": checksum,
+                               "isolation": self._arbor_isolation(),
                                "same": {"cmd": same[0], "size": len(same[1])},
                                "differs": {"cmd": differs[0], "size": len(differs[1])}},
                               same[1] + differs[1])
