@@ -1336,7 +1336,8 @@ class Agent(object):
                         self.reply(src, stream, {"error": "module zip not cached", "zip_miss": True})
                         return
                     cands[name] = (sub, script)
-                st = file_stat({"path": req["path"], "follow": False, "checksum": True})
+                path = os.path.join(req.get("cwd") or os.getcwd(), req["path"])
+                st = file_stat({"path": path, "follow": False, "checksum": True})
                 if st["exists"] and st["isdir"]:
                     self.reply(src, stream, {"stat": st})
                 else:
@@ -1344,6 +1345,7 @@ class Agent(object):
                     sub, script = cands[branch]
                     sub["lane"] = req.get("lane")
                     sub["isolation"] = req.get("isolation")
+                    sub["cwd"] = req.get("cwd")
                     self.exec_(src, stream, sub, *script, extra={"stat": st, "branch": branch})
             elif op == "pipe":
                 proc = self.popen([self.shell, "-c", req["cmd"]], stdin=subprocess.PIPE,
@@ -1596,8 +1598,8 @@ class Agent(object):
             fqn = MODULE_FQN.search(script, max(0, script.rfind(WRAPPER_CALL)))
             if (self.inproc is None and req.get("isolation") != "fork"
                     and fqn is not None and fqn.group(1).decode() in INPROCESS_MODULES):
-                return self.run_inprocess(src, stream, script, mz, at, extra)
-            return self.run_forked(src, stream, script, mz, at, extra)
+                return self.run_inprocess(src, stream, script, mz, at, extra, req.get("cwd"))
+            return self.run_forked(src, stream, script, mz, at, extra, req.get("cwd"))
         stdin = script if mz is None else script[:at] + mz.literal + script[at:]
         # Its own process group, so the whole command can be stopped.
         proc = self.popen([self.shell, "-c", cmd], stdin=subprocess.PIPE,
@@ -1648,8 +1650,10 @@ class Agent(object):
         them."""
         ip = self.inproc
         if ip is not None:
-            kw.setdefault("env", ip.environ)
-            kw.setdefault("cwd", ip.cwd)
+            if kw.get("env") is None:
+                kw["env"] = ip.environ
+            if kw.get("cwd") is None:
+                kw["cwd"] = ip.cwd
             if sys.version_info >= (3, 9):
                 kw["umask"] = ip.umask
         return subprocess.Popen(argv, **kw)
@@ -1670,14 +1674,17 @@ class Agent(object):
         self.warm.add_files(files)
         return env, source, files, self.script_code(source)
 
-    def run_inprocess(self, src, stream, script, mz=None, at=None, extra=None):
+    def run_inprocess(self, src, stream, script, mz=None, at=None, extra=None, cwd=None):
         """Runs a pipelined module in a thread of this interpreter (see
-        InProcess); answered as `python3 < script` would be."""
+        InProcess), in `cwd` if given (the local connection runs modules in
+        the playbook's directory); answered as `python3 < script` would be."""
         env, source, files, codes = self.module_parts(script, mz, at)
         zipmods = ZipModules(files, self.codes)
         r_done, w_done = os.pipe()
         ip = self.inproc = InProcess(self)
         try:
+            if cwd:
+                os.chdir(cwd)
             ip.start(codes, source, env, zipmods, self.warm, w_done)
         except BaseException:
             self.inproc = None
@@ -1694,7 +1701,7 @@ class Agent(object):
             self.after_module(names, files, zipmods.served)
         self.jobs.append(ThreadJob(None, [os.fdopen(r_done, "rb", 0)], None, b"", finish))
 
-    def run_forked(self, src, stream, script, mz=None, at=None, extra=None):
+    def run_forked(self, src, stream, script, mz=None, at=None, extra=None, cwd=None):
         """Runs a pipelined module in a fork of this warm interpreter, as
         `python3 < script` would: same stdout, stderr and exit status."""
         env, source, files, codes = self.module_parts(script, mz, at)
@@ -1722,6 +1729,8 @@ class Agent(object):
                     # not copied here): the process as it was before it.
                     os.close(ip.done)
                     ip.end()
+                if cwd:
+                    os.chdir(cwd)
                 # The module's exit handlers run as python3 would run them
                 # (AnsibleModule removes its temp dir in one); the agent's
                 # are not the module's.

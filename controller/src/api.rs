@@ -709,6 +709,7 @@ async fn exec(
         "op": "exec",
         "cmd": req.get("cmd").cloned().unwrap_or(Value::Null),
         "isolation": req.get("isolation").cloned().unwrap_or(Value::Null),
+        "cwd": req.get("cwd").cloned().unwrap_or(Value::Null),
     });
     let (mut v, out) = match zip_span(&stdin) {
         None => exec_once(tree, node, agent_req, &stdin).await?,
@@ -795,6 +796,7 @@ async fn choose(
             "path": req.get("path").cloned().unwrap_or(Value::Null),
             "checksum": req.get("checksum").cloned().unwrap_or(Value::Null),
             "isolation": req.get("isolation").cloned().unwrap_or(Value::Null),
+            "cwd": req.get("cwd").cloned().unwrap_or(Value::Null),
         });
         let mut out = Vec::new();
         let mut keys = Vec::new();

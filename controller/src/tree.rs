@@ -573,7 +573,13 @@ impl Tree {
         remote_cmd: &str,
         label: &str,
     ) -> Result<(), String> {
-        let argv = ssh::argv(hop, remote_cmd, true, role == Role2::Relay);
+        // `local`: the agent runs here, as this user, with no ssh.
+        let local = hop.method == "local" && role == Role2::Agent;
+        let argv = if local {
+            vec!["/bin/sh".to_string(), "-c".into(), remote_cmd.to_string()]
+        } else {
+            ssh::argv(hop, remote_cmd, true, role == Role2::Relay)
+        };
         let preamble: Vec<u8> = match role {
             Role2::Relay => self.cfg.relay_binary.to_vec(),
             Role2::Agent => arbor_bootstrap::agent_preamble(node),
@@ -589,7 +595,7 @@ impl Tree {
         }
         let child = cmd
             .spawn()
-            .map_err(|e| format!("{label}: cannot run ssh: {e}"))?;
+            .map_err(|e| format!("{label}: cannot run {}: {e}", argv[0]))?;
         let link = LinkId(self.next_link);
         self.next_link += 1;
         // Only a relay understands compressed frames.

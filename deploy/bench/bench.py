@@ -113,6 +113,9 @@ def ansible_cfg(mode, forks):
         lines.append(f"connection_plugins = {HERE / 'plugins/connection'}")
     lines += [
         "",
+        "[connection]",
+        "pipelining = True",
+        "",
         "[ssh_connection]",
         "pipelining = True",
         "ssh_args = -C -o ControlMaster=auto -o ControlPersist=60s",
@@ -302,9 +305,11 @@ def human_bytes(n):
 def markdown(summary):
     c = summary["config"]
     lines = [
-        f"### {c['workload']} — {c['targets']} target(s) behind {c['bastions']} bastion(s), "
-        f"WAN {c['wan_delay_ms']:g} ms one-way"
-        + (f", {c['wan_rate_mbit']:g} Mbit/s" if c["wan_rate_mbit"] else "")
+        (f"### {c['workload']} — localhost (ansible_connection=local; target work counts as controller CPU)"
+         if c.get("local") else
+         f"### {c['workload']} — {c['targets']} target(s) behind {c['bastions']} bastion(s), "
+         f"WAN {c['wan_delay_ms']:g} ms one-way"
+         + (f", {c['wan_rate_mbit']:g} Mbit/s" if c["wan_rate_mbit"] else ""))
         + f", forks={c['forks']}",
         "",
         f"{c['reps']} interleaved reps per mode; median (min–max). "
@@ -405,6 +410,8 @@ def main(argv=None):
     p.add_argument("--keep-lab", action="store_true", help="leave the lab up afterwards")
     p.add_argument("--reuse-lab", action="store_true",
                    help="run against the lab that is up now, as it is (implies --keep-lab)")
+    p.add_argument("--local", action="store_true",
+                   help="run on localhost with ansible_connection=local (the lab is not used)")
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
 
@@ -443,19 +450,27 @@ def main(argv=None):
             labinfo = json.loads(
                 (Path(up.stdout.strip().splitlines()[-1]) / "lab.json").read_text())
         forks = args.forks or min(max(targets * args.bastions, 5), 50)
+        if args.local:
+            # Every mode on the controller itself: Mitogen's strategy and
+            # arbor's glue take over `local` as they take over `ssh`.
+            local_inv = out / "local-inventory.yml"
+            local_inv.write_text(json.dumps({"targets": {"hosts": {"localhost": {
+                "ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3"}}}}))
+            labinfo = dict(labinfo, inventory=str(local_inv), inventory_vanilla=str(local_inv))
         agent = None
         try:
             agent, agent_sock = start_agent(out, labinfo["private_key"])
             ctx = {
                 "lab": labinfo, "out": out, "playbook": playbook, "extra_vars": extra_vars,
                 "workload_spec": args.workload, "run_timeout_s": args.run_timeout_s,
-                "targets": [h for h, v in labinfo["hosts"].items() if v["role"] == "target"],
+                "targets": (["localhost"] if args.local else
+                            [h for h, v in labinfo["hosts"].items() if v["role"] == "target"]),
                 "modes": {m: mode_setup(m, labinfo, out, forks, agent_sock) for m in modes},
             }
             config = {
                 "workload": args.workload, "modes": modes, "reps": args.reps, "targets": targets,
                 "bastions": args.bastions, "wan_delay_ms": args.wan_delay_ms,
-                "wan_rate_mbit": args.wan_rate_mbit, "forks": forks,
+                "wan_rate_mbit": args.wan_rate_mbit, "forks": forks, "local": args.local,
                 "date": datetime.date.today().isoformat(), "versions": versions(),
                 "command": "deploy/bench/run " + " ".join(argv if argv is not None else sys.argv[1:]),
             }

@@ -81,7 +81,9 @@ pub fn validate(chain: &[Hop]) -> Result<(), TopologyError> {
             let names: Vec<&str> = chain[j..=i].iter().map(|h| h.name.as_str()).collect();
             return Err(TopologyError::Cycle(names.join(" -> ")));
         }
-        if hop.method != "ssh" {
+        // `local`: the controller itself, so only as a chain's one hop.
+        let local_ok = hop.method == "local" && chain.len() == 1;
+        if hop.method != "ssh" && !local_ok {
             return Err(TopologyError::Method {
                 host: hop.name.clone(),
                 method: hop.method.clone(),
@@ -177,5 +179,12 @@ mod tests {
         let mut d = hop("c1");
         d.method = "docker".into();
         assert!(matches!(validate(&[d]), Err(TopologyError::Method { .. })));
+        let mut l = hop("localhost");
+        l.method = "local".into();
+        assert_eq!(validate(std::slice::from_ref(&l)), Ok(()));
+        assert!(matches!(
+            validate(&[hop("bastion1"), l]),
+            Err(TopologyError::Method { .. })
+        ));
     }
 }

@@ -277,6 +277,8 @@ class Connection(_vanilla.Connection):
     """Ansible's ssh plugin, carried by arbor's tree unless disabled."""
 
     has_pipelining = True
+    # For arbor's local plugin, which takes its arbor options from here.
+    _arbor_documentation = DOCUMENTATION
 
     def __init__(self, *args, **kwargs):
         super(Connection, self).__init__(*args, **kwargs)
@@ -502,7 +504,7 @@ class Connection(_vanilla.Connection):
         cmd = b.build_become_command(agent_cmd, self._shell)
         try:
             timeout = int(self.get_option("timeout") or 10)
-        except (TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):  # the local plugin has no timeout
             timeout = 10
         display.vvv("ARBOR BECOME %s" % label, host=host)
         self._arbor.send({"op": "become", "chain": self._chain, "become": {"key": key},
@@ -570,12 +572,17 @@ class Connection(_vanilla.Connection):
 
         def send():
             self._arbor_send_body({"op": "exec", "cmd": to_text(cmd), "stdin_size": len(data),
-                                   "isolation": self._arbor_isolation()},
+                                   "isolation": self._arbor_isolation(), "cwd": self._arbor_cwd()},
                                   data, sudo=sudo)
         self._arbor_unacked = False
         res, blob = self._arbor_gather(*self._arbor_roundtrip(send, sudo))
         n = res["stdout_len"]
         return res["rc"], blob[:n], blob[n:]
+
+    def _arbor_cwd(self):
+        """Where commands and modules run: the login directory (the local
+        plugin's runs in the playbook's directory)."""
+        return None
 
     def _arbor_isolation(self):
         """"fork" if the task asks for it, else None (the agent's default)."""
@@ -612,7 +619,7 @@ class Connection(_vanilla.Connection):
         self._connect()
         display.vvv("ARBOR CHOOSE %s" % path, host=self._chain[-1]["name"])
         self._arbor_send_body({"op": "choose", "path": to_text(path), "checksum": checksum,
-                               "isolation": self._arbor_isolation(),
+                               "isolation": self._arbor_isolation(), "cwd": self._arbor_cwd(),
                                "same": {"cmd": same[0], "size": len(same[1])},
                                "differs": {"cmd": differs[0], "size": len(differs[1])}},
                               same[1] + differs[1])

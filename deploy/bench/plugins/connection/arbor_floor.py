@@ -42,7 +42,8 @@ def _module_call(in_data):
     found = {k.decode(): v.decode() for k, v in _ARG.findall(in_data or b"")}
     if "ansible_module" not in found:
         return None, {}
-    name = ast.literal_eval(found["ansible_module"])
+    # 'ansible.legacy.copy' -> 'copy'
+    name = ast.literal_eval(found["ansible_module"]).rsplit(".", 1)[-1]
     try:
         params = json.loads(ast.literal_eval(found.get("params", "'{}'")))
     except (ValueError, SyntaxError):

@@ -1,0 +1,77 @@
+# arbor's `local` connection: shadows the builtin one, as arbor's `ssh`
+# does, when this directory is on `connection_plugins`. The controller's own
+# tasks (localhost, `delegate_to: localhost`, `local_action`) then run in a
+# persistent agent that the run's arbor daemon starts on the controller, as
+# this user, with no ssh: everything else is arbor's ssh glue (temp dirs,
+# uploads, the module zip cache, in-process modules, become as a nested
+# agent). Modules and commands run in the playbook's directory, as with the
+# builtin plugin.
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import yaml
+
+import ansible.plugins.connection as _connection_pkg
+from ansible.module_utils.common.text.converters import to_text
+from ansible.plugins.loader import connection_loader
+
+
+def _load_builtin_local():
+    """Ansible's own local plugin, from its file under a private name (this
+    file is the one Ansible imports as `ansible.plugins.connection.local`)."""
+    path = os.path.join(os.path.dirname(_connection_pkg.__file__), "local.py")
+    spec = importlib.util.spec_from_file_location("ansible.plugins.connection._arbor_builtin_local", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_builtin_local = _load_builtin_local()
+
+# arbor's ssh glue, as Ansible loaded it (this directory comes first).
+_ArborSsh = connection_loader.get("ssh", class_only=True)
+
+
+def _documentation():
+    doc = yaml.safe_load(_builtin_local.DOCUMENTATION)
+    doc["short_description"] = "run on the controller in a persistent arbor agent"
+    ours = yaml.safe_load(_ArborSsh._arbor_documentation)["options"]
+    for name in ("arbor_inventory_hostname", "arbor_python", "arbor_task_isolation"):
+        doc["options"][name] = ours[name]
+    return yaml.safe_dump(doc)
+
+
+DOCUMENTATION = _documentation()
+
+
+class Connection(_ArborSsh):
+    """The controller itself, as a one-hop arbor tree (method `local`)."""
+
+    transport = "local"
+    # The base class's test, not the ssh plugin's (which reads ssh options).
+    is_pipelining_enabled = _builtin_local.Connection.is_pipelining_enabled
+
+    def __init__(self, *args, **kwargs):
+        super(Connection, self).__init__(*args, **kwargs)
+        # Set by Ansible for local connections: the playbook's directory.
+        self.cwd = None
+
+    def _enabled(self):
+        return True
+
+    def _build_chain(self):
+        name = to_text(self.get_option("arbor_inventory_hostname") or "localhost")
+        hop = {"name": name, "method": "local", "host": "localhost", "port": None, "user": None,
+               "key_file": None, "ssh_args": [], "host_key_checking": True, "timeout_s": None}
+        python = self.get_option("arbor_python")
+        if python and not to_text(python).startswith("auto"):
+            hop["python"] = to_text(python)
+        return [hop]
+
+    def _arbor_cwd(self):
+        return to_text(self.cwd) if self.cwd else None
