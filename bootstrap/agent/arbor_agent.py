@@ -389,9 +389,11 @@ class ZipModules(MemoryModules):
 # is everything else. `arbor_task_isolation=fork` (or Mitogen's
 # `mitogen_task_isolation=fork`) forks any module.
 INPROCESS_MODULES = frozenset("ansible.modules." + m for m in (
-    "assemble", "blockinfile", "copy", "file", "find", "get_url", "getent",
-    "known_hosts", "lineinfile", "ping", "replace", "slurp", "stat", "tempfile",
-    "uri", "wait_for"))
+    "assemble", "blockinfile", "copy", "file", "getent", "known_hosts",
+    "lineinfile", "ping", "replace", "slurp", "stat", "tempfile"))
+# Modules waiting for the in-process one to end (the agent never forks while
+# a module's thread runs: the fork would inherit locks the thread holds).
+MODULES_WAITING_MAX = 256
 # The module an AnsiballZ script of ansible-core 2.19 runs (in its call).
 MODULE_FQN = re.compile(rb"^module_fqn='([\w.]+)',$", re.M)
 
@@ -844,7 +846,9 @@ class InProcess(object):
     of their dicts, lists and sets). The ansible modules it imported are
     dropped again; the agent then imports them warm, afresh, for the next.
     While it runs, commands the agent starts get the saved cwd, umask and
-    environment. One at a time: a module that comes meanwhile forks."""
+    environment. One at a time: modules that come meanwhile wait for it
+    (the agent never forks while a module's thread runs, as the fork would
+    inherit whatever locks the thread holds); commands do not wait."""
 
     def __init__(self, agent):
         try:
@@ -1057,6 +1061,7 @@ class Agent(object):
         self.warm = WarmImports(self.codes)
         sys.meta_path.insert(0, self.warm)
         self.inproc = None  # the InProcess module running, if any
+        self.waiting = collections.deque()  # modules waiting for it to end
         self.umask = os.umask(0o022)
         os.umask(self.umask)
         # The agent's own stderr: an in-process module has its own.
@@ -1595,11 +1600,7 @@ class Agent(object):
         cmd = req["cmd"]
         m = PIPELINED.match(cmd)
         if m and b"_ansiballz_main(" in script and self.same_python(m.group("python")):
-            fqn = MODULE_FQN.search(script, max(0, script.rfind(WRAPPER_CALL)))
-            if (self.inproc is None and req.get("isolation") != "fork"
-                    and fqn is not None and fqn.group(1).decode() in INPROCESS_MODULES):
-                return self.run_inprocess(src, stream, script, mz, at, extra, req.get("cwd"))
-            return self.run_forked(src, stream, script, mz, at, extra, req.get("cwd"))
+            return self.start_module(src, stream, req, script, mz, at, extra)
         stdin = script if mz is None else script[:at] + mz.literal + script[at:]
         # Its own process group, so the whole command can be stopped.
         proc = self.popen([self.shell, "-c", cmd], stdin=subprocess.PIPE,
@@ -1643,6 +1644,33 @@ class Agent(object):
                     path = cand
                     break
         return os.path.realpath(path) == self.python
+
+    def start_module(self, src, stream, req, script, mz, at, extra):
+        """Runs a pipelined module in-process if it is on the list and not
+        to be isolated, else in a fork; waits while a module runs
+        in-process (the agent never forks then)."""
+        if self.inproc is not None:
+            if len(self.waiting) >= MODULES_WAITING_MAX:
+                raise ValueError("%d modules already wait for this agent" % len(self.waiting))
+            self.waiting.append((src, stream, req, script, mz, at, extra))
+            return
+        fqn = MODULE_FQN.search(script, max(0, script.rfind(WRAPPER_CALL)))
+        if (req.get("isolation") != "fork" and fqn is not None
+                and fqn.group(1).decode() in INPROCESS_MODULES):
+            return self.run_inprocess(src, stream, script, mz, at, extra, req.get("cwd"))
+        return self.run_forked(src, stream, script, mz, at, extra, req.get("cwd"))
+
+    def start_waiting(self):
+        """Starts the modules that waited, in order, until one runs
+        in-process again."""
+        while self.waiting and self.inproc is None:
+            src, stream, req, script, mz, at, extra = self.waiting.popleft()
+            try:
+                self.start_module(src, stream, req, script, mz, at, extra)
+            except (WireError, LinkGone):
+                raise
+            except Exception as e:
+                self.fail(src, stream, req, "%s: %s" % (type(e).__name__, e))
 
     def popen(self, argv, **kw):
         """subprocess.Popen; while a module runs in-process, with the
@@ -1699,6 +1727,7 @@ class Agent(object):
             rc, out, err, names = ip.end()
             self.reply(src, stream, dict(extra or {}, rc=rc, stdout_len=len(out)), out + err)
             self.after_module(names, files, zipmods.served)
+            self.start_waiting()
         self.jobs.append(ThreadJob(None, [os.fdopen(r_done, "rb", 0)], None, b"", finish))
 
     def run_forked(self, src, stream, script, mz=None, at=None, extra=None, cwd=None):
@@ -1706,7 +1735,7 @@ class Agent(object):
         `python3 < script` would: same stdout, stderr and exit status."""
         env, source, files, codes = self.module_parts(script, mz, at)
         zipmods = ZipModules(files, self.codes)
-        ip = self.inproc
+        assert self.inproc is None, "no fork while a module runs in-process"
         r_out, w_out = os.pipe()
         r_err, w_err = os.pipe()
         r_names, w_names = os.pipe()
@@ -1724,11 +1753,6 @@ class Agent(object):
             rc = 1
             try:
                 os.setpgid(0, 0)
-                if ip is not None:
-                    # Forked while a module runs in-process (in a thread
-                    # not copied here): the process as it was before it.
-                    os.close(ip.done)
-                    ip.end()
                 if cwd:
                     os.chdir(cwd)
                 # The module's exit handlers run as python3 would run them

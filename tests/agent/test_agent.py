@@ -663,27 +663,31 @@ def test_unlisted_modules_and_fork_isolation_fork(link):
         assert res["rc"] == 0 and got["pid"] != link.proc.pid
 
 
-def test_a_module_arriving_while_one_runs_in_process_forks_and_both_answer(link):
-    """One in-process module at a time: a second one, sent while the first
-    sleeps, forks, and gets the process as it was before the first."""
+def test_modules_arriving_while_one_runs_in_process_wait_and_commands_do_not(link):
+    """One in-process module at a time, and no fork while it runs (the fork
+    would inherit the locks its thread holds): modules sent meanwhile wait
+    for it, forked or not, and then see the process as it was before it; a
+    command overtakes it."""
     python = os.path.realpath(sys.executable)
     cmd = {"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python}
     slow = fake_ansiballz(b"import time\nos.environ['ARBOR_LEAK'] = '1'\ntime.sleep(1)\n"
                           b"print(json.dumps({'pid': os.getpid()}))\n")
-    link.stream += 1
-    first = link.stream
-    link.send(A.REQUEST, A.msg(cmd, slow))
-    time.sleep(0.3)
-    link.stream += 1
-    second = link.stream
-    link.send(A.REQUEST, A.msg(cmd, fake_ansiballz(PROBE)))
+    sent = []
+    for req, script in ((cmd, slow), (cmd, fake_ansiballz(PROBE)),
+                        (dict(cmd, isolation="fork"), fake_ansiballz(PROBE)),
+                        ({"op": "exec", "cmd": "echo ${ARBOR_LEAK:-unset}"}, b"")):
+        link.stream += 1
+        sent.append(link.stream)
+        link.send(A.REQUEST, A.msg(req, script))
+        time.sleep(0.2)
     replies = {}
-    while len(replies) < 2:
+    while len(replies) < 4:
         kind, _, _, _, stream, payload = link.frame()
         replies[stream] = A.split_msg(payload)
-    assert list(replies) == [second, first], "the second did not overtake the sleeping first"
-    res, blob = replies[second]
-    got = json.loads(blob[:res["stdout_len"]])
-    assert got["pid"] != link.proc.pid and got["env"] is None
-    res, blob = replies[first]
-    assert json.loads(blob[:res["stdout_len"]])["pid"] == link.proc.pid
+    assert list(replies) == [sent[3], sent[0], sent[1], sent[2]], "only the command overtakes"
+    out = {s: r[1][:r[0]["stdout_len"]] for s, r in replies.items()}
+    assert out[sent[3]] == b"unset\n"
+    assert json.loads(out[sent[0]])["pid"] == link.proc.pid
+    inproc, forked = json.loads(out[sent[1]]), json.loads(out[sent[2]])
+    assert inproc["pid"] == link.proc.pid and forked["pid"] != link.proc.pid
+    assert inproc["env"] is None and forked["env"] is None
