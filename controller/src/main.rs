@@ -42,6 +42,12 @@ USAGE:
         Serve one Ansible run on DIR/sock (DIR is made 0700). Exits, tearing
         the tree down and removing DIR, when PID exits, on SIGTERM/SIGINT,
         or when DIR/sock is removed.
+    arbor plan -i INVENTORY [-i INVENTORY ...] [--json]
+        Print the tree a run would build: each host under the host it is
+        reached through (its arbor_via/mitogen_via, else the CIDR rules of
+        arbor_via_rules), each relay once. Reads the inventory with
+        ansible-inventory (from PATH, or ARBOR_ANSIBLE_INVENTORY). Via
+        cycles and via hosts missing from the inventory are errors.
     arbor plugin-path     print the connection_plugins directory
     arbor relay-info      the embedded relay: size and build
     arbor relay-write PATH    write the embedded relay to PATH (for inspection)
@@ -102,6 +108,26 @@ fn run(args: &[String]) -> Result<()> {
             println!("{}", plugin_path().display());
             Ok(())
         }
+        Some("plan") => {
+            let mut inventories = Vec::new();
+            let mut json = false;
+            let mut it = args[1..].iter();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "-i" | "--inventory" => inventories.push(
+                        it.next()
+                            .ok_or_else(|| Usage("-i needs an inventory".into()))?
+                            .clone(),
+                    ),
+                    "--json" => json = true,
+                    other => return Err(Usage(format!("unknown plan flag {other}")).into()),
+                }
+            }
+            if inventories.is_empty() {
+                return Err(Usage("plan needs -i INVENTORY".into()).into());
+            }
+            plan(&inventories, json)
+        }
         Some("daemon") => {
             let mut run_dir = None;
             let mut parent = None;
@@ -117,6 +143,84 @@ fn run(args: &[String]) -> Result<()> {
             daemon(run_dir, parent)
         }
         Some(other) => Err(Usage(format!("unknown command {other:?}")).into()),
+    }
+}
+
+/// `arbor plan`: the inventory as Ansible reads it, planned.
+fn plan(inventories: &[String], json: bool) -> Result<()> {
+    let exe =
+        std::env::var("ARBOR_ANSIBLE_INVENTORY").unwrap_or_else(|_| "ansible-inventory".into());
+    let mut cmd = std::process::Command::new(&exe);
+    for i in inventories {
+        cmd.arg("-i").arg(i);
+    }
+    let out = cmd
+        .arg("--list")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| {
+            format!("running {exe} (set ARBOR_ANSIBLE_INVENTORY, or put ansible-core on PATH)")
+        })?;
+    if !out.status.success() {
+        bail!(
+            "{exe} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let inv: serde_json::Value =
+        serde_json::from_slice(&out.stdout).with_context(|| format!("reading {exe}'s output"))?;
+    let empty = serde_json::Map::new();
+    let hostvars = inv
+        .pointer("/_meta/hostvars")
+        .and_then(serde_json::Value::as_object)
+        .unwrap_or(&empty);
+    let mut names = std::collections::BTreeSet::new();
+    collect_hosts(&inv, "all", &mut names, 0);
+    names.extend(hostvars.keys().cloned());
+    let null = serde_json::Value::Null;
+    let hosts = names
+        .iter()
+        .map(|n| arbor_topology::plan::HostSpec::from_vars(n, hostvars.get(n).unwrap_or(&null)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let p = arbor_topology::plan::plan(&hosts)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+    } else {
+        print!("{}", p.render());
+    }
+    Ok(())
+}
+
+/// Every host of `group` and its children in `ansible-inventory --list`.
+fn collect_hosts(
+    inv: &serde_json::Value,
+    group: &str,
+    out: &mut std::collections::BTreeSet<String>,
+    depth: usize,
+) {
+    let Some(g) = inv.get(group) else { return };
+    if depth > 64 {
+        return;
+    }
+    for h in g
+        .get("hosts")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if let Some(h) = h.as_str() {
+            out.insert(h.to_string());
+        }
+    }
+    for c in g
+        .get("children")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if let Some(c) = c.as_str() {
+            collect_hosts(inv, c, out, depth + 1);
+        }
     }
 }
 

@@ -10,6 +10,8 @@
 
 use std::fmt;
 
+pub mod plan;
+
 use serde::{Deserialize, Serialize};
 
 /// Longest chain accepted (hops including the target).
@@ -66,6 +68,10 @@ pub enum TopologyError {
     Method { host: String, method: String },
     #[error("{0}: no address to connect to")]
     NoHost(String),
+    #[error("arbor_via_rules: {0}")]
+    Rules(String),
+    #[error("via host {0:?} is not in the inventory")]
+    UnknownVia(String),
 }
 
 /// Checks a chain (outermost hop first, the target last).

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import importlib.util
+import ipaddress
 import json
 import multiprocessing
 import os
@@ -108,6 +109,43 @@ _DAEMON_START_S = 15.0
 # Options whose value Ansible templates for the via host as for any host.
 _HOP_OPTIONS = ("host", "remote_user", "port", "private_key_file", "ssh_args",
                 "ssh_common_args", "ssh_extra_args", "host_key_checking", "timeout")
+
+
+def parse_via_rules(value):
+    """[(network, via)] from `arbor_via_rules`: a mapping of CIDR to via host,
+    or a list of such mappings (topology's `parse_rules`, same golden cases)."""
+    if value in (None, ""):
+        return []
+    maps = value if isinstance(value, list) else [value]
+    rules = []
+    for m in maps:
+        if not isinstance(m, dict):
+            raise ValueError("must be a mapping of CIDR to via host, not %r" % (m,))
+        for cidr, via in m.items():
+            try:
+                net = ipaddress.ip_network(to_text(cidr).strip(), strict=False)
+            except ValueError:
+                raise ValueError("%r is not a CIDR network (like 10.1.0.0/16)" % (cidr,))
+            if not isinstance(via, str) or not via.strip():
+                raise ValueError("%s: the via host must be a name, not %r" % (cidr, via))
+            if any(n == net for n, _ in rules):
+                raise ValueError("%s appears twice" % net)
+            rules.append((net, via.strip()))
+    return rules
+
+
+def via_for(address, rules):
+    """The via of the most specific rule whose network holds `address` (an
+    IP address; names never match), or None."""
+    try:
+        ip = ipaddress.ip_address(to_text(address).strip())
+    except ValueError:
+        return None
+    best = None
+    for net, via in rules:
+        if ip.version == net.version and ip in net and (best is None or net.prefixlen > best[0].prefixlen):
+            best = (net, via)
+    return best[1] if best else None
 
 
 def _arbor_bin():
@@ -343,6 +381,20 @@ class Connection(_vanilla.Connection):
                 return None
         return self._hop_from(name, get), hv
 
+    def _rule_via(self, name, hop, hv):
+        """The via that `arbor_via_rules` (from the host's own variables)
+        gives a host without a via of its own; never the host itself."""
+        if "arbor_via" in hv or "mitogen_via" in hv:
+            return None
+        try:
+            rules = parse_via_rules(hv.get("arbor_via_rules"))
+        except ValueError as e:
+            raise AnsibleConnectionFailure("%s: arbor_via_rules: %s" % (name, e))
+        via = via_for(hop["host"], rules)
+        if via is not None and via.rsplit("@", 1)[-1] == name:
+            return None
+        return via
+
     def _build_chain(self):
         name = to_text(self.get_option("arbor_inventory_hostname") or self.get_option("host"))
         target = self._hop_from(name, self.get_option)
@@ -352,6 +404,8 @@ class Connection(_vanilla.Connection):
         chain = [target]
         hostvars = self.get_option("arbor_hostvars") or {}
         via = self.get_option("arbor_via")
+        if via is None:
+            via = self._rule_via(name, target, hostvars.get(name) or {})
         seen = [name]
         while via:
             via = to_text(via)
@@ -369,8 +423,10 @@ class Connection(_vanilla.Connection):
                 hop["user"] = user
             chain.insert(0, hop)
             seen.append(via)
-            nxt = hv.get("arbor_via") or hv.get("mitogen_via")
-            via = nxt
+            if "arbor_via" in hv or "mitogen_via" in hv:
+                via = hv.get("arbor_via") or hv.get("mitogen_via")
+            else:
+                via = self._rule_via(hop["name"], hop, hv)
         return chain
 
     # ---------------------------------------------------------------- calls
@@ -383,6 +439,8 @@ class Connection(_vanilla.Connection):
             self._arbor = _connect_daemon()
             self._arbor.host = self._chain[-1]["name"]
             self._connected = True
+            if display.verbosity >= 3:
+                self.arbor_info()  # shows each hop and its connect time
         return self
 
     def arbor_active(self):
