@@ -289,6 +289,16 @@ fn interpreters_max() -> usize {
         .max(2)
 }
 
+/// `ARBOR_CONNECT_CONCURRENCY`: most children of one relay connecting at
+/// once, at least 1.
+fn connecting_max() -> u16 {
+    std::env::var("ARBOR_CONNECT_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.trim().parse::<u16>().ok())
+        .unwrap_or(tree::CONNECTING_MAX_DEFAULT)
+        .max(1)
+}
+
 async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
     let sock = run_dir.join("sock");
     let _ = std::fs::remove_file(&sock);
@@ -303,6 +313,7 @@ async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
         run_dir: run_dir.to_path_buf(),
         home,
         interpreters_max: interpreters_max(),
+        connecting_max: connecting_max(),
     });
     let tree_task = tokio::spawn(tree.run());
     let zips = api::ZipCache::default();

@@ -85,10 +85,14 @@ pub struct Config {
     /// Most interpreters per target (its login agent and its become
     /// agents); the least recently used become agent makes room.
     pub interpreters_max: usize,
+    /// Most children of one relay connecting at once.
+    pub connecting_max: u16,
 }
 
 /// Default of [`Config::interpreters_max`], as Mitogen's.
 pub const INTERPRETERS_MAX_DEFAULT: usize = 20;
+/// Default of [`Config::connecting_max`].
+pub const CONNECTING_MAX_DEFAULT: u16 = 64;
 
 /// A nested (become) agent, as asked for by [`TreeHandle::become_slot`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -629,6 +633,7 @@ impl Tree {
             known_hosts: Some(ssh::known_hosts(hop, &self.cfg.home)),
             connect_timeout_ms: (hop.timeout_s.unwrap_or(ssh::CONNECT_TIMEOUT_S_DEFAULT) + 20)
                 * 1000,
+            max_connecting: self.cfg.connecting_max,
         };
         let stream = self.stream_id();
         self.spawns.insert(stream, node);

@@ -11,7 +11,7 @@
 //! memfd) that the relay holds while the child lives; ssh reads it through
 //! /proc/<relay>/fd/<n> (ssh closes inherited descriptors, so a path it is).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -29,6 +29,8 @@ use tokio::sync::mpsc;
 const INBOX_FRAMES: usize = 1024;
 /// How long children get to exit after SIGTERM.
 const KILL_GRACE: Duration = Duration::from_secs(2);
+/// Most spawn requests waiting for a connecting slot.
+const WAITING_SPAWNS_MAX: usize = 8192;
 
 struct ChildLink {
     node: NodeId,
@@ -81,6 +83,10 @@ struct Relay {
     children: HashMap<LinkId, ChildLink>,
     next_link: u32,
     self_exe: Option<Vec<u8>>,
+    /// Spawns waiting for fewer children to be connecting (in order).
+    waiting: VecDeque<(NodeId, StreamId, Spawn)>,
+    /// The bound the latest spawn request gave (0: none).
+    max_connecting: usize,
 }
 
 const PARENT: LinkId = LinkId(0);
@@ -101,6 +107,8 @@ impl Relay {
             children: HashMap::new(),
             next_link: 1,
             self_exe: None,
+            waiting: VecDeque::new(),
+            max_connecting: 0,
         }
     }
 
@@ -180,6 +188,7 @@ impl Relay {
                     );
                 }
                 self.core.handle_link_down(now, link, &why);
+                self.start_waiting();
             }
         }
         true
@@ -214,6 +223,7 @@ impl Relay {
                             if let Some((src, stream, _)) = c.pending.take() {
                                 let pid = c.pid;
                                 self.reply(src, stream, &Reply::Spawned { node, pid });
+                                self.start_waiting();
                             }
                         }
                     }
@@ -234,15 +244,18 @@ impl Relay {
         }
         match control::decode::<Request>(&frame.payload) {
             Ok(Request::Spawn(spec)) => {
-                if let Err(message) = self.spawn(&frame, spec.clone()) {
-                    self.reply(
-                        frame.src,
-                        frame.stream,
-                        &Reply::Failed {
-                            node: spec.node,
-                            message,
-                        },
+                self.max_connecting = usize::from(spec.max_connecting);
+                if self.waiting.len() >= WAITING_SPAWNS_MAX {
+                    let message = format!(
+                        "{}: {} children already wait to connect through this relay",
+                        spec.label,
+                        self.waiting.len()
                     );
+                    let node = spec.node;
+                    self.reply(frame.src, frame.stream, &Reply::Failed { node, message });
+                } else {
+                    self.waiting.push_back((frame.src, frame.stream, spec));
+                    self.start_waiting();
                 }
                 true
             }
@@ -274,9 +287,30 @@ impl Relay {
         self.core.send(Instant::now(), f);
     }
 
+    /// Starts waiting children while fewer than the bound are connecting.
+    fn start_waiting(&mut self) {
+        loop {
+            let connecting = self
+                .children
+                .values()
+                .filter(|c| c.pending.is_some())
+                .count();
+            if self.max_connecting != 0 && connecting >= self.max_connecting {
+                return;
+            }
+            let Some((src, stream, spec)) = self.waiting.pop_front() else {
+                return;
+            };
+            let node = spec.node;
+            if let Err(message) = self.spawn(src, stream, spec) {
+                self.reply(src, stream, &Reply::Failed { node, message });
+            }
+        }
+    }
+
     /// Starts a child without waiting for it: children start in parallel,
     /// and the request is answered when the child joins, fails or times out.
-    fn spawn(&mut self, req: &Frame, spec: Spawn) -> Result<(), String> {
+    fn spawn(&mut self, src: NodeId, stream: StreamId, spec: Spawn) -> Result<(), String> {
         let Some((program, args)) = spec.argv.split_first() else {
             return Err("empty command".into());
         };
@@ -324,7 +358,7 @@ impl Relay {
                 label: spec.label,
                 pid,
                 writer: tx,
-                pending: Some((req.src, req.stream, deadline)),
+                pending: Some((src, stream, deadline)),
                 _known_hosts: known_hosts,
             },
         );

@@ -187,3 +187,56 @@ def test_a_foreign_uid_is_refused(daemon, tmp_path):
     # Its own user is still served.
     api.send({"op": "ping"})
     assert api.recv()[0]["pid"] > 0
+
+
+SLOW_SSH = ("#!/bin/sh\n# takes a second to connect to a target, then runs the remote command here\n"
+            "for a; do last=$a; done\n"
+            "case \"$last\" in *arbor-stage0*) ;; *) echo \"$(date +%s.%N) start\" >> \"$SSH_LOG\"; sleep 1 ;; esac\n"
+            "exec /bin/sh -c \"$last\"\n")
+
+
+@pytest.mark.parametrize("bound", [2, 64])
+def test_a_relay_connects_its_children_in_parallel_within_the_bound(tmp_path, bound):
+    """Six targets behind one relay, each ssh taking a second to connect:
+    with ARBOR_CONNECT_CONCURRENCY=2 at most two connect at once (three
+    rounds); with the default bound all six connect together."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ssh").write_text(SLOW_SSH)
+    (bindir / "ssh").chmod(0o755)
+    log = tmp_path / "ssh.log"
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", SSH_LOG=str(log),
+               ARBOR_CONNECT_CONCURRENCY=str(bound))
+    d = subprocess.Popen([str(ARBOR), "daemon", "--run-dir", str(run_dir), "--parent-pid", str(os.getpid())],
+                         env=env, stderr=open(tmp_path / "daemon.log", "wb"))
+    try:
+        for _ in range(200):
+            if (run_dir / "sock").exists():
+                break
+            time.sleep(0.02)
+        # The relay first, so only the targets' connects are timed.
+        api = Api(run_dir / "sock")
+        api.send({"op": "exec", "chain": [CHAIN[0]] + [dict(CHAIN[1], name="t0", host="t0")], "cmd": "true"})
+        assert api.recv()[0]["rc"] == 0
+        t0 = time.monotonic()
+        apis = []
+        for i in range(1, 7):
+            a = Api(run_dir / "sock")
+            a.send({"op": "exec", "chain": [CHAIN[0], dict(CHAIN[1], name=f"t{i}", host=f"t{i}")],
+                    "cmd": "echo t%d" % i})
+            apis.append(a)
+        for i, a in enumerate(apis, 1):
+            assert a.recv()[1] == b"t%d\n" % i
+        took = time.monotonic() - t0
+    finally:
+        d.kill()
+        d.wait()
+    starts = sorted(float(line.split()[0]) for line in log.read_text().splitlines())[1:]
+    assert len(starts) == 6
+    # At most `bound` ssh connections were under way at any moment.
+    most = max(sum(1 for s in starts if t <= s < t + 0.95) for t in starts)
+    if bound == 2:
+        assert most == 2 and took >= 2.9, (most, took, starts)
+    else:
+        assert most == 6 and took < 2.5, (most, took, starts)

@@ -35,6 +35,9 @@ pub struct Spawn {
     pub known_hosts: Option<Vec<u8>>,
     /// How long the child may take to join the tree.
     pub connect_timeout_ms: u32,
+    /// At most this many children of the relay connecting at once (0: no
+    /// bound); the others wait, in order, for one to join or fail.
+    pub max_connecting: u16,
 }
 
 /// Stands in `Spawn::argv` for the path of the child's known_hosts file.
@@ -78,6 +81,7 @@ mod tests {
             send_self: false,
             known_hosts: Some(b"target1 ssh-ed25519 AAAA".to_vec()),
             connect_timeout_ms: 30_000,
+            max_connecting: 64,
         });
         let bytes = encode(&req);
         assert_eq!(decode::<Request>(&bytes), Ok(req));
