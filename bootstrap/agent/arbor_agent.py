@@ -122,6 +122,8 @@ CONTROLLER = 0
 WARM_BYTES_MAX = 64 * 1024 * 1024
 # Most bytes of module zips (their AnsiballZ literal, decoded) kept for this run.
 ZIP_CACHE_BYTES_MAX = 64 * 1024 * 1024
+# Most bytes of zip members (as stored) kept for rebuilding module zips.
+MEMBER_BYTES_MAX = 64 * 1024 * 1024
 # Most bytes of module source whose compiled code is kept.
 CODE_CACHE_BYTES_MAX = 64 * 1024 * 1024
 ZIP_DATA = re.compile(rb"^zip_data=(.*),$", re.M)
@@ -276,6 +278,52 @@ class CodeCache(object):
         return code
 
 
+def build_zip(members):
+    """A zip of `members` [(name, method, crc, size, stored bytes)], the
+    bytes as stored in the zip they came from (no recompression)."""
+    out = io.BytesIO()
+    central = []
+    for name, method, crc, size, data in members:
+        raw = name.encode("utf-8")
+        flags = 0 if len(raw) == len(name) else 0x800  # UTF-8 names
+        offset = out.tell()
+        # Dated 1980-01-01, as zip's earliest date.
+        out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, flags, method, 0, 0x21,
+                              crc, len(data), size, len(raw), 0))
+        out.write(raw)
+        out.write(data)
+        central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, flags, method, 0,
+                                   0x21, crc, len(data), size, len(raw), 0, 0, 0, 0, 0, offset) + raw)
+    start = out.tell()
+    for entry in central:
+        out.write(entry)
+    out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central),
+                          out.tell() - start, start, 0))
+    return out.getvalue()
+
+
+class MemberStore(object):
+    """Zip members by content key (their bytes as stored), shared by every
+    module zip: module_utils cross the link once. Bounded in bytes: when
+    full it starts afresh (the controller then resends what is missing)."""
+
+    def __init__(self):
+        self.data = {}
+        self.size = 0
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def put(self, key, data):
+        if key in self.data:
+            return
+        if self.size + len(data) > MEMBER_BYTES_MAX:
+            self.data.clear()
+            self.size = 0
+        self.data[key] = data
+        self.size += len(data)
+
+
 class ModuleZip(object):
     """One AnsiballZ zip as the controller sent it (its Python literal); its
     base64 text and its Python files are decoded once, on first use."""
@@ -284,6 +332,13 @@ class ModuleZip(object):
         self.literal = bytes(literal)
         self._b64 = None
         self._files = None
+
+    @classmethod
+    def from_zip(cls, data):
+        b64 = base64.b64encode(data).decode("ascii")
+        mz = cls(("'%s'" % b64).encode("ascii"))
+        mz._b64 = b64
+        return mz
 
     @property
     def size(self):
@@ -1056,6 +1111,7 @@ class Agent(object):
         self.shell = login_shell()
         self.python = os.path.realpath(sys.executable)
         self.zips = {}  # zip_key -> ModuleZip
+        self.members = MemberStore()
         self.codes = CodeCache()
         self.wrappers = {}  # digest -> compiled AnsiballZ wrapper
         self.warm = WarmImports(self.codes)
@@ -1563,6 +1619,8 @@ class Agent(object):
         key = req.get("zip_key")
         if key is None:
             return stdin, None, None
+        if "zip_members" in req:
+            return self.zip_from_members(req, stdin)
         if "zip_at" in req:
             mz = self.zips.get(key)
             if mz is None:
@@ -1576,6 +1634,32 @@ class Agent(object):
                 self.zips.clear()
             self.zips[key] = mz
         return bytes(stdin[:a]) + bytes(stdin[b:]), mz, a
+
+    def zip_from_members(self, req, stdin):
+        """(script, ModuleZip, offset) from a manifest of the zip's members
+        and the bytes of those this agent did not hold yet (after the
+        script); None if one it should hold is gone (the caller resends)."""
+        key = req["zip_key"]
+        blob_len = int(req["zip_blob"])
+        script = bytes(stdin[:len(stdin) - blob_len])
+        blob = memoryview(stdin)[len(stdin) - blob_len:]
+        members = []
+        at = 0
+        for m in req["zip_members"]:
+            if "s" in m:
+                data = bytes(blob[at:at + int(m["s"])])
+                at += int(m["s"])
+                self.members.put(m["k"], data)
+            else:
+                data = self.members.get(m["k"])
+                if data is None:
+                    return None
+            members.append((m["n"], int(m["m"]), int(m["c"]), int(m["u"]), data))
+        mz = ModuleZip.from_zip(build_zip(members))
+        if sum(z.size for z in self.zips.values()) + mz.size > ZIP_CACHE_BYTES_MAX:
+            self.zips.clear()
+        self.zips[key] = mz
+        return script, mz, int(req["zip_at"])
 
     def after_module(self, names, files, rels):
         """After a module's reply, while idle: what it imported is imported

@@ -144,18 +144,7 @@ fn zip_key(literal: &[u8]) -> String {
 }
 
 fn normalised_zip_digest(literal: &[u8]) -> Option<Vec<u8>> {
-    use base64::Engine;
-    let inner = literal
-        .strip_prefix(b"'")
-        .and_then(|l| l.strip_suffix(b"'"))
-        .or_else(|| {
-            literal
-                .strip_prefix(b"\"")
-                .and_then(|l| l.strip_suffix(b"\""))
-        })?;
-    let zip = base64::engine::general_purpose::STANDARD
-        .decode(inner)
-        .ok()?;
+    let zip = decode_literal(literal)?;
     let u16_at = |i: usize| -> Option<usize> {
         Some(u16::from_le_bytes(zip.get(i..i + 2)?.try_into().ok()?) as usize)
     };
@@ -711,64 +700,173 @@ async fn exec(
         "isolation": req.get("isolation").cloned().unwrap_or(Value::Null),
         "cwd": req.get("cwd").cloned().unwrap_or(Value::Null),
     });
-    let (mut v, out) = match zip_span(&stdin) {
-        None => exec_once(tree, node, agent_req, &stdin).await?,
-        Some((a, b)) => {
-            let key = zip_key(&stdin[a..b]);
-            let cached = if zips.has(node, &key) {
-                let mut short_req = agent_req.clone();
-                short_req["zip_key"] = json!(key);
-                short_req["zip_at"] = json!(a);
-                let short = [&stdin[..a], &stdin[b..]].concat();
-                match exec_once(tree, node, short_req, &short).await {
-                    Err(e) if e.zip_miss => None,
-                    other => Some(other?),
+    let mut result = None;
+    for whole in [false, true] {
+        let (fields, body, keys) = zip_form(zips, node, &stdin, whole, &mut HashSet::new());
+        let mut req = agent_req.clone();
+        let retry = !whole && !keys.is_empty();
+        for (k, v) in fields {
+            req[k] = v;
+        }
+        match exec_once(tree, node, req, &body).await {
+            Err(e) if e.zip_miss && retry => continue,
+            other => {
+                let r = other?;
+                for k in &keys {
+                    zips.set(node, k);
                 }
-            } else {
-                None
-            };
-            match cached {
-                Some(r) => r,
-                None => {
-                    let mut full_req = agent_req;
-                    full_req["zip_key"] = json!(key);
-                    full_req["zip_span"] = json!([a, b]);
-                    let r = exec_once(tree, node, full_req, &stdin).await?;
-                    zips.set(node, &key);
-                    r
-                }
+                result = Some(r);
+                break;
             }
         }
-    };
+    }
+    let (mut v, out) = result.ok_or_else(|| ApiError::failed("exec: no answer"))?;
     if let Some(o) = v.as_object_mut() {
         o.remove("streamed");
     }
     send_chunked(conn, v, &out).await
 }
 
-/// A module's stdin in the form its agent needs: without its zip literal if
-/// the agent holds the zip (`zip_key`, `zip_at`), else whole (with
-/// `zip_span`, so the agent keeps the zip). Returns the request fields, the
-/// body and the zip's key.
+/// A module's stdin in the form its agent needs, and the cache keys to
+/// remember for the agent once it has answered:
+/// - the agent holds the zip: the script without its zip literal
+///   (`zip_key`, `zip_at`);
+/// - else, if the zip can be read: the script without its literal, then
+///   the compressed bytes of the zip's members the agent does not hold
+///   (`zip_members`, a manifest of every member; `zip_blob`, how many bytes
+///   of members follow the script). The agent rebuilds the zip. Modules
+///   share most members (module_utils), so each crosses a link once;
+/// - else, or `whole` (after the agent missed something): the script as it
+///   is (`zip_span`, so the agent keeps the zip).
 fn zip_form(
     zips: &ZipCache,
     node: NodeId,
     stdin: &[u8],
     whole: bool,
-) -> (serde_json::Map<String, Value>, Vec<u8>, Option<String>) {
+    sending: &mut HashSet<String>,
+) -> (serde_json::Map<String, Value>, Vec<u8>, Vec<String>) {
     let mut fields = serde_json::Map::new();
     let Some((a, b)) = zip_span(stdin) else {
-        return (fields, stdin.to_vec(), None);
+        return (fields, stdin.to_vec(), Vec::new());
     };
     let key = zip_key(&stdin[a..b]);
     fields.insert("zip_key".into(), json!(key));
+    let short = || [&stdin[..a], &stdin[b..]].concat();
     if !whole && zips.has(node, &key) {
         fields.insert("zip_at".into(), json!(a));
-        (fields, [&stdin[..a], &stdin[b..]].concat(), Some(key))
-    } else {
-        fields.insert("zip_span".into(), json!([a, b]));
-        (fields, stdin.to_vec(), Some(key))
+        return (fields, short(), vec![key]);
     }
+    if !whole {
+        if let Some(members) = zip_members(&stdin[a..b]) {
+            let mut body = short();
+            let script_len = body.len();
+            let mut keys = vec![key];
+            let manifest: Vec<Value> = members
+                .iter()
+                .map(|m| {
+                    let mk = format!("m:{}", m.key);
+                    let mut e =
+                        json!({"n": m.name, "k": m.key, "m": m.method, "c": m.crc, "u": m.size});
+                    if !zips.has(node, &mk) && sending.insert(mk.clone()) {
+                        e["s"] = json!(m.data.len());
+                        body.extend_from_slice(&m.data);
+                        keys.push(mk);
+                    }
+                    e
+                })
+                .collect();
+            fields.insert("zip_at".into(), json!(a));
+            fields.insert("zip_members".into(), Value::Array(manifest));
+            fields.insert("zip_blob".into(), json!(body.len() - script_len));
+            return (fields, body, keys);
+        }
+    }
+    fields.insert("zip_span".into(), json!([a, b]));
+    (fields, stdin.to_vec(), vec![key])
+}
+
+/// One member of a zip, its bytes as stored (compressed).
+struct ZipMember {
+    name: String,
+    method: u16,
+    crc: u32,
+    size: u32,
+    data: Vec<u8>,
+    /// Content key: a hash of how it is stored and what it holds.
+    key: String,
+}
+
+/// The zip inside a literal (base64 in quotes).
+fn decode_literal(literal: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let inner = literal
+        .strip_prefix(b"'")
+        .and_then(|l| l.strip_suffix(b"'"))
+        .or_else(|| {
+            literal
+                .strip_prefix(b"\"")
+                .and_then(|l| l.strip_suffix(b"\""))
+        })?;
+    base64::engine::general_purpose::STANDARD.decode(inner).ok()
+}
+
+/// The members of a zip literal, or None if it is not a plain zip this can
+/// read (zip64, encryption and multi-disk zips are left whole).
+fn zip_members(literal: &[u8]) -> Option<Vec<ZipMember>> {
+    let zip = decode_literal(literal)?;
+    let u16_at =
+        |i: usize| -> Option<u16> { Some(u16::from_le_bytes(zip.get(i..i + 2)?.try_into().ok()?)) };
+    let u32_at =
+        |i: usize| -> Option<u32> { Some(u32::from_le_bytes(zip.get(i..i + 4)?.try_into().ok()?)) };
+    let lowest = zip.len().saturating_sub(22 + 0xFFFF);
+    let end = (lowest..=zip.len().checked_sub(22)?)
+        .rev()
+        .find(|&i| u32_at(i) == Some(0x0605_4b50))?;
+    let count = usize::from(u16_at(end + 10)?);
+    let mut at = u32_at(end + 16)? as usize;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        if u32_at(at)? != 0x0201_4b50 {
+            return None;
+        }
+        let flags = u16_at(at + 8)?;
+        let method = u16_at(at + 10)?;
+        let crc = u32_at(at + 16)?;
+        let (csize, size) = (u32_at(at + 20)?, u32_at(at + 24)?);
+        let name_len = usize::from(u16_at(at + 28)?);
+        let extra_len = usize::from(u16_at(at + 30)?);
+        let comment_len = usize::from(u16_at(at + 32)?);
+        let local = u32_at(at + 42)? as usize;
+        if flags & 0x1 != 0 || csize == u32::MAX || size == u32::MAX || local == u32::MAX as usize {
+            return None;
+        }
+        let name = String::from_utf8(zip.get(at + 46..at + 46 + name_len)?.to_vec()).ok()?;
+        if u32_at(local)? != 0x0403_4b50 {
+            return None;
+        }
+        let data_at =
+            local + 30 + usize::from(u16_at(local + 26)?) + usize::from(u16_at(local + 28)?);
+        let data = zip.get(data_at..data_at + csize as usize)?.to_vec();
+        let mut h = Sha256::new();
+        h.update(method.to_le_bytes());
+        h.update(crc.to_le_bytes());
+        h.update(size.to_le_bytes());
+        h.update(&data);
+        let key = h.finalize()[..16]
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect();
+        out.push(ZipMember {
+            name,
+            method,
+            crc,
+            size,
+            data,
+            key,
+        });
+        at += 46 + name_len + extra_len + comment_len;
+    }
+    Some(out)
 }
 
 /// Copy in one round trip (see the module doc).
@@ -800,8 +898,9 @@ async fn choose(
         });
         let mut out = Vec::new();
         let mut keys = Vec::new();
+        let mut sending = HashSet::new();
         for (name, stdin) in ["same", "differs"].iter().zip(stdins) {
-            let (mut fields, part, key) = zip_form(zips, node, stdin, whole);
+            let (mut fields, part, key) = zip_form(zips, node, stdin, whole, &mut sending);
             fields.insert(
                 "cmd".into(),
                 req.get(*name)
@@ -1138,6 +1237,28 @@ mod tests {
         // Not a zip: the literal's own hash.
         assert_eq!(zip_key(b"'bm90IGEgemlw'").len(), 64);
         assert_eq!(zip_key(b"garbage").len(), 64);
+    }
+
+    #[test]
+    fn zip_members_are_read_with_content_keys() {
+        // Python's zipfile, deflated: two members.
+        let py = b"'UEsDBBQAAAAIAABQdV2Hj6fgCQAAAFAAAAATAAAAYW5zaWJsZS9fX2luaXRfXy5weauwNeSqoCIGAFBLAwQUAAAACAAAUHVd3U4WbBMAAACMAAAAFwAAAGFuc2libGUvbW9kdWxlcy9waW5nLnB5KyjKzCvRUC/Iz0tX1+QqGFAeAFBLAQIUAxQAAAAIAABQdV2Hj6fgCQAAAFAAAAATAAAAAAAAAAAAAACAAQAAAABhbnNpYmxlL19faW5pdF9fLnB5UEsBAhQDFAAAAAgAAFB1Xd1OFmwTAAAAjAAAABcAAAAAAAAAAAAAAIABOgAAAGFuc2libGUvbW9kdWxlcy9waW5nLnB5UEsFBgAAAAACAAIAhgAAAIIAAAAAAA=='";
+        let m = zip_members(py).expect("members");
+        let names: Vec<&str> = m.iter().map(|x| x.name.as_str()).collect();
+        assert_eq!(names, ["ansible/__init__.py", "ansible/modules/ping.py"]);
+        assert!(m.iter().all(|x| x.method == 8 && x.key.len() == 32));
+        assert_eq!((m[0].size, m[0].data.len()), (0x50, 9));
+        assert_ne!(m[0].key, m[1].key);
+        // The same content in a zip written at another time: the same keys.
+        let later = b"'UEsDBBQAAAAIAMFbdV2Hj6fgCQAAAFAAAAATAAAAYW5zaWJsZS9fX2luaXRfXy5weauwNeSqoCIGAFBLAwQUAAAACADBW3Vd3U4WbBMAAACMAAAAFwAAAGFuc2libGUvbW9kdWxlcy9waW5nLnB5KyjKzCvRUC/Iz0tX1+QqGFAeAFBLAQIUAxQAAAAIAMFbdV2Hj6fgCQAAAFAAAAATAAAAAAAAAAAAAACAAQAAAABhbnNpYmxlL19faW5pdF9fLnB5UEsBAhQDFAAAAAgAwVt1Xd1OFmwTAAAAjAAAABcAAAAAAAAAAAAAAIABOgAAAGFuc2libGUvbW9kdWxlcy9waW5nLnB5UEsFBgAAAAACAAIAhgAAAIIAAAAAAA=='";
+        let k: Vec<String> = zip_members(later)
+            .expect("members")
+            .into_iter()
+            .map(|x| x.key)
+            .collect();
+        assert_eq!(k, m.iter().map(|x| x.key.clone()).collect::<Vec<_>>());
+        assert!(zip_members(b"'bm90IGEgemlw'").is_none());
+        assert!(zip_members(b"garbage").is_none());
     }
 
     #[test]

@@ -691,3 +691,48 @@ def test_modules_arriving_while_one_runs_in_process_wait_and_commands_do_not(lin
     inproc, forked = json.loads(out[sent[1]]), json.loads(out[sent[2]])
     assert inproc["pid"] == link.proc.pid and forked["pid"] != link.proc.pid
     assert inproc["env"] is None and forked["env"] is None
+
+
+def test_zips_rebuilt_from_members_read_as_the_originals(link, ansiballz):
+    """The controller sends a module zip as members the agent does not hold
+    yet; the agent rebuilds a zip with the same contents, keeps members for
+    the next zip, and asks again (zip_miss) for one it no longer holds."""
+    import zlib
+    raw = {"ansible/__init__.py": b"", "ansible/module_utils/x.py": b"X = 1\n" * 50,
+           "ansible/modules/m.py": "print('ok é')\n".encode()}
+    members = []
+    for name, body in raw.items():
+        c = zlib.compressobj(9, zlib.DEFLATED, -15)
+        data = c.compress(body) + c.flush()
+        members.append((name, 8, zlib.crc32(body), len(body), data))
+    import io, zipfile
+    z = zipfile.ZipFile(io.BytesIO(A.build_zip(members)))
+    assert z.testzip() is None and {n: z.read(n) for n in z.namelist()} == raw
+    # Through the agent: a real module, its zip sent as members.
+    python = os.path.realpath(sys.executable)
+    start = ansiballz.index(b"\nzip_data=") + len(b"\nzip_data=")
+    end = ansiballz.index(b",\n", start)
+    lit = ansiballz[start:end]
+    zf = zipfile.ZipFile(io.BytesIO(base64.b64decode(eval(lit))))
+    manifest, blob = [], b""
+    for i, info in enumerate(zf.infolist()):
+        body = zf.read(info.filename)
+        c = zlib.compressobj(6, zlib.DEFLATED, -15)
+        data = c.compress(body) + c.flush()
+        manifest.append({"n": info.filename, "k": "k%d" % i, "m": 8, "c": zlib.crc32(body),
+                         "u": len(body), "s": len(data)})
+        blob += data
+    short = ansiballz[:start] + ansiballz[end:]
+    req = {"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python, "zip_key": "zk",
+           "zip_at": start, "zip_members": manifest, "zip_blob": len(blob)}
+    res, out = link.call(req, short + blob)
+    assert res["rc"] == 0 and json.loads(out[:res["stdout_len"]])["stdout"] == "hi", out
+    # A second zip naming the same members sends none of their bytes.
+    again = dict(req, zip_key="zk2", zip_members=[{k: v for k, v in m.items() if k != "s"}
+                                                  for m in manifest], zip_blob=0)
+    res, out = link.call(again, short)
+    assert res["rc"] == 0 and json.loads(out[:res["stdout_len"]])["stdout"] == "hi"
+    gone = dict(again, zip_key="zk3", zip_members=again["zip_members"] + [
+        {"n": "ansible/extra.py", "k": "never-sent", "m": 8, "c": 0, "u": 0}])
+    res, _ = link.call(gone, short)
+    assert res == {"error": "module zip not cached", "zip_miss": True}
