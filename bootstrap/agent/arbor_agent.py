@@ -1371,6 +1371,12 @@ class Agent(object):
         self.handle(src, stream, req, blob)
 
     def handle(self, src, stream, req, blob):
+        size = req.get("body_size")
+        if size is not None and len(blob) != int(size):
+            # Part of it was to come from a relay's cache, which missed.
+            self.reply(src, stream, {"error": "request body of %d bytes, not %d" % (len(blob), int(size)),
+                                     "zip_miss": True})
+            return
         op = req.get("op")
         noreply = bool(req.get("noreply"))
         lane = req.get("lane")

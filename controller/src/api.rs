@@ -99,6 +99,8 @@ pub struct ZipCache(Arc<Mutex<HashMap<NodeId, HashSet<String>>>>);
 
 /// Keys remembered per agent before the set starts afresh.
 const ZIP_KEYS_PER_AGENT_MAX: usize = 4096;
+/// Most bytes a relay keeps in its content cache (`ARBOR_RELAY_CACHE_BYTES`).
+pub const RELAY_CACHE_BYTES_DEFAULT: u64 = 64 << 20;
 /// Literals shorter than this are sent inline.
 const ZIP_LITERAL_BYTES_MIN: usize = 4096;
 
@@ -108,6 +110,12 @@ impl ZipCache {
             .lock()
             .map(|m| m.get(&node).is_some_and(|s| s.contains(key)))
             .unwrap_or(false)
+    }
+
+    fn forget(&self, node: NodeId) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(&node);
+        }
     }
 
     fn set(&self, node: NodeId, key: &str) {
@@ -700,16 +708,23 @@ async fn exec(
         "isolation": req.get("isolation").cloned().unwrap_or(Value::Null),
         "cwd": req.get("cwd").cloned().unwrap_or(Value::Null),
     });
+    let relay = relay_of(tree, req).await;
     let mut result = None;
     for whole in [false, true] {
-        let (fields, body, keys) = zip_form(zips, node, &stdin, whole, &mut HashSet::new());
+        let (fields, body, keys) = zip_form(zips, node, relay, &stdin, whole, &mut HashSet::new());
         let mut req = agent_req.clone();
         let retry = !whole && !keys.is_empty();
+        let injected = body.injects();
         for (k, v) in fields {
             req[k] = v;
         }
-        match exec_once(tree, node, req, &body).await {
-            Err(e) if e.zip_miss && retry => continue,
+        match exec_body(tree, node, relay, req, body).await {
+            Err(e) if e.zip_miss && retry => {
+                if let (true, Some(r)) = (injected, relay) {
+                    zips.forget(r);
+                }
+                continue;
+            }
             other => {
                 let r = other?;
                 for k in &keys {
@@ -741,48 +756,230 @@ async fn exec(
 fn zip_form(
     zips: &ZipCache,
     node: NodeId,
+    relay: Option<NodeId>,
     stdin: &[u8],
     whole: bool,
     sending: &mut HashSet<String>,
-) -> (serde_json::Map<String, Value>, Vec<u8>, Vec<String>) {
+) -> (serde_json::Map<String, Value>, Body, Vec<String>) {
     let mut fields = serde_json::Map::new();
     let Some((a, b)) = zip_span(stdin) else {
-        return (fields, stdin.to_vec(), Vec::new());
+        return (fields, Body::raw(stdin.to_vec()), Vec::new());
     };
     let key = zip_key(&stdin[a..b]);
     fields.insert("zip_key".into(), json!(key));
     let short = || [&stdin[..a], &stdin[b..]].concat();
     if !whole && zips.has(node, &key) {
         fields.insert("zip_at".into(), json!(a));
-        return (fields, short(), vec![key]);
+        return (fields, Body::raw(short()), vec![key]);
     }
     if !whole {
         if let Some(members) = zip_members(&stdin[a..b]) {
-            let mut body = short();
-            let script_len = body.len();
+            let mut body = Body::raw(short());
+            let mut blob = 0;
             let mut keys = vec![key];
             let manifest: Vec<Value> = members
-                .iter()
+                .into_iter()
                 .map(|m| {
                     let mk = format!("m:{}", m.key);
                     let mut e =
                         json!({"n": m.name, "k": m.key, "m": m.method, "c": m.crc, "u": m.size});
                     if !zips.has(node, &mk) && sending.insert(mk.clone()) {
                         e["s"] = json!(m.data.len());
-                        body.extend_from_slice(&m.data);
+                        blob += m.data.len();
                         keys.push(mk);
+                        // Behind a relay: from the relay's cache, which gets
+                        // it once (it crosses the WAN once per relay).
+                        match relay {
+                            Some(r) if m.data.len() <= RELAY_ENTRY_BYTES_MAX => {
+                                let rk = format!("r:{}", m.key);
+                                if !zips.has(r, &rk) && sending.insert(rk.clone()) {
+                                    body.puts.push((m.key.clone(), m.data.clone()));
+                                    zips.set(r, &rk);
+                                }
+                                body.parts.push(Part::Cached(m.key, m.data.len()));
+                            }
+                            _ => body.push_raw(&m.data),
+                        }
                     }
                     e
                 })
                 .collect();
             fields.insert("zip_at".into(), json!(a));
             fields.insert("zip_members".into(), Value::Array(manifest));
-            fields.insert("zip_blob".into(), json!(body.len() - script_len));
+            fields.insert("zip_blob".into(), json!(blob));
             return (fields, body, keys);
         }
     }
     fields.insert("zip_span".into(), json!([a, b]));
-    (fields, stdin.to_vec(), vec![key])
+    (fields, Body::raw(stdin.to_vec()), vec![key])
+}
+
+/// Largest zip member kept in a relay's cache (one control frame).
+const RELAY_ENTRY_BYTES_MAX: usize = 512 * 1024;
+
+/// A request body in parts: bytes sent from here, and entries of the
+/// agent's relay's cache that the relay injects (`Inject`), after `puts`
+/// have filled it.
+#[derive(Default)]
+struct Body {
+    parts: Vec<Part>,
+    puts: Vec<(String, Vec<u8>)>,
+}
+
+enum Part {
+    Raw(Vec<u8>),
+    Cached(String, usize),
+}
+
+impl Body {
+    fn raw(data: Vec<u8>) -> Body {
+        Body {
+            parts: vec![Part::Raw(data)],
+            puts: Vec::new(),
+        }
+    }
+
+    fn push_raw(&mut self, data: &[u8]) {
+        match self.parts.last_mut() {
+            Some(Part::Raw(r)) => r.extend_from_slice(data),
+            _ => self.parts.push(Part::Raw(data.to_vec())),
+        }
+    }
+
+    fn append(&mut self, other: Body) {
+        self.puts.extend(other.puts);
+        for p in other.parts {
+            match p {
+                Part::Raw(r) => self.push_raw(&r),
+                c => self.parts.push(c),
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Raw(r) => r.len(),
+                Part::Cached(_, n) => *n,
+            })
+            .sum()
+    }
+
+    fn injects(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Cached(..)))
+    }
+
+    /// All of it as bytes, if none of it comes from a relay.
+    fn flat(self) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        for p in self.parts {
+            match p {
+                Part::Raw(r) => out.extend(r),
+                Part::Cached(..) => return None,
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Sends a request with a body that may come partly from `relay`'s cache:
+/// its puts first, then the request and its raw parts from here, with the
+/// relay injecting the cached parts in their place. The agent checks the
+/// body's size (`body_size`) and asks again if the relay missed one.
+async fn send_body(
+    tree: &TreeHandle,
+    node: NodeId,
+    relay: Option<NodeId>,
+    mut req: Value,
+    body: Body,
+) -> Result<(StreamId, mpsc::Receiver<Frame>), ApiError> {
+    use arbor_wire::control::{self, Request};
+    let (Some(relay), true) = (relay, body.injects()) else {
+        let flat = body.flat().unwrap_or_default();
+        return send_request(tree, node, req, &flat).await;
+    };
+    let max_bytes = relay_cache_bytes();
+    let size = body.len();
+    for (key, data) in body.puts {
+        let put = Request::CachePut {
+            key,
+            data,
+            max_bytes,
+        };
+        tree.post(relay, control::encode(&put))
+            .await
+            .map_err(ApiError::unreachable)?;
+    }
+    req["body_size"] = json!(size);
+    let mut req = in_lane(req);
+    req["streamed"] = Value::Bool(true);
+    let mut parts = body.parts.into_iter().peekable();
+    let head = match parts.peek_mut() {
+        Some(Part::Raw(r)) => {
+            let n = r.len().min(CHUNK_BYTES);
+            r.drain(..n).collect::<Vec<u8>>()
+        }
+        _ => Vec::new(),
+    };
+    let (stream, rx) = tree
+        .open(node, msg::encode(req.to_string().as_bytes(), &head))
+        .await
+        .map_err(ApiError::unreachable)?;
+    let mut keys = Vec::new();
+    for part in parts {
+        match part {
+            Part::Cached(k, _) => keys.push(k),
+            Part::Raw(r) => {
+                inject(tree, relay, node, stream, &mut keys).await?;
+                send_data(tree, node, stream, &r).await?;
+            }
+        }
+    }
+    inject(tree, relay, node, stream, &mut keys).await?;
+    tree.send_part(node, stream, Kind::End, Vec::new())
+        .await
+        .map_err(ApiError::failed)?;
+    Ok((stream, rx))
+}
+
+async fn inject(
+    tree: &TreeHandle,
+    relay: NodeId,
+    dst: NodeId,
+    stream: StreamId,
+    keys: &mut Vec<String>,
+) -> Result<(), ApiError> {
+    use arbor_wire::control::{self, Request};
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let req = Request::Inject {
+        dst,
+        stream,
+        keys: std::mem::take(keys),
+    };
+    tree.post(relay, control::encode(&req))
+        .await
+        .map(|_| ())
+        .map_err(ApiError::unreachable)
+}
+
+fn relay_cache_bytes() -> u64 {
+    std::env::var("ARBOR_RELAY_CACHE_BYTES")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(RELAY_CACHE_BYTES_DEFAULT)
+}
+
+/// The relay an agent's frames pass last (its via host's), if any.
+async fn relay_of(tree: &TreeHandle, req: &Value) -> Option<NodeId> {
+    let t: Target = serde_json::from_value(req.clone()).ok()?;
+    let n = t.chain.len();
+    if n < 2 {
+        return None;
+    }
+    tree.ensure(&t.chain[..n - 1], Role2::Relay).await.ok()
 }
 
 /// One member of a zip, its bytes as stored (compressed).
@@ -887,6 +1084,7 @@ async fn choose(
     let body = read_body(conn, blob, n_same + n_differs).await?;
     let node = agent_for(tree, req).await?;
     let stdins = [&body[..n_same], &body[n_same..]];
+    let relay = relay_of(tree, req).await;
     let mut result = None;
     for whole in [false, true] {
         let mut agent_req = json!({
@@ -896,11 +1094,11 @@ async fn choose(
             "isolation": req.get("isolation").cloned().unwrap_or(Value::Null),
             "cwd": req.get("cwd").cloned().unwrap_or(Value::Null),
         });
-        let mut out = Vec::new();
+        let mut out = Body::default();
         let mut keys = Vec::new();
         let mut sending = HashSet::new();
         for (name, stdin) in ["same", "differs"].iter().zip(stdins) {
-            let (mut fields, part, key) = zip_form(zips, node, stdin, whole, &mut sending);
+            let (mut fields, part, key) = zip_form(zips, node, relay, stdin, whole, &mut sending);
             fields.insert(
                 "cmd".into(),
                 req.get(*name)
@@ -912,11 +1110,17 @@ async fn choose(
             if *name == "same" {
                 agent_req["split"] = json!(part.len());
             }
-            out.extend_from_slice(&part);
+            out.append(part);
             keys.extend(key);
         }
-        match exec_once(tree, node, agent_req, &out).await {
-            Err(e) if e.zip_miss && !whole => continue,
+        let injected = out.injects();
+        match exec_body(tree, node, relay, agent_req, out).await {
+            Err(e) if e.zip_miss && !whole => {
+                if let (true, Some(r)) = (injected, relay) {
+                    zips.forget(r);
+                }
+                continue;
+            }
             other => {
                 let r = other?;
                 for k in &keys {
@@ -934,13 +1138,14 @@ async fn choose(
     send_chunked(conn, v, &out).await
 }
 
-async fn exec_once(
+async fn exec_body(
     tree: &TreeHandle,
     node: NodeId,
+    relay: Option<NodeId>,
     agent_req: Value,
-    stdin: &[u8],
+    body: Body,
 ) -> Result<(Value, Vec<u8>), ApiError> {
-    let (stream, mut rx) = send_request(tree, node, agent_req, stdin).await?;
+    let (stream, mut rx) = send_body(tree, node, relay, agent_req, body).await?;
     gather_reply(tree, stream, &mut rx).await
 }
 

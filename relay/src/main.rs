@@ -87,6 +87,10 @@ struct Relay {
     waiting: VecDeque<(NodeId, StreamId, Spawn)>,
     /// The bound the latest spawn request gave (0: none).
     max_connecting: usize,
+    /// Content cache (module zip members): key -> bytes, oldest first.
+    cache: HashMap<String, Vec<u8>>,
+    cache_order: VecDeque<String>,
+    cache_bytes: usize,
 }
 
 const PARENT: LinkId = LinkId(0);
@@ -109,6 +113,9 @@ impl Relay {
             self_exe: None,
             waiting: VecDeque::new(),
             max_connecting: 0,
+            cache: HashMap::new(),
+            cache_order: VecDeque::new(),
+            cache_bytes: 0,
         }
     }
 
@@ -259,6 +266,18 @@ impl Relay {
                 }
                 true
             }
+            Ok(Request::CachePut {
+                key,
+                data,
+                max_bytes,
+            }) => {
+                self.cache_put(key, data, max_bytes);
+                true
+            }
+            Ok(Request::Inject { dst, stream, keys }) => {
+                self.inject(dst, stream, &keys);
+                true
+            }
             Ok(Request::Shutdown) => {
                 self.reply(frame.src, frame.stream, &Reply::Done);
                 false
@@ -285,6 +304,43 @@ impl Relay {
             control::encode(reply),
         );
         self.core.send(Instant::now(), f);
+    }
+
+    /// Keeps `data` under `key`, the oldest entries going while the cache
+    /// would hold more than `max_bytes`.
+    fn cache_put(&mut self, key: String, data: Vec<u8>, max_bytes: u64) {
+        let max = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+        if self.cache.contains_key(&key) || data.len() > max {
+            return;
+        }
+        while self.cache_bytes + data.len() > max {
+            let Some(old) = self.cache_order.pop_front() else {
+                break;
+            };
+            if let Some(d) = self.cache.remove(&old) {
+                self.cache_bytes -= d.len();
+            }
+        }
+        self.cache_bytes += data.len();
+        self.cache_order.push_back(key.clone());
+        self.cache.insert(key, data);
+    }
+
+    /// Sends cached entries to `dst` as the controller's Data frames.
+    fn inject(&mut self, dst: NodeId, stream: StreamId, keys: &[String]) {
+        for key in keys {
+            let Some(data) = self.cache.get(key) else {
+                return;
+            };
+            let frames: Vec<Frame> = data
+                .chunks(arbor_wire::CHUNK_BYTES)
+                .map(|part| Frame::new(Kind::Data, dst, NodeId::CONTROLLER, stream, part.to_vec()))
+                .collect();
+            // Routed exactly as the controller's own frames from the parent.
+            for f in frames {
+                self.core.handle_frame(Instant::now(), PARENT, f);
+            }
+        }
     }
 
     /// Starts waiting children while fewer than the bound are connecting.

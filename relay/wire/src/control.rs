@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{NodeId, WireError};
+use crate::{NodeId, StreamId, WireError};
 
 /// A request to a relay.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -12,6 +12,22 @@ pub enum Request {
     Spawn(Spawn),
     /// Kill every child and exit.
     Shutdown,
+    /// Keep `data` in this relay's content cache under `key` (in RAM, at
+    /// most `max_bytes` in all: the oldest entries go first). No reply.
+    CachePut {
+        key: String,
+        data: Vec<u8>,
+        max_bytes: u64,
+    },
+    /// Send the cached entries `keys`, in order, as Data frames of the
+    /// controller's stream `stream` to `dst` (below this relay), as if the
+    /// controller had sent them. It stops at the first key it does not
+    /// hold: `dst` then sees a short body and asks again. No reply.
+    Inject {
+        dst: NodeId,
+        stream: StreamId,
+        keys: Vec<String>,
+    },
 }
 
 /// How to start one child. The relay resolves no names: `argv` is run as
@@ -85,6 +101,24 @@ mod tests {
         });
         let bytes = encode(&req);
         assert_eq!(decode::<Request>(&bytes), Ok(req));
+    }
+
+    #[test]
+    fn cache_requests_roundtrip() {
+        for req in [
+            Request::CachePut {
+                key: "k1".into(),
+                data: vec![1, 2, 3],
+                max_bytes: 64 << 20,
+            },
+            Request::Inject {
+                dst: NodeId(7),
+                stream: StreamId(9),
+                keys: vec!["k1".into(), "k2".into()],
+            },
+        ] {
+            assert_eq!(decode::<Request>(&encode(&req)), Ok(req));
+        }
     }
 
     #[test]
