@@ -249,6 +249,15 @@ impl Relay {
             }
             return true;
         }
+        // Only the controller directs a relay: a node below it (whose
+        // source the core has checked against its link) may not start
+        // processes, fill the cache or have frames sent in the
+        // controller's name.
+        if frame.src != NodeId::CONTROLLER {
+            let message = format!("n{}: only the controller may ask a relay", frame.src.0);
+            self.reply(frame.src, frame.stream, &Reply::Error { message });
+            return true;
+        }
         match control::decode::<Request>(&frame.payload) {
             Ok(Request::Spawn(spec)) => {
                 self.max_connecting = usize::from(spec.max_connecting);
