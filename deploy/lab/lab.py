@@ -86,6 +86,8 @@ mount --bind "$HD/home" /root
 mount --bind "$HD/etc-ssh" /etc/ssh
 mount -t tmpfs -o mode=1777,size=2g tmpfs /tmp
 mount -t tmpfs -o mode=1777,size=256m tmpfs /var/tmp
+# Its own /dev/shm too: the controller's (shared) must not show as the host's.
+mount -t tmpfs -o mode=1777,size=256m tmpfs /dev/shm
 if [ "$NOPYTHON" = 1 ]; then
     # Whiteouts in an overlay make every python binary truly absent.
     mount -t tmpfs -o size=1m tmpfs "$HD/ovl"
