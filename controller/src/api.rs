@@ -95,7 +95,12 @@ impl ApiError {
 /// per-run constant part of an AnsiballZ script) crosses to an agent once;
 /// later calls send the rest of the script and the zip's key.
 #[derive(Clone, Default)]
-pub struct ZipCache(Arc<Mutex<HashMap<NodeId, HashSet<String>>>>);
+pub struct ZipCache(
+    Arc<Mutex<HashMap<NodeId, HashSet<String>>>>,
+    /// Per relay: held while a request that fills and injects from its
+    /// cache is sent, so a put is never overtaken nor sent twice.
+    Arc<Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>>,
+);
 
 /// Keys remembered per agent before the set starts afresh.
 const ZIP_KEYS_PER_AGENT_MAX: usize = 4096;
@@ -110,6 +115,13 @@ impl ZipCache {
             .lock()
             .map(|m| m.get(&node).is_some_and(|s| s.contains(key)))
             .unwrap_or(false)
+    }
+
+    fn relay_lock(&self, relay: NodeId) -> Arc<tokio::sync::Mutex<()>> {
+        match self.1.lock() {
+            Ok(mut m) => m.entry(relay).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
     }
 
     fn forget(&self, node: NodeId) {
@@ -718,7 +730,7 @@ async fn exec(
         for (k, v) in fields {
             req[k] = v;
         }
-        match exec_body(tree, node, relay, req, body).await {
+        match exec_body(tree, zips, node, relay, req, body).await {
             Err(e) if e.zip_miss && retry => {
                 if let (true, Some(r)) = (injected, relay) {
                     zips.forget(r);
@@ -790,13 +802,8 @@ fn zip_form(
                         // Behind a relay: from the relay's cache, which gets
                         // it once (it crosses the WAN once per relay).
                         match relay {
-                            Some(r) if m.data.len() <= RELAY_ENTRY_BYTES_MAX => {
-                                let rk = format!("r:{}", m.key);
-                                if !zips.has(r, &rk) && sending.insert(rk.clone()) {
-                                    body.puts.push((m.key.clone(), m.data.clone()));
-                                    zips.set(r, &rk);
-                                }
-                                body.parts.push(Part::Cached(m.key, m.data.len()));
+                            Some(_) if m.data.len() <= RELAY_ENTRY_BYTES_MAX => {
+                                body.parts.push(Part::Cached(m.key, m.data));
                             }
                             _ => body.push_raw(&m.data),
                         }
@@ -818,24 +825,22 @@ fn zip_form(
 const RELAY_ENTRY_BYTES_MAX: usize = 512 * 1024;
 
 /// A request body in parts: bytes sent from here, and entries of the
-/// agent's relay's cache that the relay injects (`Inject`), after `puts`
-/// have filled it.
+/// agent's relay's cache that the relay injects (`Inject`), put into the
+/// cache first if it does not hold them yet.
 #[derive(Default)]
 struct Body {
     parts: Vec<Part>,
-    puts: Vec<(String, Vec<u8>)>,
 }
 
 enum Part {
     Raw(Vec<u8>),
-    Cached(String, usize),
+    Cached(String, Vec<u8>),
 }
 
 impl Body {
     fn raw(data: Vec<u8>) -> Body {
         Body {
             parts: vec![Part::Raw(data)],
-            puts: Vec::new(),
         }
     }
 
@@ -847,7 +852,6 @@ impl Body {
     }
 
     fn append(&mut self, other: Body) {
-        self.puts.extend(other.puts);
         for p in other.parts {
             match p {
                 Part::Raw(r) => self.push_raw(&r),
@@ -861,7 +865,7 @@ impl Body {
             .iter()
             .map(|p| match p {
                 Part::Raw(r) => r.len(),
-                Part::Cached(_, n) => *n,
+                Part::Cached(_, d) => d.len(),
             })
             .sum()
     }
@@ -889,6 +893,7 @@ impl Body {
 /// body's size (`body_size`) and asks again if the relay missed one.
 async fn send_body(
     tree: &TreeHandle,
+    zips: &ZipCache,
     node: NodeId,
     relay: Option<NodeId>,
     mut req: Value,
@@ -901,20 +906,32 @@ async fn send_body(
     };
     let max_bytes = relay_cache_bytes();
     let size = body.len();
-    for (key, data) in body.puts {
-        let put = Request::CachePut {
-            key,
-            data,
-            max_bytes,
+    let lock = zips.relay_lock(relay);
+    let _held = lock.lock().await;
+    let mut parts = Vec::with_capacity(body.parts.len());
+    for part in body.parts {
+        let Part::Cached(key, data) = part else {
+            parts.push(part);
+            continue;
         };
-        tree.post(relay, control::encode(&put))
-            .await
-            .map_err(ApiError::unreachable)?;
+        let held = format!("r:{key}");
+        if !zips.has(relay, &held) {
+            let put = Request::CachePut {
+                key: key.clone(),
+                data,
+                max_bytes,
+            };
+            tree.post(relay, control::encode(&put))
+                .await
+                .map_err(ApiError::unreachable)?;
+            zips.set(relay, &held);
+        }
+        parts.push(Part::Cached(key, Vec::new()));
     }
     req["body_size"] = json!(size);
     let mut req = in_lane(req);
     req["streamed"] = Value::Bool(true);
-    let mut parts = body.parts.into_iter().peekable();
+    let mut parts = parts.into_iter().peekable();
     let head = match parts.peek_mut() {
         Some(Part::Raw(r)) => {
             let n = r.len().min(CHUNK_BYTES);
@@ -1114,7 +1131,7 @@ async fn choose(
             keys.extend(key);
         }
         let injected = out.injects();
-        match exec_body(tree, node, relay, agent_req, out).await {
+        match exec_body(tree, zips, node, relay, agent_req, out).await {
             Err(e) if e.zip_miss && !whole => {
                 if let (true, Some(r)) = (injected, relay) {
                     zips.forget(r);
@@ -1140,12 +1157,13 @@ async fn choose(
 
 async fn exec_body(
     tree: &TreeHandle,
+    zips: &ZipCache,
     node: NodeId,
     relay: Option<NodeId>,
     agent_req: Value,
     body: Body,
 ) -> Result<(Value, Vec<u8>), ApiError> {
-    let (stream, mut rx) = send_body(tree, node, relay, agent_req, body).await?;
+    let (stream, mut rx) = send_body(tree, zips, node, relay, agent_req, body).await?;
     gather_reply(tree, stream, &mut rx).await
 }
 
