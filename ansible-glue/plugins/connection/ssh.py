@@ -67,11 +67,6 @@ def _documentation():
             "type": "str",
             "vars": [{"name": "arbor_via"}, {"name": "mitogen_via"}],
         },
-        "arbor_hostvars": {
-            "description": "Every host's variables, to resolve via hosts' settings.",
-            "type": "raw",
-            "vars": [{"name": "hostvars"}],
-        },
         "arbor_inventory_hostname": {
             "description": "The host's inventory name, for messages and via cycles.",
             "type": "str",
@@ -322,6 +317,7 @@ class Connection(_vanilla.Connection):
         super(Connection, self).__init__(*args, **kwargs)
         self._arbor = None
         self._chain = None
+        self._arbor_hostvars = None
         self._arbor_hello = None
         # A put or mkdtemp was sent and no answered request followed it yet.
         self._arbor_unacked = False
@@ -402,7 +398,10 @@ class Connection(_vanilla.Connection):
         if python and not to_text(python).startswith("auto"):
             target["python"] = to_text(python)
         chain = [target]
-        hostvars = self.get_option("arbor_hostvars") or {}
+        # Every host's variables, as the task's own (lazy) hostvars, handed
+        # over by the action (not a connection option: Ansible would template
+        # every host's variables into it for every task).
+        hostvars = self._arbor_hostvars if self._arbor_hostvars is not None else {}
         via = self.get_option("arbor_via")
         if via is None:
             via = self._rule_via(name, target, hostvars.get(name) or {})
@@ -1042,6 +1041,12 @@ _vanilla_action_init = ActionBase.__init__
 
 def _action_init(self, *args, **kwargs):
     _vanilla_action_init(self, *args, **kwargs)
+    conn = getattr(self, "_connection", None)
+    if isinstance(conn, Connection):
+        try:
+            conn._arbor_hostvars = self._templar.available_variables.get("hostvars")
+        except Exception:
+            pass
     cls = type(self)
     if cls.__module__ in _COPY_MODULES and not getattr(cls._copy_file, "_arbor", False):
         _patch_copy(sys.modules[cls.__module__])
