@@ -721,33 +721,54 @@ async fn exec(
         "cwd": req.get("cwd").cloned().unwrap_or(Value::Null),
     });
     let relay = relay_of(tree, req).await;
-    let mut result = None;
-    for whole in [false, true] {
+    let answer = exec_zipped(tree, zips, node, relay, |whole| {
         let (fields, body, keys) = zip_form(zips, node, relay, &stdin, whole, &mut HashSet::new());
         let mut req = agent_req.clone();
-        let retry = !whole && !keys.is_empty();
-        let injected = body.injects();
         for (k, v) in fields {
             req[k] = v;
         }
+        (req, body, keys)
+    })
+    .await?;
+    send_answer(conn, answer).await
+}
+
+/// Runs a module request that `build(whole)` makes: in its short form
+/// first and, if the agent (or its relay's cache) missed part of a zip,
+/// once more whole. Then remembers what the agent holds.
+async fn exec_zipped(
+    tree: &TreeHandle,
+    zips: &ZipCache,
+    node: NodeId,
+    relay: Option<NodeId>,
+    mut build: impl FnMut(bool) -> (Value, Body, Vec<String>),
+) -> Result<(Value, Vec<u8>), ApiError> {
+    for whole in [false, true] {
+        let (req, body, keys) = build(whole);
+        let injected = body.injects();
         match exec_body(tree, zips, node, relay, req, body).await {
-            Err(e) if e.zip_miss && retry => {
+            Err(e) if e.zip_miss && !whole && !keys.is_empty() => {
                 if let (true, Some(r)) = (injected, relay) {
                     zips.forget(r);
                 }
-                continue;
             }
             other => {
-                let r = other?;
+                let answer = other?;
                 for k in &keys {
                     zips.set(node, k);
                 }
-                result = Some(r);
-                break;
+                return Ok(answer);
             }
         }
     }
-    let (mut v, out) = result.ok_or_else(|| ApiError::failed("exec: no answer"))?;
+    Err(ApiError::failed("the agent missed the module's zip twice"))
+}
+
+/// An agent's answer to the glue, without the stream marker.
+async fn send_answer(
+    conn: &mut UnixStream,
+    (mut v, out): (Value, Vec<u8>),
+) -> Result<(), ApiError> {
     if let Some(o) = v.as_object_mut() {
         o.remove("streamed");
     }
@@ -874,16 +895,13 @@ impl Body {
         self.parts.iter().any(|p| matches!(p, Part::Cached(..)))
     }
 
-    /// All of it as bytes, if none of it comes from a relay.
-    fn flat(self) -> Option<Vec<u8>> {
-        let mut out = Vec::new();
-        for p in self.parts {
-            match p {
-                Part::Raw(r) => out.extend(r),
-                Part::Cached(..) => return None,
-            }
+    /// All of it as bytes, sent from here.
+    fn flat(self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        for Part::Raw(data) | Part::Cached(_, data) in self.parts {
+            out.extend(data);
         }
-        Some(out)
+        out
     }
 }
 
@@ -901,8 +919,7 @@ async fn send_body(
 ) -> Result<(StreamId, mpsc::Receiver<Frame>), ApiError> {
     use arbor_wire::control::{self, Request};
     let (Some(relay), true) = (relay, body.injects()) else {
-        let flat = body.flat().unwrap_or_default();
-        return send_request(tree, node, req, &flat).await;
+        return send_request(tree, node, req, &body.flat()).await;
     };
     let max_bytes = relay_cache_bytes();
     let size = body.len();
@@ -1102,8 +1119,7 @@ async fn choose(
     let node = agent_for(tree, req).await?;
     let stdins = [&body[..n_same], &body[n_same..]];
     let relay = relay_of(tree, req).await;
-    let mut result = None;
-    for whole in [false, true] {
+    let answer = exec_zipped(tree, zips, node, relay, |whole| {
         let mut agent_req = json!({
             "op": "choose",
             "path": req.get("path").cloned().unwrap_or(Value::Null),
@@ -1130,29 +1146,10 @@ async fn choose(
             out.append(part);
             keys.extend(key);
         }
-        let injected = out.injects();
-        match exec_body(tree, zips, node, relay, agent_req, out).await {
-            Err(e) if e.zip_miss && !whole => {
-                if let (true, Some(r)) = (injected, relay) {
-                    zips.forget(r);
-                }
-                continue;
-            }
-            other => {
-                let r = other?;
-                for k in &keys {
-                    zips.set(node, k);
-                }
-                result = Some(r);
-                break;
-            }
-        }
-    }
-    let (mut v, out) = result.ok_or_else(|| ApiError::failed("choose: no answer"))?;
-    if let Some(o) = v.as_object_mut() {
-        o.remove("streamed");
-    }
-    send_chunked(conn, v, &out).await
+        (agent_req, out, keys)
+    })
+    .await?;
+    send_answer(conn, answer).await
 }
 
 async fn exec_body(

@@ -198,29 +198,19 @@ fn collect_hosts(
     out: &mut std::collections::BTreeSet<String>,
     depth: usize,
 ) {
-    let Some(g) = inv.get(group) else { return };
-    if depth > 64 {
+    let Some(g) = inv.get(group).filter(|_| depth <= 64) else {
         return;
-    }
-    for h in g
-        .get("hosts")
-        .and_then(|v| v.as_array())
-        .into_iter()
-        .flatten()
-    {
-        if let Some(h) = h.as_str() {
-            out.insert(h.to_string());
-        }
-    }
-    for c in g
-        .get("children")
-        .and_then(|v| v.as_array())
-        .into_iter()
-        .flatten()
-    {
-        if let Some(c) = c.as_str() {
-            collect_hosts(inv, c, out, depth + 1);
-        }
+    };
+    let names = |key: &str| {
+        g.get(key)
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_str)
+    };
+    out.extend(names("hosts").map(str::to_string));
+    for child in names("children") {
+        collect_hosts(inv, child, out, depth + 1);
     }
 }
 

@@ -9,32 +9,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 
 import yaml
 
-import ansible.plugins.connection as _connection_pkg
 from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.loader import connection_loader
 
-
-def _load_builtin_local():
-    """Ansible's own local plugin, from its file under a private name (this
-    file is the one Ansible imports as `ansible.plugins.connection.local`)."""
-    path = os.path.join(os.path.dirname(_connection_pkg.__file__), "local.py")
-    spec = importlib.util.spec_from_file_location("ansible.plugins.connection._arbor_builtin_local", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_builtin_local = _load_builtin_local()
-
 # arbor's ssh glue, as Ansible loaded it (this directory comes first).
 _ArborSsh = connection_loader.get("ssh", class_only=True)
+_builtin_local = sys.modules[_ArborSsh.__module__].load_builtin("local")
 
 
 def _documentation():

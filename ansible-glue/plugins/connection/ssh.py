@@ -42,19 +42,20 @@ from ansible.utils.shlex import shlex_split
 display = Display()
 
 
-def _load_builtin_ssh():
-    """Ansible's own ssh plugin, loaded from its file under a private name:
-    Ansible imports this file as `ansible.plugins.connection.ssh`, so a
-    plain import of that name would return this module."""
-    path = os.path.join(os.path.dirname(_connection_pkg.__file__), "ssh.py")
-    spec = importlib.util.spec_from_file_location("ansible.plugins.connection._arbor_builtin_ssh", path)
+def load_builtin(name):
+    """Ansible's own connection plugin `name`, loaded from its file under a
+    private name: Ansible imports arbor's shadowing file as
+    `ansible.plugins.connection.<name>`, so a plain import of that name
+    would return arbor's module."""
+    path = os.path.join(os.path.dirname(_connection_pkg.__file__), name + ".py")
+    spec = importlib.util.spec_from_file_location("ansible.plugins.connection._arbor_builtin_" + name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-_vanilla = _load_builtin_ssh()
+_vanilla = load_builtin("ssh")
 
 
 def _documentation():
