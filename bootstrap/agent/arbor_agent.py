@@ -114,8 +114,11 @@ BECOME_TIMEOUT_S_MAX = 600
 # Output of a become command kept for its error message.
 BECOME_OUTPUT_MAX = 4096
 
-REQUEST, REPLY, DATA, END, ROUTE_ADD, ROUTE_DEL, UNDELIVERABLE, PING, PONG = range(1, 10)
-KINDS = frozenset(range(1, 10))
+REQUEST, REPLY, DATA, END, ROUTE_ADD, ROUTE_DEL, UNDELIVERABLE, PING, PONG, CREDIT = range(1, 11)
+KINDS = frozenset(range(1, 11))
+CREDIT_PAYLOAD = struct.Struct("<Q")
+# Credit that tells the sender the stream was dropped.
+CREDIT_ALL = (1 << 64) - 1
 CONTROLLER = 0
 
 # Most bytes of module_utils sources kept in memory for warm imports.
@@ -1917,12 +1920,17 @@ class Agent(object):
 
     def put_start(self, src, stream, req, blob):
         size = int(req["size"])
-        p = Put(req["path"], size, req.get("mode"))
+        try:
+            p = Put(req["path"], size, req.get("mode"))
+        except Exception:
+            self.drop_stream(src, stream, req)
+            raise
         p.req = req
         try:
             p.write(blob)
         except Exception:
             p.abort()
+            self.drop_stream(src, stream, req)
             raise
         if p.done == size and not req.get("streamed"):
             self.put_finish(src, stream, p)
@@ -1971,13 +1979,22 @@ class Agent(object):
         try:
             if kind == DATA:
                 p.write(payload)
+                # Paces the sender: it keeps at most a window in flight.
+                self.send(CREDIT, src, stream, CREDIT_PAYLOAD.pack(p.done))
                 return
             del self.puts[stream]
             self.put_finish(src, stream, p)
         except Exception as e:
             self.puts.pop(stream, None)
             p.abort()
+            if kind == DATA:
+                self.drop_stream(src, stream, p.req)
             self.fail(src, stream, p.req, "%s: %s" % (type(e).__name__, e))
+
+    def drop_stream(self, src, stream, req):
+        """Tells a paced sender to stop: the rest of the stream is dropped."""
+        if req.get("streamed"):
+            self.send(CREDIT, src, stream, CREDIT_PAYLOAD.pack(CREDIT_ALL))
 
     def fetch(self, src, stream, req):
         path = req["path"]

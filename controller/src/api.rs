@@ -44,6 +44,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arbor_core::cache::Fifo;
 use arbor_topology::Hop;
 use arbor_wire::{msg, Frame, Kind, NodeId, StreamId, CHUNK_BYTES};
 use serde::Deserialize;
@@ -100,6 +101,9 @@ pub struct ZipCache(
     /// Per relay: held while a request that fills and injects from its
     /// cache is sent, so a put is never overtaken nor sent twice.
     Arc<Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>>,
+    /// Per relay: a mirror of its content cache, fed the same puts in the
+    /// same order, so it tells exactly which keys the relay holds.
+    Arc<Mutex<HashMap<NodeId, Fifo<()>>>>,
 );
 
 /// Keys remembered per agent before the set starts afresh.
@@ -124,9 +128,39 @@ impl ZipCache {
         }
     }
 
-    fn forget(&self, node: NodeId) {
-        if let Ok(mut m) = self.0.lock() {
-            m.remove(&node);
+    /// Holds the locks of `relays`, a chain's relays, nearest first: every
+    /// caller takes them in that order.
+    async fn lock_relays(&self, relays: &[NodeId]) -> Vec<tokio::sync::OwnedMutexGuard<()>> {
+        let mut held = Vec::with_capacity(relays.len());
+        for r in relays {
+            held.push(self.relay_lock(*r).lock_owned().await);
+        }
+        held
+    }
+
+    fn relay_holds(&self, relay: NodeId, key: &str) -> bool {
+        self.2
+            .lock()
+            .map(|m| m.get(&relay).is_some_and(|c| c.contains(key)))
+            .unwrap_or(false)
+    }
+
+    /// Records a put into `relay`'s cache, as the relay will do it.
+    fn relay_put(&self, relay: NodeId, key: &str, weight: usize, max: u64) -> bool {
+        let max = usize::try_from(max).unwrap_or(usize::MAX);
+        self.2
+            .lock()
+            .map(|mut m| m.entry(relay).or_default().put(key, (), weight, max))
+            .unwrap_or(false)
+    }
+
+    /// Starts the mirrors of `relays` afresh (a relay missed an entry the
+    /// mirror said it held: puts again are harmless).
+    fn relay_reset(&self, relays: &[NodeId]) {
+        if let Ok(mut m) = self.2.lock() {
+            for r in relays {
+                m.remove(r);
+            }
         }
     }
 
@@ -286,12 +320,12 @@ async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
             .map_err(|e| ApiError::failed(e.to_string())),
             "exec" => exec(&mut conn, &tree, &zips, &req, blob).await,
             "put" if noreply(&req) => {
-                if let Err(e) = put(&mut conn, &tree, &req, blob).await {
+                if let Err(e) = put(&mut conn, &tree, &zips, &req, blob).await {
                     tracing::debug!(error = %e.message, "put without reply failed");
                 }
                 Ok(())
             }
-            "put" => put(&mut conn, &tree, &req, blob).await,
+            "put" => put(&mut conn, &tree, &zips, &req, blob).await,
             "fetch" => fetch(&mut conn, &tree, &req).await,
             "info" => info(&mut conn, &tree, &req).await,
             "call" if noreply(&req) => {
@@ -720,9 +754,10 @@ async fn exec(
         "isolation": req.get("isolation").cloned().unwrap_or(Value::Null),
         "cwd": req.get("cwd").cloned().unwrap_or(Value::Null),
     });
-    let relay = relay_of(tree, req).await;
-    let answer = exec_zipped(tree, zips, node, relay, |whole| {
-        let (fields, body, keys) = zip_form(zips, node, relay, &stdin, whole, &mut HashSet::new());
+    let relays = relays_of(tree, req).await;
+    let answer = exec_zipped(tree, zips, node, &relays, |whole| {
+        let behind = !relays.is_empty();
+        let (fields, body, keys) = zip_form(zips, node, behind, &stdin, whole, &mut HashSet::new());
         let mut req = agent_req.clone();
         for (k, v) in fields {
             req[k] = v;
@@ -740,16 +775,17 @@ async fn exec_zipped(
     tree: &TreeHandle,
     zips: &ZipCache,
     node: NodeId,
-    relay: Option<NodeId>,
+    relays: &[NodeId],
     mut build: impl FnMut(bool) -> (Value, Body, Vec<String>),
 ) -> Result<(Value, Vec<u8>), ApiError> {
     for whole in [false, true] {
         let (req, body, keys) = build(whole);
         let injected = body.injects();
-        match exec_body(tree, zips, node, relay, req, body).await {
+        match exec_body(tree, zips, node, relays, req, body).await {
             Err(e) if e.zip_miss && !whole && !keys.is_empty() => {
-                if let (true, Some(r)) = (injected, relay) {
-                    zips.forget(r);
+                if injected {
+                    tracing::warn!(%node, "a relay missed an entry its mirror held");
+                    zips.relay_reset(relays);
                 }
             }
             other => {
@@ -789,7 +825,7 @@ async fn send_answer(
 fn zip_form(
     zips: &ZipCache,
     node: NodeId,
-    relay: Option<NodeId>,
+    behind_relay: bool,
     stdin: &[u8],
     whole: bool,
     sending: &mut HashSet<String>,
@@ -822,11 +858,10 @@ fn zip_form(
                         keys.push(mk);
                         // Behind a relay: from the relay's cache, which gets
                         // it once (it crosses the WAN once per relay).
-                        match relay {
-                            Some(_) if m.data.len() <= RELAY_ENTRY_BYTES_MAX => {
-                                body.parts.push(Part::Cached(m.key, m.data));
-                            }
-                            _ => body.push_raw(&m.data),
+                        if behind_relay && m.data.len() <= RELAY_ENTRY_BYTES_MAX {
+                            body.parts.push(Part::Cached(m.key, m.data));
+                        } else {
+                            body.push_raw(&m.data);
                         }
                     }
                     e
@@ -905,45 +940,41 @@ impl Body {
     }
 }
 
-/// Sends a request with a body that may come partly from `relay`'s cache:
-/// its puts first, then the request and its raw parts from here, with the
-/// relay injecting the cached parts in their place. The agent checks the
-/// body's size (`body_size`) and asks again if the relay missed one.
+/// Sends a request with a body that may come partly from the cache of the
+/// last of `relays`: the cache is filled first, then the request and its raw
+/// parts go from here, with the relay injecting the cached parts in their
+/// place. The agent checks the body's size (`body_size`) and asks again if
+/// the relay missed one.
 async fn send_body(
     tree: &TreeHandle,
     zips: &ZipCache,
     node: NodeId,
-    relay: Option<NodeId>,
+    relays: &[NodeId],
     mut req: Value,
     body: Body,
 ) -> Result<(StreamId, mpsc::Receiver<Frame>), ApiError> {
-    use arbor_wire::control::{self, Request};
-    let (Some(relay), true) = (relay, body.injects()) else {
+    let (Some(&relay), true) = (relays.last(), body.injects()) else {
         return send_request(tree, node, req, &body.flat()).await;
     };
-    let max_bytes = relay_cache_bytes();
     let size = body.len();
-    let lock = zips.relay_lock(relay);
-    let _held = lock.lock().await;
+    let _held = zips.lock_relays(relays).await;
+    for part in &body.parts {
+        if let Part::Cached(key, data) = part {
+            ensure_cached(tree, zips, relays, key, data).await?;
+        }
+    }
+    // What a later put pushed out again goes from here.
     let mut parts = Vec::with_capacity(body.parts.len());
     for part in body.parts {
-        let Part::Cached(key, data) = part else {
-            parts.push(part);
-            continue;
-        };
-        let held = format!("r:{key}");
-        if !zips.has(relay, &held) {
-            let put = Request::CachePut {
-                key: key.clone(),
-                data,
-                max_bytes,
-            };
-            tree.post(relay, control::encode(&put))
-                .await
-                .map_err(ApiError::unreachable)?;
-            zips.set(relay, &held);
+        match part {
+            Part::Cached(key, _) if zips.relay_holds(relay, &key) => {
+                parts.push(Part::Cached(key, Vec::new()))
+            }
+            Part::Cached(_, data) | Part::Raw(data) => match parts.last_mut() {
+                Some(Part::Raw(r)) => r.extend(data),
+                _ => parts.push(Part::Raw(data)),
+            },
         }
-        parts.push(Part::Cached(key, Vec::new()));
     }
     req["body_size"] = json!(size);
     let mut req = in_lane(req);
@@ -1006,14 +1037,72 @@ fn relay_cache_bytes() -> u64 {
         .unwrap_or(RELAY_CACHE_BYTES_DEFAULT)
 }
 
-/// The relay an agent's frames pass last (its via host's), if any.
-async fn relay_of(tree: &TreeHandle, req: &Value) -> Option<NodeId> {
-    let t: Target = serde_json::from_value(req.clone()).ok()?;
+/// The relays an agent's frames pass, nearest the controller first.
+async fn relays_of(tree: &TreeHandle, req: &Value) -> Vec<NodeId> {
+    let Ok(t) = serde_json::from_value::<Target>(req.clone()) else {
+        return Vec::new();
+    };
     let n = t.chain.len();
     if n < 2 {
-        return None;
+        return Vec::new();
     }
-    tree.ensure(&t.chain[..n - 1], Role2::Relay).await.ok()
+    tree.ensure_path(&t.chain[..n - 1], Role2::Relay)
+        .await
+        .unwrap_or_default()
+}
+
+/// Makes sure the last of `relays` (a chain's relays, nearest first) holds
+/// `key`: from the nearest relay that holds it (`Forward`), or put into the
+/// first relay and forwarded down, so the bytes cross each link at most
+/// once. The caller holds the relays' locks. False if the cache cannot
+/// keep it (then the caller sends the bytes itself).
+async fn ensure_cached(
+    tree: &TreeHandle,
+    zips: &ZipCache,
+    relays: &[NodeId],
+    key: &str,
+    data: &[u8],
+) -> Result<bool, ApiError> {
+    use arbor_wire::control::{self, Request};
+    let Some(&last) = relays.last() else {
+        return Ok(false);
+    };
+    if zips.relay_holds(last, key) {
+        return Ok(true);
+    }
+    let max_bytes = relay_cache_bytes();
+    let from = match relays.iter().rposition(|r| zips.relay_holds(*r, key)) {
+        Some(i) => i,
+        None => {
+            let put = Request::CachePut {
+                key: key.to_string(),
+                data: data.to_vec(),
+                max_bytes,
+            };
+            if !zips.relay_put(relays[0], key, data.len(), max_bytes) {
+                return Ok(false);
+            }
+            tree.post(relays[0], control::encode(&put))
+                .await
+                .map_err(ApiError::unreachable)?;
+            0
+        }
+    };
+    for pair in relays[from..].windows(2) {
+        let (via, dst) = (pair[0], pair[1]);
+        if !zips.relay_put(dst, key, data.len(), max_bytes) {
+            return Ok(false);
+        }
+        let fwd = Request::Forward {
+            dst,
+            keys: vec![key.to_string()],
+            max_bytes,
+        };
+        tree.post(via, control::encode(&fwd))
+            .await
+            .map_err(ApiError::unreachable)?;
+    }
+    Ok(true)
 }
 
 /// One member of a zip, its bytes as stored (compressed).
@@ -1118,8 +1207,8 @@ async fn choose(
     let body = read_body(conn, blob, n_same + n_differs).await?;
     let node = agent_for(tree, req).await?;
     let stdins = [&body[..n_same], &body[n_same..]];
-    let relay = relay_of(tree, req).await;
-    let answer = exec_zipped(tree, zips, node, relay, |whole| {
+    let relays = relays_of(tree, req).await;
+    let answer = exec_zipped(tree, zips, node, &relays, |whole| {
         let mut agent_req = json!({
             "op": "choose",
             "path": req.get("path").cloned().unwrap_or(Value::Null),
@@ -1131,7 +1220,8 @@ async fn choose(
         let mut keys = Vec::new();
         let mut sending = HashSet::new();
         for (name, stdin) in ["same", "differs"].iter().zip(stdins) {
-            let (mut fields, part, key) = zip_form(zips, node, relay, stdin, whole, &mut sending);
+            let (mut fields, part, key) =
+                zip_form(zips, node, !relays.is_empty(), stdin, whole, &mut sending);
             fields.insert(
                 "cmd".into(),
                 req.get(*name)
@@ -1156,11 +1246,11 @@ async fn exec_body(
     tree: &TreeHandle,
     zips: &ZipCache,
     node: NodeId,
-    relay: Option<NodeId>,
+    relays: &[NodeId],
     agent_req: Value,
     body: Body,
 ) -> Result<(Value, Vec<u8>), ApiError> {
-    let (stream, mut rx) = send_body(tree, zips, node, relay, agent_req, body).await?;
+    let (stream, mut rx) = send_body(tree, zips, node, relays, agent_req, body).await?;
     gather_reply(tree, stream, &mut rx).await
 }
 
@@ -1186,6 +1276,7 @@ async fn send_chunked(conn: &mut UnixStream, mut v: Value, blob: &[u8]) -> Resul
 async fn put(
     conn: &mut UnixStream,
     tree: &TreeHandle,
+    zips: &ZipCache,
     req: &Value,
     first: Vec<u8>,
 ) -> Result<(), ApiError> {
@@ -1208,52 +1299,161 @@ async fn put(
     if posted {
         agent_req["noreply"] = json!(true);
     }
-    // The first frame carries one chunk; the rest of the first part follows
-    // as Data, like every later part.
-    let head = first.len().min(CHUNK_BYTES);
-    let opened = match &node {
+    let mut out = match &node {
         Ok(node) => {
-            let payload = msg::encode(
-                in_lane(agent_req.clone()).to_string().as_bytes(),
-                &first[..head],
-            );
-            let opened = if posted {
-                tree.post(*node, payload).await.map(|s| (s, None))
-            } else {
-                tree.open(*node, payload).await.map(|(s, rx)| (s, Some(rx)))
-            };
-            if let Ok((stream, _)) = &opened {
-                send_data(tree, *node, *stream, &first[head..]).await?;
+            let payload = msg::encode(in_lane(agent_req).to_string().as_bytes(), b"");
+            match tree.open_credited(*node, payload).await {
+                Ok((stream, rx, credit)) => {
+                    // A file the relay's cache can keep goes through it: a
+                    // file copied to many hosts behind a relay crosses the
+                    // links above it once.
+                    let relays = relays_of(tree, req).await;
+                    let cached =
+                        !relays.is_empty() && size <= relay_cache_bytes() / FILE_CACHE_SHARE;
+                    Ok(Outgoing {
+                        node: *node,
+                        stream,
+                        rx,
+                        window: Window::new(credit),
+                        relays: if cached { relays } else { Vec::new() },
+                        dropped: false,
+                    })
+                }
+                Err(e) => Err(ApiError::unreachable(e)),
             }
-            Some(opened)
         }
-        Err(_) => None,
+        Err(e) => Err(ApiError {
+            message: e.message.clone(),
+            ..*e
+        }),
     };
-    let mut sent = first.len() as u64;
-    while sent < size {
-        let part = match read_message(conn).await {
-            Ok(Some((m, part))) if m.get("op").and_then(Value::as_str) == Some("data") => part,
+    // Chunks cut at fixed offsets, so the same file gives the same keys.
+    let mut pending = first;
+    let mut read = pending.len() as u64;
+    loop {
+        let last = read >= size;
+        while pending.len() >= CHUNK_BYTES || (last && !pending.is_empty()) {
+            let rest = pending.split_off(pending.len().min(CHUNK_BYTES));
+            let chunk = std::mem::replace(&mut pending, rest);
+            if let Ok(o) = out.as_mut() {
+                o.send(tree, zips, chunk).await?;
+            }
+        }
+        if last {
+            break;
+        }
+        match read_message(conn).await {
+            Ok(Some((m, part))) if m.get("op").and_then(Value::as_str) == Some("data") => {
+                read += part.len() as u64;
+                pending.extend(part);
+            }
             _ => return Err(ApiError::failed("file data ended early")),
-        };
-        sent += part.len() as u64;
-        if let (Ok(node), Some(Ok((stream, _)))) = (&node, &opened) {
-            send_data(tree, *node, *stream, &part).await?;
         }
     }
-    let node = node?;
-    let (stream, rx) = opened
-        .ok_or_else(|| ApiError::failed("put not opened"))?
-        .map_err(ApiError::unreachable)?;
+    let Outgoing {
+        node,
+        stream,
+        mut rx,
+        ..
+    } = out?;
     tree.send_part(node, stream, Kind::End, Vec::new())
         .await
         .map_err(ApiError::failed)?;
-    let Some(mut rx) = rx else {
+    if posted {
+        tree.forget(stream).await;
         return Ok(());
-    };
+    }
     let (v, _) = first_reply(&mut rx).await?;
     write_message(conn, &v, b"")
         .await
         .map_err(|e| ApiError::failed(e.to_string()))
+}
+
+/// A file goes through a relay's cache if it is at most this share of it.
+const FILE_CACHE_SHARE: u64 = 4;
+/// Most bytes of one stream's data in flight beyond what its receiver has
+/// consumed (`ARBOR_STREAM_WINDOW_BYTES`).
+const STREAM_WINDOW_BYTES_DEFAULT: u64 = 4 << 20;
+
+/// Bytes a sender may have in flight, paced by the receiver's credit.
+struct Window {
+    consumed: tokio::sync::watch::Receiver<u64>,
+    sent: u64,
+    size: u64,
+}
+
+impl Window {
+    fn new(consumed: tokio::sync::watch::Receiver<u64>) -> Window {
+        let size = std::env::var("ARBOR_STREAM_WINDOW_BYTES")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(STREAM_WINDOW_BYTES_DEFAULT)
+            .clamp(CHUNK_BYTES as u64, 1 << 30);
+        Window {
+            consumed,
+            sent: 0,
+            size,
+        }
+    }
+
+    /// Waits until `len` more bytes fit. False if the receiver dropped the
+    /// stream (it failed, and says why in its answer).
+    async fn reserve(&mut self, len: usize) -> Result<bool, ApiError> {
+        loop {
+            let consumed = *self.consumed.borrow_and_update();
+            if consumed == u64::MAX {
+                return Ok(false);
+            }
+            if self.sent + len as u64 <= consumed + self.size {
+                self.sent += len as u64;
+                return Ok(true);
+            }
+            if self.consumed.changed().await.is_err() {
+                return Ok(false);
+            }
+        }
+    }
+}
+
+/// A file on its way to an agent.
+struct Outgoing {
+    node: NodeId,
+    stream: StreamId,
+    rx: mpsc::Receiver<Frame>,
+    window: Window,
+    /// The relays whose caches it goes through (none: sent from here).
+    relays: Vec<NodeId>,
+    /// The agent gave up on it (the rest is read and dropped).
+    dropped: bool,
+}
+
+impl Outgoing {
+    async fn send(
+        &mut self,
+        tree: &TreeHandle,
+        zips: &ZipCache,
+        chunk: Vec<u8>,
+    ) -> Result<(), ApiError> {
+        if self.dropped || !self.window.reserve(chunk.len()).await? {
+            self.dropped = true;
+            return Ok(());
+        }
+        if let Some(&relay) = self.relays.last() {
+            let key = format!("f:{}", hex(&Sha256::digest(&chunk)));
+            let _held = zips.lock_relays(&self.relays).await;
+            if ensure_cached(tree, zips, &self.relays, &key, &chunk).await? {
+                let mut keys = vec![key];
+                return inject(tree, relay, self.node, self.stream, &mut keys).await;
+            }
+        }
+        tree.send_part(self.node, self.stream, Kind::Data, chunk)
+            .await
+            .map_err(ApiError::failed)
+    }
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 async fn fetch(conn: &mut UnixStream, tree: &TreeHandle, req: &Value) -> Result<(), ApiError> {

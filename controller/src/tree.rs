@@ -18,7 +18,7 @@ use arbor_topology::{Hop, HopKey};
 use arbor_wire::control::{self, Reply, Request, Spawn};
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::ssh;
 
@@ -54,6 +54,7 @@ enum Cmd {
         dst: NodeId,
         payload: Vec<u8>,
         replies: mpsc::Sender<Frame>,
+        credit: Option<watch::Sender<u64>>,
         done: oneshot::Sender<StreamId>,
     },
     Send(Frame),
@@ -71,6 +72,9 @@ enum Cmd {
     },
     Shutdown(oneshot::Sender<()>),
 }
+
+/// An open stream: its node, where its frames go, and its credit if paced.
+type OpenStream = (NodeId, mpsc::Sender<Frame>, Option<watch::Sender<u64>>);
 
 struct LocalLink {
     pid: u32,
@@ -171,6 +175,28 @@ impl TreeHandle {
         dst: NodeId,
         payload: Vec<u8>,
     ) -> Result<(StreamId, mpsc::Receiver<Frame>), String> {
+        self.open_with(dst, payload, None).await
+    }
+
+    /// As [`TreeHandle::open`], for a stream whose data the receiver paces
+    /// with `Credit` frames: the returned watch holds the bytes it has
+    /// consumed (`u64::MAX`: it dropped the stream); it closes with the stream.
+    pub async fn open_credited(
+        &self,
+        dst: NodeId,
+        payload: Vec<u8>,
+    ) -> Result<(StreamId, mpsc::Receiver<Frame>, watch::Receiver<u64>), String> {
+        let (credit, consumed) = watch::channel(0);
+        let (stream, rx) = self.open_with(dst, payload, Some(credit)).await?;
+        Ok((stream, rx, consumed))
+    }
+
+    async fn open_with(
+        &self,
+        dst: NodeId,
+        payload: Vec<u8>,
+        credit: Option<watch::Sender<u64>>,
+    ) -> Result<(StreamId, mpsc::Receiver<Frame>), String> {
         fits(&payload)?;
         let (replies, rx) = mpsc::channel(REPLY_QUEUE_FRAMES);
         let (done, wait) = oneshot::channel();
@@ -179,6 +205,7 @@ impl TreeHandle {
                 dst,
                 payload,
                 replies,
+                credit,
                 done,
             })
             .await
@@ -287,7 +314,7 @@ pub struct Tree {
     next_stream: u32,
     hops: HashMap<(HopKey, Role2), HopState>,
     node_hop: HashMap<NodeId, ((HopKey, Role2), String)>,
-    streams: HashMap<StreamId, (NodeId, mpsc::Sender<Frame>)>,
+    streams: HashMap<StreamId, OpenStream>,
     spawns: HashMap<StreamId, NodeId>,
     agent: Option<Child>,
     agent_keys: Vec<PathBuf>,
@@ -359,10 +386,11 @@ impl Tree {
                 dst,
                 payload,
                 replies,
+                credit,
                 done,
             } => {
                 let stream = self.stream_id();
-                self.streams.insert(stream, (dst, replies));
+                self.streams.insert(stream, (dst, replies, credit));
                 let f = Frame::new(Kind::Request, dst, NodeId::CONTROLLER, stream, payload);
                 self.core.send(Instant::now(), f);
                 let _ = done.send(stream);
@@ -819,11 +847,11 @@ impl Tree {
         let lost: Vec<StreamId> = self
             .streams
             .iter()
-            .filter(|(_, (n, _))| *n == node)
+            .filter(|(_, (n, _, _))| *n == node)
             .map(|(s, _)| *s)
             .collect();
         for s in lost {
-            if let Some((_, tx)) = self.streams.remove(&s) {
+            if let Some((_, tx, _)) = self.streams.remove(&s) {
                 let f = Frame::new(
                     Kind::Undeliverable,
                     NodeId::CONTROLLER,
@@ -865,10 +893,24 @@ impl Tree {
             }
             return;
         }
+        if frame.kind == Kind::Credit {
+            // Never queued behind replies: a sender waits on it.
+            if let Some((_, _, Some(credit))) = self.streams.get(&frame.stream) {
+                if let Some(b) = frame.payload.get(..8) {
+                    let n = u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+                    credit.send_if_modified(|c| {
+                        let more = n > *c;
+                        *c = (*c).max(n);
+                        more
+                    });
+                }
+            }
+            return;
+        }
         let done = matches!(frame.kind, Kind::End | Kind::Undeliverable)
             || (frame.kind == Kind::Reply && !is_streamed_reply(&frame.payload));
         let stream = frame.stream;
-        if let Some((_, tx)) = self.streams.get(&stream) {
+        if let Some((_, tx, _)) = self.streams.get(&stream) {
             let tx = tx.clone();
             if done {
                 self.streams.remove(&stream);

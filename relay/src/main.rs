@@ -16,6 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use arbor_core::cache::Fifo;
 use arbor_core::{Event, Limits, LinkId, Node, Role};
 use arbor_io::{
     signal, spawn_reader, spawn_writer, start_child_link, stop_children, LinkEvent as Input,
@@ -87,10 +88,8 @@ struct Relay {
     waiting: VecDeque<(NodeId, StreamId, Spawn)>,
     /// The bound the latest spawn request gave (0: none).
     max_connecting: usize,
-    /// Content cache (module zip members): key -> bytes, oldest first.
-    cache: HashMap<String, Vec<u8>>,
-    cache_order: VecDeque<String>,
-    cache_bytes: usize,
+    /// Content cache (module zip members, file chunks), oldest out first.
+    cache: Fifo<Vec<u8>>,
 }
 
 const PARENT: LinkId = LinkId(0);
@@ -113,9 +112,7 @@ impl Relay {
             self_exe: None,
             waiting: VecDeque::new(),
             max_connecting: 0,
-            cache: HashMap::new(),
-            cache_order: VecDeque::new(),
-            cache_bytes: 0,
+            cache: Fifo::default(),
         }
     }
 
@@ -287,6 +284,14 @@ impl Relay {
                 self.inject(dst, stream, &keys);
                 true
             }
+            Ok(Request::Forward {
+                dst,
+                keys,
+                max_bytes,
+            }) => {
+                self.forward(dst, &keys, max_bytes);
+                true
+            }
             Ok(Request::Shutdown) => {
                 self.reply(frame.src, frame.stream, &Reply::Done);
                 false
@@ -316,23 +321,34 @@ impl Relay {
     }
 
     /// Keeps `data` under `key`, the oldest entries going while the cache
-    /// would hold more than `max_bytes`.
+    /// would hold more than `max_bytes` (the controller mirrors this).
     fn cache_put(&mut self, key: String, data: Vec<u8>, max_bytes: u64) {
         let max = usize::try_from(max_bytes).unwrap_or(usize::MAX);
-        if self.cache.contains_key(&key) || data.len() > max {
-            return;
-        }
-        while self.cache_bytes + data.len() > max {
-            let Some(old) = self.cache_order.pop_front() else {
-                break;
+        let weight = data.len();
+        self.cache.put(&key, data, weight, max);
+    }
+
+    /// Puts cached entries into the cache of the relay `dst` below, as the
+    /// controller's own requests.
+    fn forward(&mut self, dst: NodeId, keys: &[String], max_bytes: u64) {
+        for key in keys {
+            let Some(data) = self.cache.get(key) else {
+                return;
             };
-            if let Some(d) = self.cache.remove(&old) {
-                self.cache_bytes -= d.len();
-            }
+            let put = Request::CachePut {
+                key: key.clone(),
+                data: data.clone(),
+                max_bytes,
+            };
+            let f = Frame::new(
+                Kind::Request,
+                dst,
+                NodeId::CONTROLLER,
+                StreamId(0),
+                control::encode(&put),
+            );
+            self.core.handle_frame(Instant::now(), PARENT, f);
         }
-        self.cache_bytes += data.len();
-        self.cache_order.push_back(key.clone());
-        self.cache.insert(key, data);
     }
 
     /// Sends cached entries to `dst` as the controller's Data frames.

@@ -153,6 +153,10 @@ def test_put_is_atomic_keeps_mode_and_streams(link, tmp_path):
     for i in range(1000, len(big), A.CHUNK_BYTES):
         link.send(A.DATA, big[i:i + A.CHUNK_BYTES])
         assert not big_dest.exists()
+        # Each part consumed is credited back: the bytes written so far.
+        kind, _, _, _, stream, payload = link.frame()
+        assert (kind, stream) == (A.CREDIT, link.stream)
+        assert A.CREDIT_PAYLOAD.unpack(payload)[0] == min(i + A.CHUNK_BYTES, len(big))
     link.send(A.END, b"")
     kind, _, _, _, _, payload = link.frame()
     assert kind == A.REPLY and A.split_msg(payload)[0] == {"size": len(big)}
@@ -164,6 +168,25 @@ def test_put_is_atomic_keeps_mode_and_streams(link, tmp_path):
     link.send(A.END, b"")
     kind, _, _, _, _, payload = link.frame()
     assert "got 3 of 10 bytes" in A.split_msg(payload)[0]["error"]
+    assert dest.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin", "conf"]
+    # Too many bytes: the put fails, and the sender is told to stop (all
+    # credit) before the error.
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "put", "path": str(dest), "size": 2, "streamed": True}, b""))
+    link.send(A.DATA, b"abc")
+    kind, _, _, _, _, payload = link.frame()
+    assert kind == A.CREDIT and A.CREDIT_PAYLOAD.unpack(payload)[0] == A.CREDIT_ALL
+    kind, _, _, _, _, payload = link.frame()
+    assert kind == A.REPLY and "more bytes than announced" in A.split_msg(payload)[0]["error"]
+    # A put that cannot start stops its sender too.
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "put", "path": str(tmp_path / "no" / "dir"), "size": 2,
+                                "streamed": True}, b""))
+    kind, _, _, _, _, payload = link.frame()
+    assert kind == A.CREDIT and A.CREDIT_PAYLOAD.unpack(payload)[0] == A.CREDIT_ALL
+    kind, _, _, _, _, payload = link.frame()
+    assert kind == A.REPLY and "No such file" in A.split_msg(payload)[0]["error"]
     assert dest.read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin", "conf"]
 

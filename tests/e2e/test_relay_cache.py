@@ -1,8 +1,8 @@
 """The relay's content cache: a module's zip members cross the WAN once per
 relay, whatever the number of targets behind it; the relay injects them
-into each agent's request. With a cache too small to hold them, every
-injection misses, the agents say so, and the controller sends the whole
-zip instead: same results, more bytes."""
+into each agent's request. With a cache too small to hold them, the
+controller (which mirrors each relay's cache) sends the members to each
+agent itself: same results, more bytes."""
 
 import json
 import os
@@ -41,7 +41,7 @@ def test_members_cross_the_wan_once_per_relay(lab, tmp_path):
     # Each further target costs its ssh session and agent code, and the
     # requests' scripts and manifests, not the ~120 KB of module members.
     assert per_extra < agent_code + 40_000, (one, three, per_extra)
-    # No room in the relay's cache: every injection misses, the agents ask
-    # again and get the whole zips; the run still succeeds, with more bytes.
+    # No room in the relay's cache: the members go to each agent from the
+    # controller; the run still succeeds, with more bytes.
     missed = wan_up(lab, tmp_path, "target1,target2,target3", ARBOR_RELAY_CACHE_BYTES="0")
     assert missed > three + 2 * 80_000, (three, missed)

@@ -21,6 +21,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
+pub mod cache;
+
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
 
 /// A link of this node, numbered by the IO shell.
@@ -271,7 +273,7 @@ impl Node {
     fn undeliverable(&mut self, frame: Frame) {
         if matches!(
             frame.kind,
-            Kind::Undeliverable | Kind::RouteAdd | Kind::RouteDel | Kind::Pong
+            Kind::Undeliverable | Kind::RouteAdd | Kind::RouteDel | Kind::Pong | Kind::Credit
         ) {
             return self.drop(&frame, "no route");
         }

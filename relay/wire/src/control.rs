@@ -28,6 +28,15 @@ pub enum Request {
         stream: StreamId,
         keys: Vec<String>,
     },
+    /// Put the cached entries `keys` into the cache of the relay `dst`
+    /// below this one, as the controller's `CachePut` requests (with
+    /// `max_bytes`), so they cross the link above this relay once. It stops
+    /// at the first key it does not hold. No reply.
+    Forward {
+        dst: NodeId,
+        keys: Vec<String>,
+        max_bytes: u64,
+    },
 }
 
 /// How to start one child. The relay resolves no names: `argv` is run as

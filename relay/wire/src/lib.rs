@@ -75,6 +75,11 @@ pub enum Kind {
     /// Liveness probe and its answer.
     Ping = 8,
     Pong = 9,
+    /// Flow control for the stream `stream` that `dst` sends to `src`: the
+    /// payload is a u64 (little-endian), how many bytes of the stream's data
+    /// `src` has consumed in all. The sender keeps at most its window beyond
+    /// that in flight.
+    Credit = 10,
 }
 
 impl Kind {
@@ -89,6 +94,7 @@ impl Kind {
             7 => Kind::Undeliverable,
             8 => Kind::Ping,
             9 => Kind::Pong,
+            10 => Kind::Credit,
             _ => return None,
         })
     }

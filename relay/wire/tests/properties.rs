@@ -9,7 +9,7 @@ use arbor_wire::{
 use proptest::prelude::*;
 
 fn kind() -> impl Strategy<Value = Kind> {
-    (1u8..=9).prop_map(|k| Kind::from_u8(k).expect("known kind"))
+    (1u8..=10).prop_map(|k| Kind::from_u8(k).expect("known kind"))
 }
 
 fn frame() -> impl Strategy<Value = Frame> {

@@ -1,0 +1,110 @@
+//! A relay's content cache: entries by key, at most a bound of bytes in
+//! all, the oldest put first out. The relay keeps the bytes; the controller
+//! runs the same code with `()` values, fed the same puts in the same
+//! order, so it knows exactly which keys each relay holds.
+
+use std::collections::{HashMap, VecDeque};
+
+#[derive(Debug)]
+pub struct Fifo<V> {
+    entries: HashMap<String, (V, usize)>,
+    order: VecDeque<String>,
+    bytes: usize,
+}
+
+impl<V> Default for Fifo<V> {
+    fn default() -> Self {
+        Fifo {
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<V> Fifo<V> {
+    /// Keeps `value` (weighing `weight` bytes) under `key`, the oldest
+    /// entries going while the cache would hold more than `max` bytes. An
+    /// entry already held stays where it is; one heavier than `max` is not
+    /// kept. Returns whether `key` is held afterwards.
+    pub fn put(&mut self, key: &str, value: V, weight: usize, max: usize) -> bool {
+        if self.entries.contains_key(key) {
+            return true;
+        }
+        if weight > max {
+            return false;
+        }
+        while self.bytes + weight > max {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some((_, w)) = self.entries.remove(&old) {
+                self.bytes -= w;
+            }
+        }
+        self.bytes += weight;
+        self.order.push_back(key.to_string());
+        self.entries.insert(key.to_string(), (value, weight));
+        true
+    }
+
+    pub fn get(&self, key: &str) -> Option<&V> {
+        self.entries.get(key).map(|(v, _)| v)
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fifo;
+
+    #[test]
+    fn oldest_go_first_and_the_bound_holds() {
+        let mut c = Fifo::default();
+        assert!(c.put("a", 1, 4, 10));
+        assert!(c.put("b", 2, 4, 10));
+        assert!(c.put("a", 9, 4, 10), "held already");
+        assert_eq!(c.get("a"), Some(&1));
+        assert!(c.put("c", 3, 4, 10));
+        assert!(!c.contains("a"));
+        assert!(c.contains("b") && c.contains("c"));
+        assert_eq!(c.bytes(), 8);
+        assert!(!c.put("big", 4, 11, 10));
+        assert_eq!(c.bytes(), 8);
+        // A smaller bound later evicts down to it.
+        assert!(c.put("d", 4, 3, 6));
+        assert!(!c.contains("b") && !c.contains("c") && c.contains("d"));
+        assert_eq!(c.bytes(), 3);
+    }
+
+    #[test]
+    fn a_mirror_fed_the_same_puts_agrees() {
+        let mut bytes: Fifo<Vec<u8>> = Fifo::default();
+        let mut mirror: Fifo<()> = Fifo::default();
+        let mut x = 7u64;
+        for i in 0..2000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let key = format!("k{}", (x >> 33) % 50);
+            let w = ((x >> 20) % 300) as usize;
+            let max = if i % 100 == 0 { 500 } else { 1000 };
+            let a = bytes.put(&key, vec![0; w], w, max);
+            let b = mirror.put(&key, (), w, max);
+            assert_eq!(a, b);
+            for k in 0..50 {
+                let k = format!("k{k}");
+                assert_eq!(bytes.contains(&k), mirror.contains(&k));
+            }
+            assert!(bytes.bytes() <= 1000);
+        }
+    }
+}
