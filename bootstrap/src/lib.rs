@@ -59,11 +59,17 @@ pub const AGENT_MARKER: &[u8] = b"\0arbor\0";
 /// the payload's length (little-endian u32 each), then [`agent_payload`].
 pub fn agent_preamble(node: NodeId) -> Vec<u8> {
     let payload = agent_payload();
-    let mut out = Vec::with_capacity(AGENT_MARKER.len() + 8 + payload.len());
+    let mut out = agent_preamble_header(node, payload.len());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// [`agent_preamble`] without the payload of `len` bytes that follows it.
+pub fn agent_preamble_header(node: NodeId, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(AGENT_MARKER.len() + 8 + len);
     out.extend_from_slice(AGENT_MARKER);
     out.extend_from_slice(&node.0.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(payload);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
     out
 }
 

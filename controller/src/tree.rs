@@ -6,7 +6,7 @@
 //! intermediary, an agent for every target. Connects to different hosts
 //! proceed in parallel; callers for a hop that is connecting wait for it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -325,6 +325,20 @@ pub struct Tree {
     started: HashMap<NodeId, Instant>,
     become_of: HashMap<NodeId, ((NodeId, String), String)>,
     use_clock: u64,
+    /// What each relay holds pinned (see [`Tree::pin`]), and each relay's
+    /// parent relay.
+    pins: HashMap<NodeId, HashSet<String>>,
+    relay_parent: HashMap<NodeId, NodeId>,
+}
+
+/// Largest entry pinned at a relay (it travels in one frame).
+const PIN_BYTES_MAX: usize = 960 * 1024;
+
+fn pin_key(what: &str, data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(data);
+    let hex: String = d[..16].iter().map(|x| format!("{x:02x}")).collect();
+    format!("pin:{what}:{hex}")
 }
 
 impl Tree {
@@ -354,6 +368,8 @@ impl Tree {
             started: HashMap::new(),
             become_of: HashMap::new(),
             use_clock: 0,
+            pins: HashMap::new(),
+            relay_parent: HashMap::new(),
         };
         (tree, TreeHandle { tx, hellos })
     }
@@ -648,20 +664,43 @@ impl Tree {
         role: Role2,
         remote_cmd: &str,
     ) {
+        // What every spawn carries crosses to each relay once: pinned there
+        // (from its parent relay if that holds it), then named.
+        let mut preamble = Vec::new();
+        let mut preamble_pinned = None;
+        if role == Role2::Agent {
+            let code = arbor_bootstrap::agent_payload();
+            let key = pin_key("agent", code);
+            preamble = arbor_bootstrap::agent_preamble_header(node, code.len());
+            if self.pin(parent, &key, code) {
+                preamble_pinned = Some(key);
+            } else {
+                preamble.extend_from_slice(code);
+            }
+        }
+        let hosts = ssh::known_hosts(hop, &self.cfg.home);
+        let key = pin_key("known_hosts", &hosts);
+        let (known_hosts, known_hosts_pinned) = if self.pin(parent, &key, &hosts) {
+            (None, Some(key))
+        } else {
+            (Some(hosts), None)
+        };
+        if role == Role2::Relay {
+            self.relay_parent.insert(node, parent);
+        }
         let spec = Spawn {
             node,
             label: hop.name.clone(),
             argv: ssh::argv(hop, remote_cmd, false, role == Role2::Relay),
             env: Vec::new(),
-            preamble: match role {
-                Role2::Relay => Vec::new(),
-                Role2::Agent => arbor_bootstrap::agent_preamble(node),
-            },
+            preamble,
             send_self: role == Role2::Relay,
-            known_hosts: Some(ssh::known_hosts(hop, &self.cfg.home)),
+            known_hosts,
             connect_timeout_ms: (hop.timeout_s.unwrap_or(ssh::CONNECT_TIMEOUT_S_DEFAULT) + 20)
                 * 1000,
             max_connecting: self.cfg.connecting_max,
+            preamble_pinned,
+            known_hosts_pinned,
         };
         let stream = self.stream_id();
         self.spawns.insert(stream, node);
@@ -673,6 +712,48 @@ impl Tree {
             control::encode(&Request::Spawn(spec)),
         );
         self.core.send(Instant::now(), f);
+    }
+
+    /// Makes `relay` hold `data` pinned under `key`: forwarded from its
+    /// parent relay (pinned there first), or sent from here. False if it
+    /// cannot (too many pins, or too large for one frame).
+    fn pin(&mut self, relay: NodeId, key: &str, data: &[u8]) -> bool {
+        use arbor_wire::control::PINS_MAX;
+        let held = self.pins.entry(relay).or_default();
+        if held.contains(key) {
+            return true;
+        }
+        if held.len() >= PINS_MAX || data.len() > PIN_BYTES_MAX {
+            return false;
+        }
+        let req = match self.relay_parent.get(&relay).copied() {
+            Some(up) if self.pin(up, key, data) => (
+                up,
+                Request::Forward {
+                    dst: relay,
+                    keys: vec![key.to_string()],
+                    max_bytes: 0,
+                },
+            ),
+            _ => (
+                relay,
+                Request::Pin {
+                    key: key.to_string(),
+                    data: data.to_vec(),
+                },
+            ),
+        };
+        let stream = self.stream_id();
+        let f = Frame::new(
+            Kind::Request,
+            req.0,
+            NodeId::CONTROLLER,
+            stream,
+            control::encode(&req.1),
+        );
+        self.core.send(Instant::now(), f);
+        self.pins.entry(relay).or_default().insert(key.to_string());
+        true
     }
 
     fn agent_socket(&self) -> PathBuf {

@@ -21,7 +21,7 @@ use arbor_core::{Event, Limits, LinkId, Node, Role};
 use arbor_io::{
     signal, spawn_reader, spawn_writer, start_child_link, stop_children, LinkEvent as Input,
 };
-use arbor_wire::control::{self, Reply, Request, Spawn, KNOWN_HOSTS_TOKEN};
+use arbor_wire::control::{self, Reply, Request, Spawn, KNOWN_HOSTS_TOKEN, PINS_MAX};
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
 use tokio::process::Command;
 use tokio::sync::mpsc;
@@ -90,6 +90,9 @@ struct Relay {
     max_connecting: usize,
     /// Content cache (module zip members, file chunks), oldest out first.
     cache: Fifo<Vec<u8>>,
+    /// What every spawn uses (the agent's code, known_hosts): at most
+    /// `PINS_MAX` entries, kept for the relay's life.
+    pins: HashMap<String, Vec<u8>>,
 }
 
 const PARENT: LinkId = LinkId(0);
@@ -113,6 +116,7 @@ impl Relay {
             waiting: VecDeque::new(),
             max_connecting: 0,
             cache: Fifo::default(),
+            pins: HashMap::new(),
         }
     }
 
@@ -292,6 +296,12 @@ impl Relay {
                 self.forward(dst, &keys, max_bytes);
                 true
             }
+            Ok(Request::Pin { key, data }) => {
+                if self.pins.len() < PINS_MAX || self.pins.contains_key(&key) {
+                    self.pins.insert(key, data);
+                }
+                true
+            }
             Ok(Request::Shutdown) => {
                 self.reply(frame.src, frame.stream, &Reply::Done);
                 false
@@ -332,13 +342,17 @@ impl Relay {
     /// controller's own requests.
     fn forward(&mut self, dst: NodeId, keys: &[String], max_bytes: u64) {
         for key in keys {
-            let Some(data) = self.cache.get(key) else {
-                return;
-            };
-            let put = Request::CachePut {
-                key: key.clone(),
-                data: data.clone(),
-                max_bytes,
+            let put = match (self.cache.get(key), self.pins.get(key)) {
+                (Some(data), _) => Request::CachePut {
+                    key: key.clone(),
+                    data: data.clone(),
+                    max_bytes,
+                },
+                (None, Some(data)) => Request::Pin {
+                    key: key.clone(),
+                    data: data.clone(),
+                },
+                (None, None) => return,
             };
             let f = Frame::new(
                 Kind::Request,
@@ -395,7 +409,24 @@ impl Relay {
         let Some((program, args)) = spec.argv.split_first() else {
             return Err("empty command".into());
         };
+        let pinned = |key: &Option<String>| -> Result<Option<&Vec<u8>>, String> {
+            match key {
+                None => Ok(None),
+                Some(k) => self
+                    .pins
+                    .get(k)
+                    .map(Some)
+                    .ok_or_else(|| format!("this relay does not hold {k}")),
+            }
+        };
         let mut preamble = spec.preamble.clone();
+        if let Some(code) = pinned(&spec.preamble_pinned)? {
+            preamble.extend_from_slice(code);
+        }
+        let known_hosts = match pinned(&spec.known_hosts_pinned)? {
+            Some(hosts) => Some(hosts.clone()),
+            None => spec.known_hosts.clone(),
+        };
         if spec.send_self {
             match self.own_binary() {
                 Ok(bin) => preamble.extend_from_slice(bin),
@@ -404,7 +435,7 @@ impl Relay {
         }
         // Held open while the child lives; ssh opens it by path (it closes
         // inherited descriptors at start).
-        let known_hosts = match &spec.known_hosts {
+        let known_hosts = match &known_hosts {
             Some(hosts) => Some(
                 ram_file("arbor-known-hosts", hosts).map_err(|e| format!("known_hosts: {e}"))?,
             ),

@@ -30,14 +30,23 @@ pub enum Request {
     },
     /// Put the cached entries `keys` into the cache of the relay `dst`
     /// below this one, as the controller's `CachePut` requests (with
-    /// `max_bytes`), so they cross the link above this relay once. It stops
-    /// at the first key it does not hold. No reply.
+    /// `max_bytes`), so they cross the link above this relay once; pinned
+    /// entries go as `Pin`. It stops at the first key it holds neither way.
+    /// No reply.
     Forward {
         dst: NodeId,
         keys: Vec<String>,
         max_bytes: u64,
     },
+    /// Keep `data` under `key` for the relay's life, outside the cache: what
+    /// every spawn uses (the agent's code, known_hosts). At most
+    /// [`PINS_MAX`] entries; more are refused (a spawn naming one fails).
+    /// No reply.
+    Pin { key: String, data: Vec<u8> },
 }
+
+/// Most entries a relay pins.
+pub const PINS_MAX: usize = 16;
 
 /// How to start one child. The relay resolves no names: `argv` is run as
 /// given (`ssh` resolves the host itself).
@@ -60,6 +69,11 @@ pub struct Spawn {
     pub known_hosts: Option<Vec<u8>>,
     /// How long the child may take to join the tree.
     pub connect_timeout_ms: u32,
+    /// A pinned entry (see [`Request::Pin`]) written after `preamble`
+    /// (the agent's code, sent to this relay once).
+    pub preamble_pinned: Option<String>,
+    /// A pinned entry used as `known_hosts` instead of that field.
+    pub known_hosts_pinned: Option<String>,
     /// At most this many children of the relay connecting at once (0: no
     /// bound); the others wait, in order, for one to join or fail.
     pub max_connecting: u16,
@@ -107,6 +121,8 @@ mod tests {
             known_hosts: Some(b"target1 ssh-ed25519 AAAA".to_vec()),
             connect_timeout_ms: 30_000,
             max_connecting: 64,
+            preamble_pinned: Some("pin:agent:00".into()),
+            known_hosts_pinned: None,
         });
         let bytes = encode(&req);
         assert_eq!(decode::<Request>(&bytes), Ok(req));
@@ -124,6 +140,15 @@ mod tests {
                 dst: NodeId(7),
                 stream: StreamId(9),
                 keys: vec!["k1".into(), "k2".into()],
+            },
+            Request::Forward {
+                dst: NodeId(8),
+                keys: vec!["k1".into()],
+                max_bytes: 1 << 20,
+            },
+            Request::Pin {
+                key: "pin:agent:00".into(),
+                data: vec![4, 5],
             },
         ] {
             assert_eq!(decode::<Request>(&encode(&req)), Ok(req));

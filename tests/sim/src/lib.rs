@@ -16,6 +16,8 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use arbor_core::{Event, Limits, LinkId, Node, Role};
+
+pub mod connect;
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
 
 /// Small deterministic PRNG (splitmix64).
