@@ -1373,7 +1373,7 @@ async fn put(
 const FILE_CACHE_SHARE: u64 = 4;
 /// Most bytes of one stream's data in flight beyond what its receiver has
 /// consumed (`ARBOR_STREAM_WINDOW_BYTES`).
-const STREAM_WINDOW_BYTES_DEFAULT: u64 = 4 << 20;
+const STREAM_WINDOW_BYTES_DEFAULT: u64 = 1 << 20;
 
 /// Bytes a sender may have in flight, paced by the receiver's credit.
 struct Window {

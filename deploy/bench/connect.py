@@ -61,11 +61,13 @@ class Api:
         return json.loads(body[4:4 + jn]), body[4 + jn:]
 
 
-def lab_hop(lab, name):
-    """The chain entry the glue sends for lab host `name` (its inventory settings)."""
+def lab_hop(lab, name, extra=()):
+    """The chain entry the glue sends for lab host `name` (its inventory
+    settings), with `extra` ssh arguments."""
     h = lab["hosts"][name]
-    args = ["-o", f"UserKnownHostsFile={lab['known_hosts']}", "-o", "GlobalKnownHostsFile=/dev/null",
-            "-o", "StrictHostKeyChecking=yes"]
+    # Ansible's default ssh_args start with -C (ControlMaster/Persist arbor drops).
+    args = ["-C", "-o", f"UserKnownHostsFile={lab['known_hosts']}", "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "StrictHostKeyChecking=yes", *extra]
     entry = {"name": name, "host": h["address"], "user": "root"}
     if h["role"] == "bastion":
         entry["key_file"] = lab["private_key"]
@@ -78,8 +80,8 @@ def lab_hop(lab, name):
     return entry
 
 
-def lab_chain(lab, target):
-    return [lab_hop(lab, n) for n in lab["hosts"][target]["via_chain"] + [target]]
+def lab_chain(lab, target, extra=()):
+    return [lab_hop(lab, n, extra) for n in lab["hosts"][target]["via_chain"] + [target]]
 
 
 def start_daemon(run_dir, log):
@@ -114,6 +116,7 @@ def one_rep(args):
         d = start_daemon(tmp / "run", log)
         try:
             apis = {t: Api(tmp / "run" / "sock") for t in targets}
+            subprocess.run([str(LAB / "wan"), "reset"], check=True, capture_output=True)
             before = cpu()
             ready, hellos, errors = {}, {}, {}
             go = threading.Event()
@@ -121,7 +124,7 @@ def one_rep(args):
 
             def ask(t):
                 go.wait()
-                apis[t].send({"op": "info", "chain": lab_chain(lab, t)})
+                apis[t].send({"op": "info", "chain": lab_chain(lab, t, args.ssh_arg)})
                 res, _ = apis[t].recv()
                 ready[t] = time.monotonic() - t0[0]
                 if "error" in res:
@@ -137,6 +140,8 @@ def one_rep(args):
             for th in threads:
                 th.join(timeout=300)
             after = cpu()
+            wan = json.loads(subprocess.run([str(LAB / "wan"), "stats"], check=True, capture_output=True,
+                                            text=True).stdout)
         finally:
             d.terminate()
             d.wait(timeout=30)
@@ -159,6 +164,7 @@ def one_rep(args):
         "cpu_s": {r: round(sum(v for n, v in spent.items() if role.get(n) == r), 3)
                   for r in ("bastion", "rack", "target")},
         "cpu_s_wan_emulator": spent.get("wan"),
+        "wan_bytes": {"up": wan["up"]["bytes"], "down": wan["down"]["bytes"]},
     }
 
 
@@ -169,6 +175,8 @@ def main():
     p.add_argument("--racks", type=int, default=2)
     p.add_argument("--wan-delay-ms", type=float, default=50)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--ssh-arg", action="append", default=[],
+                   help="an extra ssh argument for every hop (e.g. -o KexAlgorithms=curve25519-sha256)")
     p.add_argument("--out")
     args = p.parse_args()
     reps = []
@@ -183,12 +191,13 @@ def main():
         "settings": vars(args),
         "median": {k: med(k) for k in ("first_ready_s", "last_ready_s", "spread_s")},
         "median_cpu_s": {r: statistics.median(x["cpu_s"][r] for x in reps) for r in ("bastion", "rack", "target")},
+        "median_wan_bytes": {d: statistics.median(x["wan_bytes"][d] for x in reps) for d in ("up", "down")},
         "reps": reps,
     }
     text = json.dumps(summary, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    print(json.dumps({"median": summary["median"], "median_cpu_s": summary["median_cpu_s"]}))
+    print(json.dumps({k: summary[k] for k in ("median", "median_cpu_s", "median_wan_bytes")}))
 
 
 if __name__ == "__main__":

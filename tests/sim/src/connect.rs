@@ -40,6 +40,12 @@ pub struct Costs {
     /// Round trips of an ssh connection's own setup (TCP, key exchange,
     /// auth, channel), on its link.
     pub handshake_rtts: f64,
+    /// Further round trips of a first hop's upload of the relay binary
+    /// (TCP's slow start), besides its bytes at the link's rate.
+    pub upload_rtts: f64,
+    /// Time of a connection that is neither CPU nor the network (process
+    /// starts, scheduling), calibrated against the lab.
+    pub fixed: f64,
     /// Round trips to the controller per connection behind the first hop
     /// (the forwarded agent's identities and signature).
     pub auth_rtts: f64,
@@ -49,6 +55,8 @@ pub struct Costs {
     pub cpu_child_agent: f64,
     pub cpu_child_relay: f64,
     pub cores: usize,
+    /// All hosts share one pool of `cores` (the lab: one machine).
+    pub shared_cores: bool,
     /// On the wire (ssh -C): the relay binary, the agent's code, one spawn
     /// request, one announcement.
     pub relay_bytes: f64,
@@ -127,6 +135,10 @@ enum Ev {
         link: LinkId,
         frame: Frame,
     },
+    /// The parent's ssh client has done its CPU work: the network part.
+    Connected { parent: usize, child: usize },
+    /// The child's code has arrived: its start's CPU work.
+    Started { child: usize },
     /// Child `child` has finished connecting: it announces itself.
     Up { child: usize },
 }
@@ -214,6 +226,7 @@ impl ConnectSim {
     /// `from`; returns when it is done.
     fn cpu(&mut self, i: usize, from: f64, secs: f64) -> f64 {
         let secs = self.jit(secs);
+        let i = if self.c.shared_cores { 0 } else { i };
         let cores = &mut self.nodes[i].cores;
         let busy = cores.iter().filter(|&&t| t > from).count();
         let (k, free) = cores
@@ -355,11 +368,22 @@ impl ConnectSim {
         self.connect(parent, child);
     }
 
+    /// A connection in three steps, each one an event at the time it can
+    /// start, so CPU is given out in time order: the parent's ssh client,
+    /// then the network (handshake, authentication, the code), then the
+    /// child's start.
     fn connect(&mut self, parent: usize, child: usize) {
+        let done = self.cpu(parent, self.now, self.c.cpu_client);
+        self.schedule(done, Ev::Connected { parent, child });
+    }
+
+    fn connected(&mut self, parent: usize, child: usize) {
         let c = self.c;
-        let mut t = self.cpu(parent, self.now, c.cpu_client);
         let link_rtt = 2.0 * self.nodes[child].latency;
-        t += c.handshake_rtts * link_rtt;
+        let mut t = self.now + c.handshake_rtts * link_rtt + self.jit(c.fixed);
+        if self.nodes[child].kind == Kind2::Relay {
+            t += c.upload_rtts * link_rtt;
+        }
         if parent != 0 {
             t += self.jit(c.auth_rtts * self.rtt_to_controller(parent));
         }
@@ -375,12 +399,16 @@ impl ConnectSim {
             t = t.max(self.ensure_code(parent, now));
         }
         t = self.transfer(child, false, t, code);
-        let start = match kind {
-            Kind2::Relay => c.cpu_child_relay,
-            _ => c.cpu_child_agent,
+        self.schedule(t, Ev::Started { child });
+    }
+
+    fn started(&mut self, child: usize) {
+        let work = match self.nodes[child].kind {
+            Kind2::Relay => self.c.cpu_child_relay,
+            _ => self.c.cpu_child_agent,
         };
-        let t = self.cpu(child, t, start);
-        self.schedule(t, Ev::Up { child });
+        let done = self.cpu(child, self.now, work);
+        self.schedule(done, Ev::Up { child });
     }
 
     /// When relay `i` holds the agent's code: pinned from its parent relay
@@ -454,6 +482,8 @@ impl ConnectSim {
                     sim.nodes[to].core.handle_frame(now, link, frame);
                     sim.pump(to);
                 }
+                Ev::Connected { parent, child } => sim.connected(parent, child),
+                Ev::Started { child } => sim.started(child),
                 Ev::Up { child } => {
                     let parent = sim.nodes[child].parent.unwrap_or(0);
                     sim.nodes[parent].connecting -= 1;
