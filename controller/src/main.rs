@@ -11,6 +11,7 @@
 //! Exit codes: 0 success; 1 runtime error; 64 usage error.
 
 mod api;
+mod methods;
 mod ssh;
 mod tree;
 

@@ -625,6 +625,8 @@ impl Tree {
         let local = hop.method == "local" && role == Role2::Agent;
         let argv = if local {
             vec!["/bin/sh".to_string(), "-c".into(), remote_cmd.to_string()]
+        } else if hop.is_container() {
+            crate::methods::argv(hop, remote_cmd)
         } else {
             ssh::argv(hop, remote_cmd, true, role == Role2::Relay)
         };
@@ -678,12 +680,16 @@ impl Tree {
                 preamble.extend_from_slice(code);
             }
         }
-        let hosts = ssh::known_hosts(hop, &self.cfg.home);
-        let key = pin_key("known_hosts", &hosts);
-        let (known_hosts, known_hosts_pinned) = if self.pin(parent, &key, &hosts) {
-            (None, Some(key))
+        let (known_hosts, known_hosts_pinned) = if hop.is_container() {
+            (None, None)
         } else {
-            (Some(hosts), None)
+            let hosts = ssh::known_hosts(hop, &self.cfg.home);
+            let key = pin_key("known_hosts", &hosts);
+            if self.pin(parent, &key, &hosts) {
+                (None, Some(key))
+            } else {
+                (Some(hosts), None)
+            }
         };
         if role == Role2::Relay {
             self.relay_parent.insert(node, parent);
@@ -691,7 +697,11 @@ impl Tree {
         let spec = Spawn {
             node,
             label: hop.name.clone(),
-            argv: ssh::argv(hop, remote_cmd, false, role == Role2::Relay),
+            argv: if hop.is_container() {
+                crate::methods::argv(hop, remote_cmd)
+            } else {
+                ssh::argv(hop, remote_cmd, false, role == Role2::Relay)
+            },
             env: Vec::new(),
             preamble,
             send_self: role == Role2::Relay,

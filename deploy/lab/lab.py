@@ -35,6 +35,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_DIR = Path(os.environ.get("ARBOR_LAB_DIR", "/run/arbor-lab"))
+# Docker engines of container hosts: outside the run dir, which hosts mask.
+DOCKER_DIR = Path(f"{RUN_DIR}-docker")
+DOCKER_READY_TIMEOUT_S = 30.0
 NS_PREFIX = "arb-"
 ROOT_IF = "arb-wan0"
 CONTROLLER_ADDR = "10.240.0.1"
@@ -107,6 +110,42 @@ exec /usr/sbin/sshd -D -e -f /etc/ssh/sshd_config
 """
 
 
+# A "container" of plain namespaces on a container host: its own root (a copy
+# of this machine's Python, shell and a few tools, in the host's private
+# /tmp), PID, mount, UTS and network namespaces; its first process sleeps.
+# Entered with `nsenter -t PID -a -r -w` (arbor's `setns` method, kind pid).
+CONTAINER_ROOTFS = r"""
+set -eu
+R=${ROOT:-/tmp/arbor-ct/$CT}
+mkdir -p "$R/tmp" "$R/proc" "$R/dev" "$R/root" "$R/etc" "$R/usr/lib"
+chmod 1777 "$R/tmp"
+copy() {
+    for f in "$@"; do
+        cp -L --parents "$f" "$R"
+        ldd "$f" 2>/dev/null | grep -o '/[^ ]*' | while read -r l; do cp -L --parents "$l" "$R"; done
+    done
+}
+copy /usr/bin/python3.11 /bin/sh /usr/bin/sleep /usr/bin/mkdir /usr/bin/rm /usr/bin/cat /usr/bin/ls \
+     /usr/bin/id /usr/bin/uname /usr/bin/env /usr/bin/chmod /usr/bin/mv /usr/bin/cp /usr/bin/echo \
+     /usr/bin/true /usr/bin/su
+ln -s python3.11 "$R/usr/bin/python3"
+tar -C /usr/lib -c --exclude=test --exclude=idlelib --exclude=tkinter --exclude=ensurepip \
+    --exclude=lib2to3 --exclude=turtledemo python3.11 | tar -C "$R/usr/lib" -x
+copy /usr/lib/python3.11/lib-dynload/*.so
+printf 'root:x:0:0:root:/root:/bin/sh\n' > "$R/etc/passwd"
+printf 'root:x:0:\n' > "$R/etc/group"
+echo "$CT" > "$R/etc/hostname"
+"""
+CONTAINER_INIT = r"""
+set -eu
+R=/tmp/arbor-ct/$CT
+mount -t proc proc "$R/proc"
+mount --rbind /dev "$R/dev"
+hostname "$CT"
+exec chroot "$R" /usr/bin/sleep infinity
+"""
+
+
 # `sh -c JOIN_CGROUP CGROUP CMD...`: moves itself into CGROUP, then runs CMD.
 JOIN_CGROUP = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
 
@@ -119,13 +158,14 @@ def log(msg):
     print(f"lab: {msg}", file=sys.stderr, flush=True)
 
 
-def sh(*args, check=True, capture=False, input=None):
+def sh(*args, check=True, capture=False, input=None, env=None):
     """Runs a command; raises LabError with its stderr on failure."""
     res = subprocess.run(
         [str(a) for a in args],
         input=input,
         capture_output=True,
         text=True,
+        env=env,
     )
     if check and res.returncode != 0:
         raise LabError(f"{' '.join(map(str, args))}: {res.stderr.strip() or res.returncode}")
@@ -272,6 +312,7 @@ def lab_client_pids():
 
 def down(_args=None):
     """Removes every trace of the lab; safe to run at any time."""
+    stop_docker()
     for ns in lab_namespaces():
         kill_pids(ns_pids(ns))
     kill_pids(lab_client_pids())
@@ -287,6 +328,7 @@ def down(_args=None):
         sh("ip", "route", "del", *route.split(), check=False)
     if RUN_DIR.exists():
         shutil.rmtree(RUN_DIR)
+    stop_docker()
     left = leftovers()
     if left:
         raise LabError("down left behind: " + "; ".join(left))
@@ -349,6 +391,8 @@ def leftovers():
         pass
     if RUN_DIR.exists():
         left.append(f"run dir {RUN_DIR}")
+    if DOCKER_DIR.exists():
+        left.append(f"docker dir {DOCKER_DIR}")
     return left
 
 
@@ -401,6 +445,9 @@ def plan(args):
                 target_no += 1
                 hosts.append(Host(f"target{target_no}", "target", f"{parent.lan}.{10 + k}",
                                   parent.name, parent.ns, python3=True))
+        if b == 1 and args.container_host:
+            hosts.append(Host("chost1", "chost", f"{bastion.lan}.250", bastion.name, bastion.ns,
+                              python3=True))
     return hosts
 
 
@@ -560,6 +607,102 @@ def start_host(h, cg_kind, cg_root):
         stderr=open(h.dir / "init.log", "wb"), start_new_session=True)
 
 
+def start_namespace_containers(h, count):
+    """`count` namespace containers on host `h` (in its namespaces and its
+    cgroup, so `down` ends them with it): {name: pid of its first process}."""
+    enter = ["sh", "-c", JOIN_CGROUP, str(h.cgroup), "nsenter", "-t", str(h.proc.pid), "-m", "-n", "-u", "--"]
+    found = {}
+    for i in range(1, count + 1):
+        name = f"{h.name}-ns{i}"
+        sh(*enter, "sh", "-c", CONTAINER_ROOTFS, env=dict(os.environ, CT=name))
+        p = subprocess.Popen([*enter, "unshare", "--fork", "--pid", "--mount", "--uts", "--net",
+                              "--propagation", "private", "sh", "-c", CONTAINER_INIT],
+                             env=dict(os.environ, CT=name), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=open(h.dir / f"{name}.log", "wb"),
+                             start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            kids = Path(f"/proc/{p.pid}/task/{p.pid}/children")
+            pid = kids.read_text().split() if kids.exists() else []
+            if pid and Path(f"/proc/{pid[0]}/exe").exists() and \
+                    os.readlink(f"/proc/{pid[0]}/exe").endswith("sleep"):
+                found[name] = int(pid[0])
+                break
+            time.sleep(0.02)
+        else:
+            raise LabError(f"container {name} did not start: {(h.dir / f'{name}.log').read_text()[-400:]}")
+    return found
+
+
+def docker_cli(h):
+    return ["docker", "-H", f"unix://{DOCKER_DIR / h.name / 'docker.sock'}"]
+
+
+def start_docker(h, count):
+    """A Docker engine in host `h`'s network namespace and cgroup (its own
+    data root and socket; no bridge, no iptables) and `count` containers of
+    a local image (the same rootfs as the namespace containers), each with
+    no network. Returns {name: how to reach it}."""
+    d = DOCKER_DIR / h.name
+    d.mkdir(parents=True)
+    wrapper = d / "docker"
+    wrapper.write_text(f"#!/bin/sh\nexec docker -H unix://{d / 'docker.sock'} \"$@\"\n")
+    wrapper.chmod(0o755)
+    subprocess.Popen(
+        ["sh", "-c", JOIN_CGROUP, str(h.cgroup), "nsenter", f"--net=/run/netns/{h.ns}", "--",
+         "dockerd", "--bridge=none", "--iptables=false", "--ip6tables=false",
+         "--data-root", str(d / "data"), "--exec-root", str(d / "exec"), "-H", f"unix://{d / 'docker.sock'}",
+         "--pidfile", str(d / "docker.pid"), f"--cgroup-parent=/{h.cgroup.parent.name}/{h.name}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(d / "dockerd.log", "wb"),
+        start_new_session=True)
+    deadline = time.monotonic() + DOCKER_READY_TIMEOUT_S
+    while sh(*docker_cli(h), "version", check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise LabError(f"dockerd did not start on {h.name}: {(d / 'dockerd.log').read_text()[-400:]}")
+        time.sleep(0.2)
+    sh("sh", "-c", CONTAINER_ROOTFS, env=dict(os.environ, CT="image", ROOT=str(d / "rootfs")))
+    tar = subprocess.Popen(["tar", "-C", str(d / "rootfs"), "-c", "."], stdout=subprocess.PIPE)
+    res = subprocess.run([*docker_cli(h), "import", "-", "arbor-ct"], stdin=tar.stdout, capture_output=True)
+    tar.wait()
+    if res.returncode != 0:
+        raise LabError(f"docker import on {h.name}: {res.stderr.decode()[-400:]}")
+    shutil.rmtree(d / "rootfs")
+    found = {}
+    for i in range(1, count + 1):
+        name = f"{h.name}-d{i}"
+        sh(*docker_cli(h), "run", "-d", "--network", "none", "--hostname", name, "--name", name,
+           "arbor-ct", "/usr/bin/sleep", "infinity")
+        found[name] = {"method": "docker", "host": h.name, "docker": str(wrapper)}
+    return found
+
+
+def stop_docker():
+    """Removes the container hosts' containers and engines, their mounts and
+    their files."""
+    if not DOCKER_DIR.exists():
+        return
+    for sock in DOCKER_DIR.glob("*/docker.sock"):
+        cli = ["docker", "-H", f"unix://{sock}"]
+        ids = sh(*cli, "ps", "-aq", capture=True, check=False).split()
+        if ids:
+            sh(*cli, "rm", "-f", *ids, check=False)
+        pidfile = sock.parent / "docker.pid"
+        if pidfile.exists():
+            try:
+                pid = int(pidfile.read_text().strip())
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            except (ValueError, ProcessLookupError):
+                pass
+    mounts = [l.split()[4] for l in Path("/proc/self/mountinfo").read_text().splitlines()
+              if l.split()[4].startswith(str(DOCKER_DIR))]
+    for m in sorted(mounts, key=len, reverse=True):
+        sh("umount", "-l", m, check=False)
+    shutil.rmtree(DOCKER_DIR, ignore_errors=True)
+
+
 def wait_sshd(hosts):
     deadline = time.monotonic() + SSHD_READY_TIMEOUT_S
     pending = list(hosts)
@@ -650,7 +793,7 @@ def via_chain(hosts_by_name, h):
     return list(reversed(chain))  # outermost first
 
 
-def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl):
+def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl, containers=None):
     by_name = {h.name: h for h in hosts}
     key = RUN_DIR / "controller" / "id_lab"
     known = RUN_DIR / "known_hosts"
@@ -686,6 +829,18 @@ def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl):
         "targets": ({}, {h.name: {"ansible_host": h.addr, "mitogen_via": h.via}
                          for h in group("target")}),
     }
+    containers = containers or {}
+    if group("chost"):
+        groups["chosts"] = ({}, {h.name: {"ansible_host": h.addr, "mitogen_via": h.via}
+                                 for h in group("chost")})
+    if containers:
+        def reach(name, c):
+            if c["method"] == "docker":
+                return {"ansible_connection": "docker", "mitogen_docker_path": c["docker"],
+                        "mitogen_via": c["host"]}
+            return {"ansible_connection": "setns", "mitogen_kind": "pid",
+                    "ansible_host": str(c["pid"]), "mitogen_via": c["host"]}
+        groups["containers"] = ({}, {name: reach(name, c) for name, c in containers.items()})
     write_yaml(RUN_DIR / "inventory.yml", groups, dict(base_vars, ansible_ssh_common_args=strict))
 
     # inventory-vanilla.yml: plain OpenSSH, ProxyJump through the chain.
@@ -699,6 +854,10 @@ def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl):
                                   "ansible_ssh_common_args": f"{common} -o ProxyJump={','.join(via_chain(by_name, h))}"}
                          for h in group("target")}),
     }
+    if group("chost"):
+        vgroups["chosts"] = ({}, {h.name: {"ansible_host": h.name,
+                                           "ansible_ssh_common_args": f"{common} -o ProxyJump={','.join(via_chain(by_name, h))}"}
+                                  for h in group("chost")})
     write_yaml(RUN_DIR / "inventory-vanilla.yml", vgroups,
                dict(base_vars, ansible_ssh_private_key_file=str(key), ansible_ssh_common_args=common))
 
@@ -730,6 +889,8 @@ def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl):
                            "lan": f"{h.lan}.0/24" if h.lan else None,
                            "home": str(h.dir / "home")}
                   for h in hosts},
+        # Containers on container hosts: how arbor enters each one.
+        "containers": containers,
     }
     (RUN_DIR / "lab.json").write_text(json.dumps(lab, indent=2) + "\n")
 
@@ -751,7 +912,15 @@ def up(args):
         for h in hosts:
             start_host(h, cg_kind, cg_root)
         wait_sshd(hosts)
-        write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl)
+        containers = {}
+        for h in hosts:
+            if h.role == "chost":
+                for name, pid in start_namespace_containers(h, args.ns_containers).items():
+                    containers[name] = {"method": "setns", "kind": "pid", "pid": pid, "host": h.name,
+                                        "root": f"/tmp/arbor-ct/{name}"}
+                if args.docker_containers:
+                    containers.update(start_docker(h, args.docker_containers))
+        write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl, containers)
     except BaseException:
         log("up failed; removing the partial lab")
         try:
@@ -825,6 +994,13 @@ def main(argv=None):
                    default=os.environ.get("LAB_KEY_ON_BASTIONS") == "1",
                    help="also install the lab's private key on bastions and racks, for peers "
                         "that reach targets with a key stored on the hop (Mitogen's fast setup)")
+    u.add_argument("--container-host", action="store_true",
+                   default=os.environ.get("LAB_CONTAINER_HOST") == "1",
+                   help="add chost1 behind bastion1, a host running containers")
+    u.add_argument("--ns-containers", type=int, default=2,
+                   help="namespace containers on the container host")
+    u.add_argument("--docker-containers", type=int, default=2,
+                   help="Docker containers on the container host (0: no Docker engine)")
     u.add_argument("--no-python-bastion", action="store_true",
                    default=os.environ.get("LAB_NO_PYTHON_BASTION") == "1",
                    help="mask python3 on every bastion")

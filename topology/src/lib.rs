@@ -46,6 +46,40 @@ pub struct Hop {
     /// Connect timeout in seconds (ansible_timeout).
     #[serde(default)]
     pub timeout_s: Option<u32>,
+    /// Container methods: the program that enters the container (`docker`,
+    /// `lxc-attach`, …), if not the method's default on the PATH.
+    #[serde(default)]
+    pub exe: Option<String>,
+    /// Container methods: more arguments for that program.
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+    /// `setns`: what finds the container's first process (`docker`,
+    /// `podman`, `lxc`, `lxd`, `machinectl`, or `pid`: `host` is the PID).
+    #[serde(default)]
+    pub kind: Option<String>,
+}
+
+/// Methods that enter a container (or jail) from the host before them.
+pub const CONTAINER_METHODS: [&str; 10] = [
+    "docker",
+    "podman",
+    "buildah",
+    "lxc",
+    "lxd",
+    "incus",
+    "setns",
+    "kubectl",
+    "machinectl",
+    "jail",
+];
+
+/// What `setns` can find a container's first process with.
+pub const SETNS_KINDS: [&str; 6] = ["docker", "podman", "lxc", "lxd", "machinectl", "pid"];
+
+impl Hop {
+    pub fn is_container(&self) -> bool {
+        CONTAINER_METHODS.contains(&self.method.as_str())
+    }
 }
 
 fn default_method() -> String {
@@ -89,7 +123,12 @@ pub fn validate(chain: &[Hop]) -> Result<(), TopologyError> {
         }
         // `local`: the controller itself, so only as a chain's one hop.
         let local_ok = hop.method == "local" && chain.len() == 1;
-        if hop.method != "ssh" && !local_ok {
+        let kind_ok = hop.method != "setns"
+            || hop
+                .kind
+                .as_deref()
+                .is_some_and(|k| SETNS_KINDS.contains(&k));
+        if !(hop.method == "ssh" || local_ok || hop.is_container() && kind_ok) {
             return Err(TopologyError::Method {
                 host: hop.name.clone(),
                 method: hop.method.clone(),
@@ -120,12 +159,15 @@ impl HopKey {
             .iter()
             .map(|h| {
                 format!(
-                    "{}:{}@{}:{}[{}]",
+                    "{}:{}@{}:{}[{}][{}|{}|{}]",
                     h.method,
                     h.user.as_deref().unwrap_or(""),
                     h.host,
                     h.port.map(|p| p.to_string()).unwrap_or_default(),
-                    h.ssh_args.join(" ")
+                    h.ssh_args.join(" "),
+                    h.exe.as_deref().unwrap_or(""),
+                    h.extra_args.join(" "),
+                    h.kind.as_deref().unwrap_or("")
                 )
             })
             .collect();
@@ -183,8 +225,22 @@ mod tests {
         );
         assert_eq!(validate(&[]), Err(TopologyError::Empty));
         let mut d = hop("c1");
-        d.method = "docker".into();
+        d.method = "rsh".into();
         assert!(matches!(validate(&[d]), Err(TopologyError::Method { .. })));
+        // Container methods anywhere; setns only with a kind it knows.
+        let mut c = hop("app1");
+        c.method = "docker".into();
+        assert_eq!(validate(&[hop("bastion1"), hop("web1"), c.clone()]), Ok(()));
+        c.method = "setns".into();
+        assert!(matches!(
+            validate(&[hop("web1"), c.clone()]),
+            Err(TopologyError::Method { .. })
+        ));
+        c.kind = Some("docker".into());
+        assert_eq!(validate(&[hop("web1"), c.clone()]), Ok(()));
+        let mut other = c.clone();
+        other.kind = Some("pid".into());
+        assert_ne!(HopKey::of(&[c]), HopKey::of(&[other]));
         let mut l = hop("localhost");
         l.method = "local".into();
         assert_eq!(validate(std::slice::from_ref(&l)), Ok(()));

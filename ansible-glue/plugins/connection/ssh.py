@@ -107,6 +107,103 @@ _HOP_OPTIONS = ("host", "remote_user", "port", "private_key_file", "ssh_args",
                 "ssh_common_args", "ssh_extra_args", "host_key_checking", "timeout")
 
 
+# The container methods arbor carries as hops, by every connection name
+# that means them (Ansible's collections', Mitogen's).
+CONTAINER_CONNECTIONS = {}
+for _m, _names in {
+    "docker": ("community.docker.docker",),
+    "podman": ("containers.podman.podman",),
+    "buildah": ("containers.podman.buildah",),
+    "lxc": ("community.general.lxc",),
+    "lxd": ("community.general.lxd",),
+    "incus": ("community.general.incus",),
+    "setns": (),
+    "kubectl": ("kubernetes.core.kubectl",),
+    "machinectl": ("community.general.machinectl",),
+    "jail": ("community.general.jail",),
+}.items():
+    for _n in (_m, "mitogen_" + _m) + _names:
+        CONTAINER_CONNECTIONS[_n] = _m
+
+# Per method: the variables that name its program, and its extra arguments
+# (the collections' plugins' and Mitogen's names; the first set wins).
+_EXE_VARS = {
+    "docker": ("mitogen_docker_path", "ansible_docker_path"),
+    "podman": ("mitogen_podman_path", "ansible_podman_executable"),
+    "buildah": ("mitogen_buildah_path",),
+    "lxc": ("mitogen_lxc_attach_path",),
+    "lxd": ("mitogen_lxc_path", "ansible_lxd_executable"),
+    "incus": ("ansible_incus_executable",),
+    "setns": ("mitogen_nsenter_path",),
+    "kubectl": ("mitogen_kubectl_path", "ansible_kubectl_path"),
+    "machinectl": ("mitogen_machinectl_path",),
+    "jail": (),
+}
+_EXTRA_VARS = {
+    "docker": ("ansible_docker_extra_args",),
+    "podman": ("ansible_podman_extra_args",),
+    "kubectl": ("ansible_kubectl_extra_args",),
+}
+
+
+def container_hop(name, method, get):
+    """A container hop from a getter of its host's variables."""
+    def first(names):
+        for n in names:
+            v = get(n)
+            if v not in (None, ""):
+                return to_text(v)
+        return None
+    hop = {
+        "name": name,
+        "method": method,
+        "host": first(("ansible_%s_host" % method, "ansible_host")) or name,
+        "port": None,
+        "user": first(("ansible_%s_user" % method, "ansible_user")),
+        "key_file": None,
+        "ssh_args": [],
+        "host_key_checking": True,
+        "timeout_s": None,
+        "exe": first(_EXE_VARS.get(method, ())),
+        "extra_args": shlex_split(first(_EXTRA_VARS.get(method, ())) or ""),
+        "kind": first(("arbor_kind", "mitogen_kind")),
+    }
+    if method == "kubectl":
+        for var, flag in (("ansible_kubectl_namespace", "-n"), ("ansible_kubectl_container", "-c")):
+            if get(var):
+                hop["extra_args"] += [flag, to_text(get(var))]
+    python = first(("ansible_python_interpreter",))
+    if python and not python.startswith("auto"):
+        hop["python"] = python
+    return hop
+
+
+def container_documentation(method):
+    """Options of arbor's plugin for a container method: the host and user,
+    and arbor's own options."""
+    ours = yaml.safe_load(DOCUMENTATION)["options"]
+    doc = {
+        "name": method,
+        "short_description": "run in a %s container, through arbor's relay on its host" % method,
+        "description": ["Reaches the container from the host in its arbor_via/mitogen_via, whose relay"
+                        " runs the container tool; like Mitogen's method of the same name."],
+        "author": "arbor",
+        "options": {
+            "remote_addr": {"description": "The container's name.", "type": "str",
+                            "default": "inventory_hostname",
+                            "vars": [{"name": "inventory_hostname"}, {"name": "ansible_host"},
+                                     {"name": "ansible_%s_host" % method}]},
+            "remote_user": {"description": "The user in the container.", "type": "str",
+                            "vars": [{"name": "ansible_user"}, {"name": "ansible_%s_user" % method}]},
+        },
+    }
+    for name in ("arbor_via", "arbor_inventory_hostname", "arbor_python", "arbor_task_isolation"):
+        doc["options"][name] = ours[name]
+    doc["options"]["timeout"] = {"description": "Seconds a become prompt may take.", "type": "int",
+                                 "default": 10, "vars": [{"name": "ansible_timeout"}]}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
 def parse_via_rules(value):
     """[(network, via)] from `arbor_via_rules`: a mapping of CIDR to via host,
     or a list of such mappings (topology's `parse_rules`, same golden cases)."""
@@ -369,6 +466,9 @@ class Connection(_vanilla.Connection):
             raise AnsibleConnectionFailure("%s: via host %r is not in the inventory"
                                            % (self.get_option("arbor_inventory_hostname"), name))
         hv = hostvars[name]
+        method = CONTAINER_CONNECTIONS.get(to_text(hv.get("ansible_connection") or "ssh"))
+        if method:
+            return container_hop(name, method, hv.get), hv
 
         def get(opt):
             try:
@@ -398,6 +498,10 @@ class Connection(_vanilla.Connection):
         python = self.get_option("arbor_python")
         if python and not to_text(python).startswith("auto"):
             target["python"] = to_text(python)
+        return self._with_vias(name, target)
+
+    def _with_vias(self, name, target):
+        """`target`'s chain: its via hosts (each one's own settings), then it."""
         chain = [target]
         # Every host's variables, as the task's own (lazy) hostvars, handed
         # over by the action (not a connection option: Ansible would template
@@ -1054,3 +1158,34 @@ def _action_init(self, *args, **kwargs):
 
 
 ActionBase.__init__ = _action_init
+
+
+class ContainerConnection(Connection):
+    """Base of arbor's container plugins (docker.py, …): the container as the
+    last hop, entered by the relay on the host in its via."""
+
+    _arbor_method = None
+    has_pipelining = True
+
+    def _enabled(self):
+        return True
+
+    def is_pipelining_enabled(self, wrap_async=False):
+        return not wrap_async
+
+    def _build_chain(self):
+        name = to_text(self.get_option("arbor_inventory_hostname"))
+        hostvars = self._arbor_hostvars if self._arbor_hostvars is not None else {}
+        own = hostvars.get(name) or {}
+
+        def get(var):
+            # The task's own values for the host and user, the rest from the host's variables.
+            if var in ("ansible_host", "ansible_%s_host" % self._arbor_method):
+                return self.get_option("remote_addr")
+            if var in ("ansible_user", "ansible_%s_user" % self._arbor_method):
+                return self.get_option("remote_user")
+            if var == "ansible_python_interpreter":
+                return self.get_option("arbor_python")
+            return own.get(var)
+        target = container_hop(name, self._arbor_method, get)
+        return self._with_vias(name, target)

@@ -1,0 +1,127 @@
+"""Containers on a container host behind the bastion, as arbor hops:
+controller -> bastion1 -> chost1 (relay) -> container, with mitogen_via in
+the inventory. chost1 runs a Docker engine with 2 containers (method
+`docker`) and 2 namespace containers (method `setns`, entered by PID): each
+module crosses the WAN once for all of them, and a container that stops
+mid-run fails only its own tasks, with a message naming it and its host."""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from test_arbor import LAB, REPO, VENV, any_arbor, env_for, recap, run, ssh, wait_gone
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
+
+WAN = REPO / "deploy" / "lab" / "wan"
+FLEET = """- hosts: containers
+  gather_facts: false
+  tasks:
+    - command: mkdir -p /tmp/arbor-ct-e2e
+    - copy: {content: "hello {{ inventory_hostname }}\\n", dest: /tmp/arbor-ct-e2e/motd, mode: "0640"}
+    - lineinfile: {path: /tmp/arbor-ct-e2e/app.conf, line: "listen = 8080", create: true}
+    - stat: {path: /tmp/arbor-ct-e2e/motd}
+      register: st
+    - assert: {that: [st.stat.exists, "st.stat.mode == '0640'"]}
+    - slurp: {src: /etc/hostname}
+      register: hn
+    - assert: {that: ["(hn.content | b64decode | trim) == inventory_hostname"]}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab():
+    out = run(LAB / "up", "--targets", "1", "--container-host", "--no-python-bastion").stdout
+    info = json.loads((Path(out.strip().splitlines()[-1]) / "lab.json").read_text())
+    yield info
+    run(LAB / "down")
+
+
+def playbook(lab, tmp_path, text, limit=None, timeout=300):
+    book = tmp_path / "book.yml"
+    book.write_text(text)
+    args = [str(VENV / "ansible-playbook"), "-i", lab["inventory"], str(book)]
+    if limit:
+        args += ["-l", limit]
+    return subprocess.run(args, env=env_for("arbor"), capture_output=True, text=True, timeout=timeout)
+
+
+def in_container(lab, name, cmd):
+    """Runs `cmd` in container `name`, from its host, without arbor."""
+    c = lab["containers"][name]
+    if c["method"] == "docker":
+        return ssh(lab, c["host"], f"{c['docker']} exec {name} /bin/sh -c '{cmd}'")
+    return ssh(lab, c["host"], f"nsenter -t {c['pid']} -a -r -w /bin/sh -c '{cmd}'")
+
+
+def test_every_method_runs_the_playbook_in_its_containers(lab, tmp_path):
+    names = sorted(lab["containers"])
+    assert {c["method"] for c in lab["containers"].values()} == {"docker", "setns"} and len(names) == 4
+    res = playbook(lab, tmp_path, FLEET)
+    assert res.returncode == 0, res.stdout[-3000:]
+    r = recap(res.stdout)
+    assert set(r) == set(names), r
+    assert all(v == (7, 3, 0, 0) for v in r.values()), r
+    for name in names:
+        out = in_container(lab, name, "cat /tmp/arbor-ct-e2e/motd /tmp/arbor-ct-e2e/app.conf; uname -n")
+        assert out.stdout == f"hello {name}\nlisten = 8080\n{name}\n", (name, out.stdout, out.stderr)
+        # Not on the container host itself.
+        assert ssh(lab, "chost1", "test -e /tmp/arbor-ct-e2e; echo $?").stdout.strip() == "1"
+    assert not any_arbor(wait_gone(lab, 5.0))
+    # In each container: its first process, and this check's shell and Python.
+    count = 'python3 -c "import os; print(sum(p.isdigit() for p in os.listdir(chr(47) + chr(112) + chr(114) + chr(111) + chr(99))))"'
+    left = {n: in_container(lab, n, count).stdout.strip() for n in names}
+    assert all(v == "3" for v in left.values()), f"processes left: {left}"
+
+
+def wan_up(lab, tmp_path, limit):
+    subprocess.run([str(WAN), "reset"], check=True, capture_output=True)
+    res = playbook(lab, tmp_path, "- hosts: containers\n  gather_facts: false\n  tasks:\n"
+                                  "    - ping:\n    - stat: {path: /}\n    - file: {path: /tmp, state: directory}\n",
+                   limit=limit)
+    assert res.returncode == 0, res.stdout[-3000:]
+    out = subprocess.run([str(WAN), "stats"], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["up"]["bytes"]
+
+
+def test_modules_cross_the_wan_once_for_all_containers(lab, tmp_path):
+    one = wan_up(lab, tmp_path, "chost1-d1")
+    four = wan_up(lab, tmp_path, "containers")
+    per_extra = (four - one) / 3
+    print(f"WAN up: 1 container {one} B, 4 containers {four} B: {per_extra:.0f} B per further container")
+    # The three modules' zips are about 120 KB; each further container costs
+    # its spawn and its requests, not the modules again.
+    assert per_extra < 20_000, (one, four)
+
+
+def test_a_container_that_stops_fails_only_its_own_tasks(lab, tmp_path):
+    book = tmp_path / "stop.yml"
+    book.write_text("""- hosts: containers
+  gather_facts: false
+  tasks:
+    - command: "true"
+    - command: sleep 3
+    - command: uname -n
+      register: out
+    - assert: {that: ["out.stdout == inventory_hostname"]}
+""")
+    p = subprocess.Popen([str(VENV / "ansible-playbook"), "-i", lab["inventory"], str(book)],
+                         env=env_for("arbor"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(4)  # into the sleep
+    c = lab["containers"]["chost1-d2"]
+    ssh(lab, "chost1", f"{c['docker']} kill chost1-d2")
+    out, _ = p.communicate(timeout=120)
+    r = recap(out)
+    assert r["chost1-d2"][2] + r["chost1-d2"][3] == 1, out  # unreachable or failed, once
+    for other in ("chost1-d1", "chost1-ns1", "chost1-ns2"):
+        assert r[other] == (4, 3, 0, 0), (other, out)
+    lines = [l for l in out.splitlines() if "chost1-d2" in l and ("UNREACHABLE" in l or "FAILED" in l)]
+    assert lines and all("chost1" in l for l in lines), out
+    msg = " ".join(lines)
+    print("container stopped mid-run:", msg)
+    assert "via chost1" in msg or "chost1-d2 (agent" in msg, msg
+    ssh(lab, "chost1", f"{c['docker']} start chost1-d2")
