@@ -676,11 +676,119 @@ def start_docker(h, count):
     return found
 
 
+PODMAN_CONF = """[containers]
+default_ulimits = ["nofile={nofile}:{nofile}", "nproc=4096:4096"]
+netns = "none"
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+"""
+
+LXC_CONF = """lxc.uts.name = {name}
+lxc.rootfs.path = dir:{root}
+lxc.net.0.type = empty
+lxc.apparmor.profile = unconfined
+lxc.mount.auto = proc:mixed sys:ro
+lxc.autodev = 1
+lxc.init.cmd = /usr/bin/sleep infinity
+lxc.cgroup.relative = 1
+"""
+
+
+def in_host(h, *cmd, mounts=False, **kw):
+    """Runs `cmd` in host `h`'s network namespace and cgroup, and with
+    `mounts` in its mount and UTS namespaces too (where what it mounts is
+    seen by the host's own processes)."""
+    ns = ["-t", str(h.proc.pid), "-m", "-n", "-u"] if mounts else [f"--net=/run/netns/{h.ns}"]
+    return sh("sh", "-c", JOIN_CGROUP, str(h.cgroup), "nsenter", *ns, "--", *cmd, **kw)
+
+
+def engine_image(h, d):
+    """The containers' root: a copy of this machine's Python, shell and tools."""
+    sh("sh", "-c", CONTAINER_ROOTFS, env=dict(os.environ, CT="image", ROOT=str(d)))
+
+
+def mount_cgroups(h):
+    """Mounts this machine's cgroup hierarchies in host `h`'s mount
+    namespace (`ip netns exec` gave it a /sys without them), as container
+    runtimes started there need them."""
+    lines = [l.split() for l in Path("/proc/self/mountinfo").read_text().splitlines()]
+    script = ["set -e", "mount -t tmpfs -o mode=755 cgroup_root /sys/fs/cgroup"]
+    for f in lines:
+        sep = f.index("-")
+        fstype, opts, path = f[sep + 1], f[sep + 3], f[4]
+        if not path.startswith("/sys/fs/cgroup/"):
+            continue
+        if fstype == "cgroup":
+            subs = ",".join(o for o in opts.split(",") if o not in ("rw", "ro"))
+            script.append(f"mkdir -p {path} && mount -t cgroup -o {subs} cgroup {path}")
+        elif fstype == "cgroup2":
+            script.append(f"mkdir -p {path} && mount -t cgroup2 cgroup2 {path}")
+    in_host(h, "sh", "-c", "\n".join(script), mounts=True)
+
+
+def start_podman(h, count):
+    """Podman (runc, cgroupfs, its own storage) with `count` containers of
+    the local image; entered through a wrapper that names that storage."""
+    d = DOCKER_DIR / h.name / "podman"
+    d.mkdir(parents=True)
+    import resource
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    (d / "containers.conf").write_text(PODMAN_CONF.format(nofile=nofile))
+    wrapper = d / "podman"
+    wrapper.write_text(f"#!/bin/sh\nCONTAINERS_CONF={d / 'containers.conf'} exec podman "
+                       f"--root {d / 'root'} --runroot {d / 'run'} --tmpdir {d / 'tmp'} \"$@\"\n")
+    wrapper.chmod(0o755)
+    engine_image(h, d / "rootfs")
+    tarball = d / "rootfs.tar"
+    sh("tar", "-C", d / "rootfs", "-cf", tarball, ".")
+    # podman mounts each container's root itself: in the host's own mount
+    # namespace, so that its `podman exec` finds them.
+    mount_cgroups(h)
+    in_host(h, wrapper, "import", tarball, "arbor-ct", mounts=True)
+    tarball.unlink()
+    shutil.rmtree(d / "rootfs")
+    found = {}
+    for i in range(1, count + 1):
+        name = f"{h.name}-p{i}"
+        in_host(h, wrapper, "run", "-d", "--network", "none", "--hostname", name, "--name", name,
+                f"--cgroup-parent=/{h.cgroup.parent.name}/{h.name}", "arbor-ct", "/usr/bin/sleep", "infinity",
+                mounts=True)
+        found[name] = {"method": "podman", "host": h.name, "podman": str(wrapper)}
+    return found
+
+
+def start_lxc(h, count):
+    """LXC containers (lxc-start, a hand-written config, a local root, no
+    network) under their own lxcpath; entered through an lxc-attach wrapper
+    that names it."""
+    d = DOCKER_DIR / h.name / "lxc"
+    d.mkdir(parents=True)
+    wrapper = d / "lxc-attach"
+    wrapper.write_text(f"#!/bin/sh\nexec lxc-attach -P {d} \"$@\"\n")
+    wrapper.chmod(0o755)
+    found = {}
+    for i in range(1, count + 1):
+        name = f"{h.name}-l{i}"
+        (d / name).mkdir()
+        engine_image(h, d / name / "rootfs")
+        (d / name / "rootfs" / "etc" / "hostname").write_text(name + "\n")
+        (d / name / "config").write_text(LXC_CONF.format(name=name, root=d / name / "rootfs"))
+        in_host(h, "lxc-start", "-P", d, "-n", name, "-d", "-l", "INFO", "-o", d / name / "lxc.log")
+        found[name] = {"method": "lxc", "host": h.name, "lxc_attach": str(wrapper)}
+    return found
+
+
 def stop_docker():
     """Removes the container hosts' containers and engines, their mounts and
     their files."""
     if not DOCKER_DIR.exists():
         return
+    # podman's containers and mounts live in their host's mount namespace:
+    # they end with the host's processes.
+    for cfg in DOCKER_DIR.glob("*/lxc/*/config"):
+        sh("lxc-stop", "-P", cfg.parent.parent, "-n", cfg.parent.name, "-k", check=False)
     for sock in DOCKER_DIR.glob("*/docker.sock"):
         cli = ["docker", "-H", f"unix://{sock}"]
         ids = sh(*cli, "ps", "-aq", capture=True, check=False).split()
@@ -838,6 +946,12 @@ def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl, containers=None
             if c["method"] == "docker":
                 return {"ansible_connection": "docker", "mitogen_docker_path": c["docker"],
                         "mitogen_via": c["host"]}
+            if c["method"] == "podman":
+                return {"ansible_connection": "podman", "mitogen_podman_path": c["podman"],
+                        "mitogen_via": c["host"]}
+            if c["method"] == "lxc":
+                return {"ansible_connection": "lxc", "mitogen_lxc_attach_path": c["lxc_attach"],
+                        "mitogen_via": c["host"]}
             return {"ansible_connection": "setns", "mitogen_kind": "pid",
                     "ansible_host": str(c["pid"]), "mitogen_via": c["host"]}
         groups["containers"] = ({}, {name: reach(name, c) for name, c in containers.items()})
@@ -920,6 +1034,10 @@ def up(args):
                                         "root": f"/tmp/arbor-ct/{name}"}
                 if args.docker_containers:
                     containers.update(start_docker(h, args.docker_containers))
+                if args.podman_containers:
+                    containers.update(start_podman(h, args.podman_containers))
+                if args.lxc_containers:
+                    containers.update(start_lxc(h, args.lxc_containers))
         write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl, containers)
     except BaseException:
         log("up failed; removing the partial lab")
@@ -1001,6 +1119,10 @@ def main(argv=None):
                    help="namespace containers on the container host")
     u.add_argument("--docker-containers", type=int, default=2,
                    help="Docker containers on the container host (0: no Docker engine)")
+    u.add_argument("--podman-containers", type=int, default=2,
+                   help="podman containers on the container host")
+    u.add_argument("--lxc-containers", type=int, default=2,
+                   help="LXC containers on the container host")
     u.add_argument("--no-python-bastion", action="store_true",
                    default=os.environ.get("LAB_NO_PYTHON_BASTION") == "1",
                    help="mask python3 on every bastion")
