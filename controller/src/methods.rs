@@ -18,6 +18,9 @@ fn default_exe(method: &str) -> &'static str {
         "kubectl" => "kubectl",
         "machinectl" => "machinectl",
         "jail" => "jexec",
+        "sudo" => "sudo",
+        "su" => "su",
+        "doas" => "doas",
         _ => "nsenter",
     }
 }
@@ -76,11 +79,49 @@ pub fn argv(hop: &Hop, cmd: &str) -> Vec<String> {
             a.push(name);
             a.extend(sh(cmd));
         }
+        // Become tools as hops: the password, if any, is the first line of
+        // the child's stdin (`stdin_prefix`), read by sudo alone.
+        "sudo" => {
+            let reads = if hop.password.is_some() { "-S" } else { "-n" };
+            a.extend(["-H".into(), reads.into(), "-p".into(), String::new()]);
+            a.extend(["-u".into(), user.unwrap_or_else(|| "root".into())]);
+            a.extend(hop.extra_args.iter().cloned());
+            a.push("--".into());
+            a.extend(sh(cmd));
+        }
+        "su" => {
+            a.extend(hop.extra_args.iter().cloned());
+            a.extend(["-s".into(), "/bin/sh".into()]);
+            a.push(user.unwrap_or_else(|| "root".into()));
+            a.extend(["-c".into(), cmd.into()]);
+        }
+        "doas" => {
+            a.extend([
+                "-n".into(),
+                "-u".into(),
+                user.unwrap_or_else(|| "root".into()),
+            ]);
+            a.extend(sh(cmd));
+        }
         // setns and machinectl: find the container's first process, then
         // enter all its namespaces and its root and cwd.
         _ => return setns(hop, &exe, user, cmd),
     }
     a
+}
+
+/// What the child's stdin carries before its own preamble: `sudo`'s
+/// password line. `su` and `doas` read a password only from a terminal, so
+/// as hops they work without one.
+pub fn stdin_prefix(hop: &Hop) -> Result<Vec<u8>, String> {
+    match (&hop.password, hop.method.as_str()) {
+        (Some(p), "sudo") => Ok(format!("{}\n", p.0).into_bytes()),
+        (Some(_), m @ ("su" | "doas")) => Err(format!(
+            "{}: {m} as a hop reads its password from a terminal only; give the account a rule without one, or use sudo",
+            hop.name
+        )),
+        _ => Ok(Vec::new()),
+    }
 }
 
 /// `cmd` as `user` (with su) or as whoever enters (root: these tools need it).

@@ -582,8 +582,7 @@ impl Tree {
             match self.hops.get(&parent_key) {
                 Some(HopState::Up(parent)) => {
                     let parent = *parent;
-                    self.spawn_remote(parent, &hop, node, role, &remote_cmd);
-                    Ok(())
+                    self.spawn_remote(parent, &hop, node, role, &remote_cmd)
                 }
                 _ => Err(format!("{label}: its via host is not connected")),
             }
@@ -625,15 +624,16 @@ impl Tree {
         let local = hop.method == "local" && role == Role2::Agent;
         let argv = if local {
             vec!["/bin/sh".to_string(), "-c".into(), remote_cmd.to_string()]
-        } else if hop.is_container() {
+        } else if hop.enters_locally() {
             crate::methods::argv(hop, remote_cmd)
         } else {
             ssh::argv(hop, remote_cmd, true, role == Role2::Relay)
         };
-        let preamble: Vec<u8> = match role {
-            Role2::Relay => self.cfg.relay_binary.to_vec(),
-            Role2::Agent => arbor_bootstrap::agent_preamble(node),
-        };
+        let mut preamble = crate::methods::stdin_prefix(hop)?;
+        match role {
+            Role2::Relay => preamble.extend_from_slice(self.cfg.relay_binary),
+            Role2::Agent => preamble.extend(arbor_bootstrap::agent_preamble(node)),
+        }
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .stdin(Stdio::piped())
@@ -665,22 +665,22 @@ impl Tree {
         node: NodeId,
         role: Role2,
         remote_cmd: &str,
-    ) {
+    ) -> Result<(), String> {
         // What every spawn carries crosses to each relay once: pinned there
         // (from its parent relay if that holds it), then named.
-        let mut preamble = Vec::new();
+        let mut preamble = crate::methods::stdin_prefix(hop)?;
         let mut preamble_pinned = None;
         if role == Role2::Agent {
             let code = arbor_bootstrap::agent_payload();
             let key = pin_key("agent", code);
-            preamble = arbor_bootstrap::agent_preamble_header(node, code.len());
+            preamble.extend(arbor_bootstrap::agent_preamble_header(node, code.len()));
             if self.pin(parent, &key, code) {
                 preamble_pinned = Some(key);
             } else {
                 preamble.extend_from_slice(code);
             }
         }
-        let (known_hosts, known_hosts_pinned) = if hop.is_container() {
+        let (known_hosts, known_hosts_pinned) = if hop.enters_locally() {
             (None, None)
         } else {
             let hosts = ssh::known_hosts(hop, &self.cfg.home);
@@ -697,7 +697,7 @@ impl Tree {
         let spec = Spawn {
             node,
             label: hop.name.clone(),
-            argv: if hop.is_container() {
+            argv: if hop.enters_locally() {
                 crate::methods::argv(hop, remote_cmd)
             } else {
                 ssh::argv(hop, remote_cmd, false, role == Role2::Relay)
@@ -722,6 +722,7 @@ impl Tree {
             control::encode(&Request::Spawn(spec)),
         );
         self.core.send(Instant::now(), f);
+        Ok(())
     }
 
     /// Makes `relay` hold `data` pinned under `key`: forwarded from its

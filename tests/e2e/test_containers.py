@@ -132,3 +132,63 @@ def test_a_container_that_stops_fails_only_its_own_tasks(lab, tmp_path):
     print("container stopped mid-run:", msg)
     assert "via chost1" in msg or "chost1-d2 (agent" in msg, msg
     ssh(lab, "chost1", f"{c['docker']} start chost1-d2")
+
+
+@pytest.fixture
+def sudoer(lab):
+    """An account (arbc) that logs in with the lab's key and may sudo with
+    its password; removed afterwards. The lab's hosts share /etc and /home."""
+    import secrets
+    user, pw = "arbc", secrets.token_urlsafe(12)
+    run("useradd", "--create-home", "--shell", "/bin/sh", user)
+    run("chpasswd", input=f"{user}:{pw}\n")
+    ssh_dir = Path("/home") / user / ".ssh"
+    ssh_dir.mkdir(mode=0o700)
+    (ssh_dir / "authorized_keys").write_text(run("ssh-keygen", "-y", "-f", lab["private_key"]).stdout)
+    run("chown", "-R", f"{user}:{user}", ssh_dir)
+    rule = Path("/etc/sudoers.d/arbor-lab-containers")
+    rule.write_text(f"{user} ALL=(ALL:ALL) ALL\n")
+    rule.chmod(0o440)
+    yield user, pw
+    rule.unlink()
+    run("pkill", "-KILL", "-u", user, check=False)
+    time.sleep(0.2)
+    run("userdel", "--remove", user, check=False)
+
+
+def test_ssh_then_sudo_then_docker(lab, sudoer, tmp_path):
+    """ssh as an unprivileged account, sudo (with its password) to root, then
+    into a Docker container whose socket only root may use."""
+    user, pw = sudoer
+    c = lab["containers"]["chost1-d1"]
+    chost = lab["hosts"]["chost1"]["address"]
+
+    def inventory(password):
+        inv = tmp_path / f"chain-{len(password)}.yml"
+        inv.write_text(json.dumps({"all": {"children": {"chain": {"hosts": {
+            "chost1-user": {"ansible_host": chost, "ansible_user": user, "mitogen_via": "bastion1"},
+            "chost1-root": {"ansible_connection": "mitogen_sudo", "ansible_user": "root",
+                            "ansible_sudo_pass": password, "mitogen_via": "chost1-user"},
+            "app-via-sudo": {"ansible_connection": "docker", "ansible_host": "chost1-d1",
+                             "mitogen_docker_path": c["docker"], "mitogen_via": "chost1-root"},
+        }}}}}))
+        return inv
+
+    def ask(password, *args):
+        return subprocess.run([str(VENV / "ansible"), "-i", lab["inventory"], "-i", str(inventory(password)),
+                               "app-via-sudo", *args], env=dict(env_for("arbor"),
+                               ANSIBLE_ACTION_PLUGINS=str(REPO / "ansible-glue" / "plugins" / "action")),
+                              capture_output=True, text=True, timeout=120)
+
+    res = ask(pw, "-m", "ansible.builtin.shell", "-a", "id -u; uname -n")
+    assert res.returncode == 0 and res.stdout.split("\n")[1:3] == ["0", "chost1-d1"], res.stdout + res.stderr
+    stack = ask(pw, "-m", "arbor_get_stack")
+    assert stack.returncode == 0, stack.stdout
+    methods = [h["method"] for h in json.loads(stack.stdout.split("=>", 1)[1])["result"]]
+    assert methods == ["ssh", "ssh", "sudo", "docker"], methods
+    assert pw not in stack.stdout
+    # A wrong password fails the hop that asked for it, by name.
+    bad = ask("not-" + pw, "-m", "ansible.builtin.command", "-a", "true")
+    assert bad.returncode != 0 and "chost1-root (relay, via chost1-user)" in bad.stdout, bad.stdout
+    assert "incorrect password" in bad.stdout, bad.stdout
+    assert pw not in bad.stdout + bad.stderr

@@ -57,7 +57,25 @@ pub struct Hop {
     /// `podman`, `lxc`, `lxd`, `machinectl`, or `pid`: `host` is the PID).
     #[serde(default)]
     pub kind: Option<String>,
+    /// `sudo` as a hop: the password it asks for (never shown).
+    #[serde(default)]
+    pub password: Option<Secret>,
 }
+
+/// A password: carried, never printed.
+#[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<secret>")
+    }
+}
+
+/// Methods that change the account on the host before them (Mitogen's
+/// `mitogen_sudo`, `mitogen_su`, `mitogen_doas` connections).
+pub const BECOME_METHODS: [&str; 3] = ["sudo", "su", "doas"];
 
 /// Methods that enter a container (or jail) from the host before them.
 pub const CONTAINER_METHODS: [&str; 10] = [
@@ -79,6 +97,12 @@ pub const SETNS_KINDS: [&str; 6] = ["docker", "podman", "lxc", "lxd", "machinect
 impl Hop {
     pub fn is_container(&self) -> bool {
         CONTAINER_METHODS.contains(&self.method.as_str())
+    }
+
+    /// Entered by a program on the host before it (a container tool or a
+    /// become tool), not by ssh: no host key, no address.
+    pub fn enters_locally(&self) -> bool {
+        self.is_container() || BECOME_METHODS.contains(&self.method.as_str())
     }
 }
 
@@ -128,7 +152,8 @@ pub fn validate(chain: &[Hop]) -> Result<(), TopologyError> {
                 .kind
                 .as_deref()
                 .is_some_and(|k| SETNS_KINDS.contains(&k));
-        if !(hop.method == "ssh" || local_ok || hop.is_container() && kind_ok) {
+        let become_ok = BECOME_METHODS.contains(&hop.method.as_str()) && i > 0;
+        if !(hop.method == "ssh" || local_ok || become_ok || hop.is_container() && kind_ok) {
             return Err(TopologyError::Method {
                 host: hop.name.clone(),
                 method: hop.method.clone(),

@@ -124,6 +124,9 @@ for _m, _names in {
 }.items():
     for _n in (_m, "mitogen_" + _m) + _names:
         CONTAINER_CONNECTIONS[_n] = _m
+# Become tools as hops (Mitogen's connections of these names).
+for _m in ("sudo", "su", "doas"):
+    CONTAINER_CONNECTIONS["mitogen_" + _m] = _m
 
 # Per method: the variables that name its program, and its extra arguments
 # (the collections' plugins' and Mitogen's names; the first set wins).
@@ -138,11 +141,16 @@ _EXE_VARS = {
     "kubectl": ("mitogen_kubectl_path", "ansible_kubectl_path"),
     "machinectl": ("mitogen_machinectl_path",),
     "jail": (),
+    "sudo": ("ansible_sudo_exe", "ansible_become_exe"),
+    "su": ("ansible_su_exe", "ansible_become_exe"),
+    "doas": ("ansible_doas_exe", "ansible_become_exe"),
 }
 _EXTRA_VARS = {
     "docker": ("ansible_docker_extra_args",),
     "podman": ("ansible_podman_extra_args",),
     "kubectl": ("ansible_kubectl_extra_args",),
+    "sudo": ("sudo_flags", "ansible_sudo_flags"),
+    "su": ("su_flags", "ansible_su_flags"),
 }
 
 
@@ -172,6 +180,11 @@ def container_hop(name, method, get):
         for var, flag in (("ansible_kubectl_namespace", "-n"), ("ansible_kubectl_container", "-c")):
             if get(var):
                 hop["extra_args"] += [flag, to_text(get(var))]
+    if method in ("sudo", "su", "doas"):
+        pw = first(("ansible_%s_pass" % method, "ansible_password", "ansible_become_pass",
+                    "ansible_become_password"))
+        if pw:
+            hop["password"] = pw
     python = first(("ansible_python_interpreter",))
     if python and not python.startswith("auto"):
         hop["python"] = python
@@ -566,7 +579,7 @@ class Connection(_vanilla.Connection):
         and the become interpreter last if the task uses one. No secrets."""
         stack = []
         for hop in self._build_chain():
-            kwargs = dict((k, v) for k, v in hop.items() if k not in ("method",) and v not in (None, [], ""))
+            kwargs = dict((k, v) for k, v in hop.items() if k not in ("method", "password") and v not in (None, [], ""))
             stack.append({"method": hop["method"], "kwargs": kwargs})
         stack[-1]["kwargs"]["role"] = "agent"
         for entry in stack[:-1]:

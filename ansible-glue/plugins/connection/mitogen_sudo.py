@@ -1,0 +1,18 @@
+# arbor's `mitogen_sudo` connection (Mitogen's name): sudo to another account on the
+# host before it in the chain (its mitogen_via/arbor_via), as a hop that
+# further hops can follow. The work is in ssh.py's ContainerConnection.
+
+from __future__ import annotations
+
+import sys
+
+from ansible.plugins.loader import connection_loader
+
+_glue = sys.modules[connection_loader.get("ssh", class_only=True).__module__]
+
+DOCUMENTATION = _glue.container_documentation("mitogen_sudo")
+
+
+class Connection(_glue.ContainerConnection):
+    transport = "mitogen_sudo"
+    _arbor_method = "sudo"
