@@ -780,6 +780,41 @@ def start_lxc(h, count):
     return found
 
 
+KUBECTL_STANDIN = """#!/bin/sh
+# A stand-in for kubectl (there is no Kubernetes here): `kubectl exec -i
+# [-n NS] [-c CONTAINER] POD -- CMD...` runs CMD in the Docker container
+# named POD, on this host's lab engine. Only what arbor's kubectl method uses.
+[ "$1" = exec ] || {{ echo "kubectl stand-in: only exec" >&2; exit 2; }}
+shift
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -i) shift ;;
+        -n|-c|--namespace|--container) shift 2 ;;
+        --) shift; break ;;
+        *) pod=$1; shift ;;
+    esac
+done
+exec {docker} exec -i "$pod" "$@"
+"""
+
+
+def start_kubectl_standin(h, count):
+    """"Pods" for the kubectl method: Docker containers of their own on the
+    host's engine, entered through the stand-in."""
+    d = DOCKER_DIR / h.name
+    standin = d / "kubectl"
+    standin.write_text(KUBECTL_STANDIN.format(docker=d / "docker"))
+    standin.chmod(0o755)
+    found = {}
+    for i in range(1, count + 1):
+        name = f"{h.name}-k{i}"
+        sh(*docker_cli(h), "run", "-d", "--network", "none", "--hostname", name, "--name", name,
+           "arbor-ct", "/usr/bin/sleep", "infinity")
+        found[name] = {"method": "kubectl", "host": h.name, "kubectl": str(standin), "pod": name,
+                       "docker": str(d / "docker")}
+    return found
+
+
 def stop_docker():
     """Removes the container hosts' containers and engines, their mounts and
     their files."""
@@ -946,6 +981,10 @@ def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl, containers=None
             if c["method"] == "docker":
                 return {"ansible_connection": "docker", "mitogen_docker_path": c["docker"],
                         "mitogen_via": c["host"]}
+            if c["method"] == "kubectl":
+                return {"ansible_connection": "kubectl", "ansible_host": c["pod"],
+                        "mitogen_kubectl_path": c["kubectl"], "ansible_kubectl_namespace": "default",
+                        "mitogen_via": c["host"]}
             if c["method"] == "podman":
                 return {"ansible_connection": "podman", "mitogen_podman_path": c["podman"],
                         "mitogen_via": c["host"]}
@@ -1034,6 +1073,7 @@ def up(args):
                                         "root": f"/tmp/arbor-ct/{name}"}
                 if args.docker_containers:
                     containers.update(start_docker(h, args.docker_containers))
+                    containers.update(start_kubectl_standin(h, 2))
                 if args.podman_containers:
                     containers.update(start_podman(h, args.podman_containers))
                 if args.lxc_containers:

@@ -1,8 +1,10 @@
 """Containers on a container host behind the bastion, as arbor hops:
 controller -> bastion1 -> chost1 (relay) -> container, with mitogen_via in
 the inventory. chost1 runs 2 containers each of Docker, podman and LXC
-(methods `docker`, `podman`, `lxc`) and 2 namespace containers (method
-`setns`, entered by PID): each
+(methods `docker`, `podman`, `lxc`), 2 namespace containers (method
+`setns`, entered by PID), and 2 "pods" reached with a kubectl stand-in that
+forwards `exec` to Docker (method `kubectl`; there is no Kubernetes here):
+each
 module crosses the WAN once for all of them, and a container that stops
 mid-run fails only its own tasks, with a message naming it and its host."""
 
@@ -19,7 +21,7 @@ from test_arbor import LAB, REPO, VENV, any_arbor, env_for, recap, run, ssh, wai
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
 WAN = REPO / "deploy" / "lab" / "wan"
-METHODS = {"docker", "podman", "lxc", "setns"}
+METHODS = {"docker", "podman", "lxc", "setns", "kubectl"}
 FLEET = """- hosts: containers
   gather_facts: false
   tasks:
@@ -57,6 +59,7 @@ def in_container(lab, name, cmd):
     c = lab["containers"][name]
     enter = {
         "docker": lambda: f"{c['docker']} exec {name}",
+        "kubectl": lambda: f"{c['docker']} exec {c['pod']}",
         "podman": lambda: f"{c['podman']} exec {name}",
         "lxc": lambda: f"{c['lxc_attach']} --clear-env -n {name} --",
         "setns": lambda: f"nsenter -t {c['pid']} -a -r -w",
