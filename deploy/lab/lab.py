@@ -127,7 +127,7 @@ copy() {
 }
 copy /usr/bin/python3.11 /bin/sh /usr/bin/sleep /usr/bin/mkdir /usr/bin/rm /usr/bin/cat /usr/bin/ls \
      /usr/bin/id /usr/bin/uname /usr/bin/env /usr/bin/chmod /usr/bin/mv /usr/bin/cp /usr/bin/echo \
-     /usr/bin/true /usr/bin/su
+     /usr/bin/true /usr/bin/su /usr/bin/dd /usr/bin/test /usr/bin/touch
 ln -s python3.11 "$R/usr/bin/python3"
 tar -C /usr/lib -c --exclude=test --exclude=idlelib --exclude=tkinter --exclude=ensurepip \
     --exclude=lib2to3 --exclude=turtledemo python3.11 | tar -C "$R/usr/lib" -x
@@ -571,7 +571,12 @@ def make_keys_and_configs(hosts, args):
                 shutil.copy2(entry, etc / entry.name)
         hk = etc / "ssh_host_ed25519_key"
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", h.name, "-f", hk)
-        (etc / "sshd_config").write_text(SSHD_CONFIG.format(name=h.name, addr=h.addr))
+        config = SSHD_CONFIG.format(name=h.name, addr=h.addr)
+        if h.role == "chost":
+            # Sessions on the container host use its lab Docker engine (so
+            # vanilla's `docker -H ssh://chost1` reaches it too).
+            config += f"SetEnv DOCKER_HOST=unix://{DOCKER_DIR / h.name / 'docker.sock'}\n"
+        (etc / "sshd_config").write_text(config)
         kind, blob = (Path(str(hk) + ".pub").read_text().split()[:2])
         known.append(f"{h.name},{h.addr} {kind} {blob}\n")
     (RUN_DIR / "known_hosts").write_text("".join(known))
@@ -1007,6 +1012,21 @@ def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl, containers=None
                                   "ansible_ssh_common_args": f"{common} -o ProxyJump={','.join(via_chain(by_name, h))}"}
                          for h in group("target")}),
     }
+    vcontainers = {name: {"ansible_connection": "community.docker.docker", "ansible_host": name,
+                          "ansible_docker_extra_args": f"-H ssh://root@{c['host']}"}
+                   for name, c in (containers or {}).items() if c["method"] == "docker"}
+    shim_dir = RUN_DIR / "vanilla-bin"
+    if vcontainers:
+        # Vanilla reaches Docker containers with the docker CLI over ssh
+        # (`docker -H ssh://`), which runs plain `ssh`: lab.json's
+        # `vanilla_path` holds an `ssh` that adds this lab's config and the
+        # jump through the container host's via chain; put it first on PATH.
+        vgroups["containers"] = ({}, vcontainers)
+        shim_dir.mkdir()
+        jumps = {c["host"]: ",".join(via_chain(by_name, by_name[c["host"]])) for c in containers.values()}
+        jump = next(iter(jumps.values()))
+        (shim_dir / "ssh").write_text(f"#!/bin/sh\nexec /usr/bin/ssh -F {cfg} -o ProxyJump={jump} \"$@\"\n")
+        (shim_dir / "ssh").chmod(0o755)
     if group("chost"):
         vgroups["chosts"] = ({}, {h.name: {"ansible_host": h.name,
                                            "ansible_ssh_common_args": f"{common} -o ProxyJump={','.join(via_chain(by_name, h))}"}
@@ -1044,6 +1064,7 @@ def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl, containers=None
                   for h in hosts},
         # Containers on container hosts: how arbor enters each one.
         "containers": containers,
+        "vanilla_path": str(shim_dir) if vcontainers else None,
     }
     (RUN_DIR / "lab.json").write_text(json.dumps(lab, indent=2) + "\n")
 

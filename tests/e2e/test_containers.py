@@ -195,3 +195,53 @@ def test_ssh_then_sudo_then_docker(lab, sudoer, tmp_path):
     assert bad.returncode != 0 and "chost1-root (relay, via chost1-user)" in bad.stdout, bad.stdout
     assert "incorrect password" in bad.stdout, bad.stdout
     assert pw not in bad.stdout + bad.stderr
+
+
+COMPARE = """- hosts: chost1-d1,chost1-d2
+  gather_facts: false
+  tasks:
+    - command: mkdir -p /tmp/arbor-ct-cmp
+    - copy: {content: "hello {{ inventory_hostname }}\\n", dest: /tmp/arbor-ct-cmp/motd, mode: "0640"}
+    - copy: {content: "hello {{ inventory_hostname }}\\n", dest: /tmp/arbor-ct-cmp/motd, mode: "0640"}
+    - lineinfile: {path: /tmp/arbor-ct-cmp/app.conf, line: "listen = 8080", create: true, mode: "0600"}
+    - stat: {path: /tmp/arbor-ct-cmp/motd}
+    - slurp: {src: /tmp/arbor-ct-cmp/app.conf}
+    - shell: "id -u; uname -n; echo err >&2; exit 3"
+      ignore_errors: true
+    - file: {path: /tmp/arbor-ct-cmp/motd, state: absent}
+"""
+
+
+def test_docker_results_equal_vanilla_through_the_bastion(lab, tmp_path):
+    """Vanilla reaches a Docker container behind a bastion with the docker CLI
+    over ssh (`docker -H ssh://chost1`, jumping through bastion1); the same
+    playbook through arbor gives the same task results and leaves the same
+    files. (Vanilla cannot reach the podman, LXC, namespace or kubectl
+    containers through a bastion: those plugins run their tool on the
+    controller.)"""
+    from test_features import by_task
+    book = tmp_path / "cmp.yml"
+    book.write_text(COMPARE)
+    results = {}
+    for mode in ("vanilla", "arbor"):
+        for n in ("chost1-d1", "chost1-d2"):
+            in_container(lab, n, "rm -rf /tmp/arbor-ct-cmp")
+        record = tmp_path / f"{mode}.jsonl"
+        env = dict(env_for(mode), ARBOR_RECORD=str(record), ANSIBLE_CALLBACKS_ENABLED="record",
+                   ANSIBLE_CALLBACK_PLUGINS=str(Path(__file__).resolve().parent / "callback_plugins"))
+        if mode == "vanilla":
+            env["PATH"] = f"{lab['vanilla_path']}:{env['PATH']}"
+        inv = lab["inventory"] if mode == "arbor" else lab["inventory_vanilla"]
+        res = subprocess.run([str(VENV / "ansible-playbook"), "-i", inv, str(book)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, (mode, res.stdout[-3000:])
+        state = {n: in_container(lab, n, "cd /tmp/arbor-ct-cmp && for f in *; do echo $f; cat $f; done").stdout
+                 for n in ("chost1-d1", "chost1-d2")}
+        lines = [json.loads(x) for x in record.read_text().splitlines()]
+        results[mode] = (recap(res.stdout), by_task(lines), state)
+    (rv, tv, sv), (ra, ta, sa) = results["vanilla"], results["arbor"]
+    assert ra == rv and rv["chost1-d1"] == (8, 5, 0, 0), (ra, rv)
+    assert sorted(ta) == sorted(tv)
+    for key in tv:
+        assert ta[key] == tv[key], key
+    assert sa == sv and sa["chost1-d1"] == "app.conf\nlisten = 8080\n", sa
