@@ -112,7 +112,7 @@ exec /usr/sbin/sshd -D -e -f /etc/ssh/sshd_config
 
 # A "container" of plain namespaces on a container host: its own root (a copy
 # of this machine's Python, shell and a few tools, in the host's private
-# /tmp), PID, mount, UTS and network namespaces; its first process sleeps.
+# /tmp), PID, mount, UTS and network namespaces; its first process reaps orphans (arbor-lab-init).
 # Entered with `nsenter -t PID -a -r -w` (arbor's `setns` method, kind pid).
 CONTAINER_ROOTFS = r"""
 set -eu
@@ -135,6 +135,17 @@ copy /usr/lib/python3.11/lib-dynload/*.so
 printf 'root:x:0:0:root:/root:/bin/sh\n' > "$R/etc/passwd"
 printf 'root:x:0:\n' > "$R/etc/group"
 echo "$CT" > "$R/etc/hostname"
+# The containers' first process: reaps orphans, as a real init (or tini) does.
+cat > "$R/usr/bin/arbor-lab-init" <<'INIT'
+#!/usr/bin/python3
+import os, time
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        time.sleep(0.5)
+INIT
+chmod 755 "$R/usr/bin/arbor-lab-init"
 """
 CONTAINER_INIT = r"""
 set -eu
@@ -142,7 +153,7 @@ R=/tmp/arbor-ct/$CT
 mount -t proc proc "$R/proc"
 mount --rbind /dev "$R/dev"
 hostname "$CT"
-exec chroot "$R" /usr/bin/sleep infinity
+exec chroot "$R" /usr/bin/arbor-lab-init
 """
 
 
@@ -630,7 +641,7 @@ def start_namespace_containers(h, count):
             kids = Path(f"/proc/{p.pid}/task/{p.pid}/children")
             pid = kids.read_text().split() if kids.exists() else []
             if pid and Path(f"/proc/{pid[0]}/exe").exists() and \
-                    os.readlink(f"/proc/{pid[0]}/exe").endswith("sleep"):
+                    b"arbor-lab-init" in Path(f"/proc/{pid[0]}/cmdline").read_bytes():
                 found[name] = int(pid[0])
                 break
             time.sleep(0.02)
@@ -676,7 +687,7 @@ def start_docker(h, count):
     for i in range(1, count + 1):
         name = f"{h.name}-d{i}"
         sh(*docker_cli(h), "run", "-d", "--network", "none", "--hostname", name, "--name", name,
-           "arbor-ct", "/usr/bin/sleep", "infinity")
+           "arbor-ct", "/usr/bin/arbor-lab-init")
         found[name] = {"method": "docker", "host": h.name, "docker": str(wrapper)}
     return found
 
@@ -696,7 +707,7 @@ lxc.net.0.type = empty
 lxc.apparmor.profile = unconfined
 lxc.mount.auto = proc:mixed sys:ro
 lxc.autodev = 1
-lxc.init.cmd = /usr/bin/sleep infinity
+lxc.init.cmd = /usr/bin/arbor-lab-init
 lxc.cgroup.relative = 1
 """
 
@@ -758,7 +769,7 @@ def start_podman(h, count):
     for i in range(1, count + 1):
         name = f"{h.name}-p{i}"
         in_host(h, wrapper, "run", "-d", "--network", "none", "--hostname", name, "--name", name,
-                f"--cgroup-parent=/{h.cgroup.parent.name}/{h.name}", "arbor-ct", "/usr/bin/sleep", "infinity",
+                f"--cgroup-parent=/{h.cgroup.parent.name}/{h.name}", "arbor-ct", "/usr/bin/arbor-lab-init",
                 mounts=True)
         found[name] = {"method": "podman", "host": h.name, "podman": str(wrapper)}
     return found
@@ -814,9 +825,57 @@ def start_kubectl_standin(h, count):
     for i in range(1, count + 1):
         name = f"{h.name}-k{i}"
         sh(*docker_cli(h), "run", "-d", "--network", "none", "--hostname", name, "--name", name,
-           "arbor-ct", "/usr/bin/sleep", "infinity")
+           "arbor-ct", "/usr/bin/arbor-lab-init")
         found[name] = {"method": "kubectl", "host": h.name, "kubectl": str(standin), "pod": name,
                        "docker": str(d / "docker")}
+    return found
+
+
+LXD_PRESEED = """storage_pools:
+- name: default
+  driver: dir
+  config:
+    source: {pool}
+profiles:
+- name: default
+  devices:
+    root: {{path: /, pool: default, type: disk}}
+"""
+
+
+def start_lxd(h, count):
+    """An LXD daemon (its own LXD_DIR, a dir storage pool, no network) in
+    host `h`'s network namespace and cgroup, a local image of the same root,
+    and `count` privileged containers whose first process reaps orphans; entered
+    through an `lxc` wrapper that names that LXD_DIR."""
+    d = DOCKER_DIR / h.name / "lxd"
+    d.mkdir(parents=True)
+    (DOCKER_DIR / h.name / "storage-for-lxd").mkdir()
+    wrapper = DOCKER_DIR / h.name / "lxd-lxc"
+    wrapper.write_text(f"#!/bin/sh\nLXD_DIR={d} exec lxc \"$@\"\n")
+    wrapper.chmod(0o755)
+    env = dict(os.environ, LXD_DIR=str(d))
+    subprocess.Popen(["sh", "-c", JOIN_CGROUP, str(h.cgroup), "nsenter", f"--net=/run/netns/{h.ns}", "--",
+                      "lxd", "--group", "root", "--logfile", str(d / "lxd.log")],
+                     env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=open(DOCKER_DIR / h.name / "lxd.err", "wb"), start_new_session=True)
+    sh("lxd", "waitready", "--timeout", "30", env=env)
+    sh("lxd", "init", "--preseed", input=LXD_PRESEED.format(pool=DOCKER_DIR / h.name / "storage-for-lxd"), env=env)
+    img = DOCKER_DIR / h.name / "lxd-image"
+    engine_image(h, img / "rootfs")
+    (img / "metadata.yaml").write_text(f"architecture: x86_64\ncreation_date: {int(time.time())}\n"
+                                       "properties: {description: arbor lab, os: debian}\n")
+    sh("tar", "-C", img, "-czf", img / "meta.tar.gz", "metadata.yaml")
+    sh("tar", "-C", img / "rootfs", "-czf", img / "rootfs.tar.gz", ".")
+    sh(wrapper, "image", "import", img / "meta.tar.gz", img / "rootfs.tar.gz", "--alias", "arbor-ct")
+    shutil.rmtree(img)
+    found = {}
+    for i in range(1, count + 1):
+        name = f"{h.name}-x{i}"
+        sh(wrapper, "launch", "arbor-ct", name, "-c", "security.privileged=true",
+           "-c", "raw.lxc=lxc.init.cmd = /usr/bin/arbor-lab-init")
+        sh(wrapper, "exec", name, "--", "/bin/sh", "-c", f"echo {name} > /etc/hostname")
+        found[name] = {"method": "lxd", "host": h.name, "lxc": str(wrapper)}
     return found
 
 
@@ -827,6 +886,12 @@ def stop_docker():
         return
     # podman's containers and mounts live in their host's mount namespace:
     # they end with the host's processes.
+    for wrapper in DOCKER_DIR.glob("*/lxd-lxc"):
+        if wrapper.is_file():
+            names = sh(wrapper, "list", "-c", "n", "--format", "csv", capture=True, check=False).split()
+            if names:
+                sh(wrapper, "delete", "-f", *names, check=False)
+            sh("lxd", "shutdown", env=dict(os.environ, LXD_DIR=str(wrapper.parent / "lxd")), check=False)
     for cfg in DOCKER_DIR.glob("*/lxc/*/config"):
         sh("lxc-stop", "-P", cfg.parent.parent, "-n", cfg.parent.name, "-k", check=False)
     for sock in DOCKER_DIR.glob("*/docker.sock"):
@@ -990,6 +1055,8 @@ def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl, containers=None
                 return {"ansible_connection": "kubectl", "ansible_host": c["pod"],
                         "mitogen_kubectl_path": c["kubectl"], "ansible_kubectl_namespace": "default",
                         "mitogen_via": c["host"]}
+            if c["method"] == "lxd":
+                return {"ansible_connection": "lxd", "mitogen_lxc_path": c["lxc"], "mitogen_via": c["host"]}
             if c["method"] == "podman":
                 return {"ansible_connection": "podman", "mitogen_podman_path": c["podman"],
                         "mitogen_via": c["host"]}
@@ -1099,6 +1166,8 @@ def up(args):
                     containers.update(start_podman(h, args.podman_containers))
                 if args.lxc_containers:
                     containers.update(start_lxc(h, args.lxc_containers))
+                if args.lxd_containers:
+                    containers.update(start_lxd(h, args.lxd_containers))
         write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl, containers)
     except BaseException:
         log("up failed; removing the partial lab")
@@ -1184,6 +1253,8 @@ def main(argv=None):
                    help="podman containers on the container host")
     u.add_argument("--lxc-containers", type=int, default=2,
                    help="LXC containers on the container host")
+    u.add_argument("--lxd-containers", type=int, default=2,
+                   help="LXD containers on the container host")
     u.add_argument("--no-python-bastion", action="store_true",
                    default=os.environ.get("LAB_NO_PYTHON_BASTION") == "1",
                    help="mask python3 on every bastion")

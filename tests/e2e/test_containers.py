@@ -1,7 +1,7 @@
 """Containers on a container host behind the bastion, as arbor hops:
 controller -> bastion1 -> chost1 (relay) -> container, with mitogen_via in
-the inventory. chost1 runs 2 containers each of Docker, podman and LXC
-(methods `docker`, `podman`, `lxc`), 2 namespace containers (method
+the inventory. chost1 runs 2 containers each of Docker, podman, LXC and LXD
+(methods `docker`, `podman`, `lxc`, `lxd`), 2 namespace containers (method
 `setns`, entered by PID), and 2 "pods" reached with a kubectl stand-in that
 forwards `exec` to Docker (method `kubectl`; there is no Kubernetes here):
 each
@@ -21,7 +21,7 @@ from test_arbor import LAB, REPO, VENV, any_arbor, env_for, recap, run, ssh, wai
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
 WAN = REPO / "deploy" / "lab" / "wan"
-METHODS = {"docker", "podman", "lxc", "setns", "kubectl"}
+METHODS = {"docker", "podman", "lxc", "lxd", "setns", "kubectl"}
 FLEET = """- hosts: containers
   gather_facts: false
   tasks:
@@ -62,6 +62,7 @@ def in_container(lab, name, cmd):
         "kubectl": lambda: f"{c['docker']} exec {c['pod']}",
         "podman": lambda: f"{c['podman']} exec {name}",
         "lxc": lambda: f"{c['lxc_attach']} --clear-env -n {name} --",
+        "lxd": lambda: f"{c['lxc']} exec {name} --mode=non-interactive --",
         "setns": lambda: f"nsenter -t {c['pid']} -a -r -w",
     }[c["method"]]()
     return ssh(lab, c["host"], f"{enter} /bin/sh -c '{cmd}'")
