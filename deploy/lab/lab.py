@@ -132,8 +132,8 @@ ln -s python3.11 "$R/usr/bin/python3"
 tar -C /usr/lib -c --exclude=test --exclude=idlelib --exclude=tkinter --exclude=ensurepip \
     --exclude=lib2to3 --exclude=turtledemo python3.11 | tar -C "$R/usr/lib" -x
 copy /usr/lib/python3.11/lib-dynload/*.so
-printf 'root:x:0:0:root:/root:/bin/sh\n' > "$R/etc/passwd"
-printf 'root:x:0:\n' > "$R/etc/group"
+printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/tmp:/bin/sh\n' > "$R/etc/passwd"
+printf 'root:x:0:\nnogroup:x:65534:\n' > "$R/etc/group"
 echo "$CT" > "$R/etc/hostname"
 # The containers' first process: reaps orphans, as a real init (or tini) does.
 cat > "$R/usr/bin/arbor-lab-init" <<'INIT'
@@ -744,7 +744,7 @@ def mount_cgroups(h):
     in_host(h, "sh", "-c", "\n".join(script), mounts=True)
 
 
-def start_podman(h, count):
+def start_podman(h, count, buildah=0):
     """Podman (runc, cgroupfs, its own storage) with `count` containers of
     the local image; entered through a wrapper that names that storage."""
     d = DOCKER_DIR / h.name / "podman"
@@ -772,6 +772,17 @@ def start_podman(h, count):
                 f"--cgroup-parent=/{h.cgroup.parent.name}/{h.name}", "arbor-ct", "/usr/bin/arbor-lab-init",
                 mounts=True)
         found[name] = {"method": "podman", "host": h.name, "podman": str(wrapper)}
+    # buildah's working containers, in the same storage: each `buildah run`
+    # starts the command in a fresh runtime over the container's root.
+    bwrapper = d / "buildah"
+    bwrapper.write_text(f"#!/bin/sh\nCONTAINERS_CONF={d / 'containers.conf'} exec buildah "
+                        f"--root {d / 'root'} --runroot {d / 'run'} \"$@\"\n")
+    bwrapper.chmod(0o755)
+    for i in range(1, buildah + 1):
+        name = f"{h.name}-b{i}"
+        in_host(h, bwrapper, "from", "--name", name, "arbor-ct", mounts=True)
+        in_host(h, bwrapper, "config", "--hostname", name, name, mounts=True)
+        found[name] = {"method": "buildah", "host": h.name, "buildah": str(bwrapper)}
     return found
 
 
@@ -1055,6 +1066,9 @@ def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl, containers=None
                 return {"ansible_connection": "kubectl", "ansible_host": c["pod"],
                         "mitogen_kubectl_path": c["kubectl"], "ansible_kubectl_namespace": "default",
                         "mitogen_via": c["host"]}
+            if c["method"] == "buildah":
+                return {"ansible_connection": "buildah", "mitogen_buildah_path": c["buildah"],
+                        "mitogen_via": c["host"]}
             if c["method"] == "lxd":
                 return {"ansible_connection": "lxd", "mitogen_lxc_path": c["lxc"], "mitogen_via": c["host"]}
             if c["method"] == "podman":
@@ -1163,7 +1177,7 @@ def up(args):
                     containers.update(start_docker(h, args.docker_containers))
                     containers.update(start_kubectl_standin(h, 2))
                 if args.podman_containers:
-                    containers.update(start_podman(h, args.podman_containers))
+                    containers.update(start_podman(h, args.podman_containers, args.buildah_containers))
                 if args.lxc_containers:
                     containers.update(start_lxc(h, args.lxc_containers))
                 if args.lxd_containers:
@@ -1253,6 +1267,8 @@ def main(argv=None):
                    help="podman containers on the container host")
     u.add_argument("--lxc-containers", type=int, default=2,
                    help="LXC containers on the container host")
+    u.add_argument("--buildah-containers", type=int, default=2,
+                   help="buildah working containers (with podman's storage)")
     u.add_argument("--lxd-containers", type=int, default=2,
                    help="LXD containers on the container host")
     u.add_argument("--no-python-bastion", action="store_true",

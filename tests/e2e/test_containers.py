@@ -1,7 +1,7 @@
 """Containers on a container host behind the bastion, as arbor hops:
 controller -> bastion1 -> chost1 (relay) -> container, with mitogen_via in
-the inventory. chost1 runs 2 containers each of Docker, podman, LXC and LXD
-(methods `docker`, `podman`, `lxc`, `lxd`), 2 namespace containers (method
+the inventory. chost1 runs 2 containers each of Docker, podman, buildah, LXC and LXD
+(methods `docker`, `podman`, `buildah`, `lxc`, `lxd`), 2 namespace containers (method
 `setns`, entered by PID), and 2 "pods" reached with a kubectl stand-in that
 forwards `exec` to Docker (method `kubectl`; there is no Kubernetes here):
 each
@@ -21,7 +21,7 @@ from test_arbor import LAB, REPO, VENV, any_arbor, env_for, recap, run, ssh, wai
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
 WAN = REPO / "deploy" / "lab" / "wan"
-METHODS = {"docker", "podman", "lxc", "lxd", "setns", "kubectl"}
+METHODS = {"docker", "podman", "buildah", "lxc", "lxd", "setns", "kubectl"}
 FLEET = """- hosts: containers
   gather_facts: false
   tasks:
@@ -61,6 +61,7 @@ def in_container(lab, name, cmd):
         "docker": lambda: f"{c['docker']} exec {name}",
         "kubectl": lambda: f"{c['docker']} exec {c['pod']}",
         "podman": lambda: f"{c['podman']} exec {name}",
+        "buildah": lambda: f"{c['buildah']} run {name} --",
         "lxc": lambda: f"{c['lxc_attach']} --clear-env -n {name} --",
         "lxd": lambda: f"{c['lxc']} exec {name} --mode=non-interactive --",
         "setns": lambda: f"nsenter -t {c['pid']} -a -r -w",
@@ -82,10 +83,12 @@ def test_every_method_runs_the_playbook_in_its_containers(lab, tmp_path):
         # Not on the container host itself.
         assert ssh(lab, "chost1", "test -e /tmp/arbor-ct-e2e; echo $?").stdout.strip() == "1"
     assert not any_arbor(wait_gone(lab, 5.0))
-    # In each container: its first process, and this check's shell and Python.
+    # In each container: its first process, and this check's shell and Python
+    # (a buildah run starts afresh: no first process).
     count = 'python3 -c "import os; print(sum(p.isdigit() for p in os.listdir(chr(47) + chr(112) + chr(114) + chr(111) + chr(99))))"'
     left = {n: in_container(lab, n, count).stdout.strip() for n in names}
-    assert all(v == "3" for v in left.values()), f"processes left: {left}"
+    want = {n: "2" if lab["containers"][n]["method"] == "buildah" else "3" for n in names}
+    assert left == want, f"processes left: {left}"
 
 
 def wan_up(lab, tmp_path, limit):
@@ -246,3 +249,18 @@ def test_docker_results_equal_vanilla_through_the_bastion(lab, tmp_path):
     for key in tv:
         assert ta[key] == tv[key], key
     assert sa == sv and sa["chost1-d1"] == "app.conf\nlisten = 8080\n", sa
+
+
+def test_ansible_user_is_the_user_in_the_container(lab, tmp_path):
+    """The user inside the container (`ansible_user`, or the method's own
+    `ansible_docker_user`, … as Ansible's plugins name it, here so as not to
+    change the ssh hops' user): docker and podman pass it to `exec -u`,
+    buildah to `run --user`."""
+    names = sorted(n for n, c in lab["containers"].items() if c["method"] in ("docker", "podman", "buildah"))
+    users = [a for m in ("docker", "podman", "buildah") for a in ("-e", f"ansible_{m}_user=nobody")]
+    res = subprocess.run([str(VENV / "ansible"), "-i", lab["inventory"], ",".join(names), *users,
+                          "-m", "ansible.builtin.command", "-a", "id -u"],
+                         env=env_for("arbor"), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for n in names:
+        assert f"{n} | CHANGED | rc=0 >>\n65534\n" in res.stdout, (n, res.stdout)
