@@ -34,6 +34,7 @@ FLEET = """- hosts: containers
     - slurp: {src: /etc/hostname}
       register: hn
     - assert: {that: ["(hn.content | b64decode | trim) == inventory_hostname"]}
+    - file: {path: /tmp/arbor-ct-e2e/old, state: absent}
 """
 
 
@@ -76,7 +77,7 @@ def test_every_method_runs_the_playbook_in_its_containers(lab, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:]
     r = recap(res.stdout)
     assert set(r) == set(names), r
-    assert all(v == (7, 3, 0, 0) for v in r.values()), r
+    assert all(v == (8, 3, 0, 0) for v in r.values()), r
     for name in names:
         out = in_container(lab, name, "cat /tmp/arbor-ct-e2e/motd /tmp/arbor-ct-e2e/app.conf; uname -n")
         assert out.stdout == f"hello {name}\nlisten = 8080\n{name}\n", (name, out.stdout, out.stderr)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from test_arbor import LAB, REPO, VENV, env_for, recap, run, ssh, wait_gone, any_arbor
-from test_plumbing import ARBOR, Api
+from test_plumbing import ARBOR, Api  # noqa: F401
 
 sys.path.insert(0, str(REPO / "deploy" / "bench"))
 from connect import lab_chain as chain  # noqa: E402 (the chains the glue sends)

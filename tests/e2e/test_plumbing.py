@@ -9,8 +9,6 @@ lab tests (test_arbor.py) do the same through real sshd and a real bastion.
 import json
 import os
 import shutil
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -21,32 +19,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ARBOR = REPO / "target" / "release" / "arbor"
+sys.path.insert(0, str(REPO / "deploy" / "bench"))
+from connect import Api  # noqa: E402,F401 (the daemon's API client; test_fleet imports it from here)
+
 FAKE_SSH = "#!/bin/sh\n# runs the remote command (the last argument) here\nfor a; do last=$a; done\nexec /bin/sh -c \"$last\"\n"
-
-
-class Api:
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(str(path))
-
-    def send(self, obj, blob=b""):
-        j = json.dumps(obj).encode()
-        body = struct.pack("<I", len(j)) + j + blob
-        self.s.sendall(struct.pack("<I", len(body)) + body)
-
-    def _exact(self, n):
-        b = b""
-        while len(b) < n:
-            c = self.s.recv(n - len(b))
-            assert c, "daemon closed the connection"
-            b += c
-        return b
-
-    def recv(self):
-        (n,) = struct.unpack("<I", self._exact(4))
-        body = self._exact(n)
-        (jn,) = struct.unpack_from("<I", body)
-        return json.loads(body[4:4 + jn]), body[4 + jn:]
 
 
 def procs():
