@@ -190,7 +190,6 @@ fn zip_span(script: &[u8]) -> Option<(usize, usize)> {
 /// key stays the same across runs. If the literal is not a zip that can be
 /// read so, the SHA-256 of the literal itself.
 fn zip_key(literal: &[u8]) -> String {
-    let hex = |d: &[u8]| d.iter().map(|x| format!("{x:02x}")).collect::<String>();
     match normalised_zip_digest(literal) {
         Some(d) => format!("z1-{}", hex(&d)),
         None => hex(&Sha256::digest(literal)),
@@ -964,18 +963,16 @@ async fn send_body(
         }
     }
     // What a later put pushed out again goes from here.
-    let mut parts = Vec::with_capacity(body.parts.len());
+    let mut sent = Body::default();
     for part in body.parts {
         match part {
             Part::Cached(key, _) if zips.relay_holds(relay, &key) => {
-                parts.push(Part::Cached(key, Vec::new()))
+                sent.parts.push(Part::Cached(key, Vec::new()))
             }
-            Part::Cached(_, data) | Part::Raw(data) => match parts.last_mut() {
-                Some(Part::Raw(r)) => r.extend(data),
-                _ => parts.push(Part::Raw(data)),
-            },
+            Part::Cached(_, data) | Part::Raw(data) => sent.push_raw(&data),
         }
     }
+    let parts = sent.parts;
     req["body_size"] = json!(size);
     let mut req = in_lane(req);
     req["streamed"] = Value::Bool(true);

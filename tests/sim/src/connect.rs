@@ -499,18 +499,14 @@ impl ConnectSim {
                 }
             }
         }
-        let targets: Vec<f64> = sim
-            .up_at
-            .iter()
-            .filter(|(n, _)| sim.nodes[**n].kind == Kind2::Target)
-            .map(|(_, t)| *t)
-            .collect();
-        let relays: Vec<f64> = sim
-            .up_at
-            .iter()
-            .filter(|(n, _)| sim.nodes[**n].kind == Kind2::Relay)
-            .map(|(_, t)| *t)
-            .collect();
+        let up = |kind: Kind2| -> Vec<f64> {
+            sim.up_at
+                .iter()
+                .filter(|(n, _)| sim.nodes[**n].kind == kind)
+                .map(|(_, t)| *t)
+                .collect()
+        };
+        let (targets, relays) = (up(Kind2::Target), up(Kind2::Relay));
         let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
         Projection {
             first_target: targets.iter().copied().fold(f64::INFINITY, f64::min),
