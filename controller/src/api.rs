@@ -1377,7 +1377,13 @@ struct Window {
     consumed: tokio::sync::watch::Receiver<u64>,
     sent: u64,
     size: u64,
+    /// Longest wait for the receiver to take anything.
+    stall: Duration,
 }
+
+/// Default of `ARBOR_STREAM_STALL_SECS`: how long a full window may wait
+/// for its receiver (an agent that is stopped, or a disk that hangs).
+const STREAM_STALL_SECS_DEFAULT: u64 = 300;
 
 impl Window {
     fn new(consumed: tokio::sync::watch::Receiver<u64>) -> Window {
@@ -1386,10 +1392,16 @@ impl Window {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(STREAM_WINDOW_BYTES_DEFAULT)
             .clamp(CHUNK_BYTES as u64, 1 << 30);
+        let stall = std::env::var("ARBOR_STREAM_STALL_SECS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(STREAM_STALL_SECS_DEFAULT)
+            .max(1);
         Window {
             consumed,
             sent: 0,
             size,
+            stall: Duration::from_secs(stall),
         }
     }
 
@@ -1405,8 +1417,16 @@ impl Window {
                 self.sent += len as u64;
                 return Ok(true);
             }
-            if self.consumed.changed().await.is_err() {
-                return Ok(false);
+            match tokio::time::timeout(self.stall, self.consumed.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Ok(false),
+                Err(_) => {
+                    return Err(ApiError::failed(format!(
+                        "the agent took none of the file for {} s (ARBOR_STREAM_STALL_SECS): \
+                         it is stopped or its disk hangs",
+                        self.stall.as_secs()
+                    )))
+                }
             }
         }
     }

@@ -14,6 +14,31 @@ use arbor_topology::Hop;
 pub const KNOWN_HOSTS_BYTES_MAX: usize = 4 << 20;
 /// Connect timeout when the inventory sets none (Ansible's default).
 pub const CONNECT_TIMEOUT_S_DEFAULT: u32 = 10;
+/// Default of `ARBOR_KEEPALIVE_SECS`: a hop that answers nothing for this
+/// long is declared dead (ssh's ServerAlive probes, a third of it apart,
+/// two unanswered).
+pub const KEEPALIVE_S_DEFAULT: u32 = 30;
+
+/// The dead-hop bound of this run: `ARBOR_KEEPALIVE_SECS`, at least 3.
+pub fn keepalive_secs() -> u32 {
+    static SECS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *SECS.get_or_init(|| {
+        std::env::var("ARBOR_KEEPALIVE_SECS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(KEEPALIVE_S_DEFAULT)
+            .max(3)
+    })
+}
+
+/// ssh's options for a dead-hop bound of `secs`: it gives up after
+/// `ServerAliveCountMax + 1` silent intervals.
+fn keepalive_options(secs: u32) -> [String; 2] {
+    [
+        format!("ServerAliveInterval={}", (secs / 3).max(1)),
+        "ServerAliveCountMax=2".to_string(),
+    ]
+}
 
 /// Options whose value is a controller path or a multiplexing setting.
 const CONTROLLER_ONLY: [&str; 11] = [
@@ -88,8 +113,17 @@ pub fn argv(hop: &Hop, remote_cmd: &str, local: bool, forward_agent: bool) -> Ve
         "ConnectTimeout={}",
         hop.timeout_s.unwrap_or(CONNECT_TIMEOUT_S_DEFAULT)
     ));
-    o("ServerAliveInterval=15".into());
-    o("ServerAliveCountMax=3".into());
+    // The user's own ServerAlive options win (ssh takes an option's first
+    // value, and theirs come later).
+    let parsed = parse_args(&hop.ssh_args);
+    let theirs = parsed.iter().any(|a| {
+        matches!(a, Arg::Opt(k, _, _) if k == "serveraliveinterval" || k == "serveralivecountmax")
+    });
+    if !theirs {
+        for opt in keepalive_options(keepalive_secs()) {
+            o(opt);
+        }
+    }
     o(format!(
         "StrictHostKeyChecking={}",
         if hop.host_key_checking { "yes" } else { "no" }
@@ -107,7 +141,7 @@ pub fn argv(hop: &Hop, remote_cmd: &str, local: bool, forward_agent: bool) -> Ve
         a.push("-i".into());
         a.push(key.clone());
     }
-    for arg in parse_args(&hop.ssh_args) {
+    for arg in parsed {
         match arg {
             Arg::Opt(k, _, _) if NEVER.contains(&k.as_str()) => {}
             Arg::Opt(k, _, _) if !local && CONTROLLER_ONLY.contains(&k.as_str()) => {}
@@ -234,6 +268,19 @@ mod tests {
         assert!(!s.contains("Control"));
         assert_eq!(&a[a.len() - 4..], ["-T", "--", "10.0.0.1", "run"]);
         assert!(s.contains("-p 2222 -l root"));
+    }
+
+    #[test]
+    fn keepalive_is_ours_unless_the_user_sets_it() {
+        let s = argv(&hop(&[]), "run", false, false).join(" ");
+        let [i, c] = keepalive_options(keepalive_secs());
+        assert!(s.contains(&i) && s.contains(&c), "{s}");
+        assert_eq!(
+            keepalive_options(30),
+            ["ServerAliveInterval=10", "ServerAliveCountMax=2"]
+        );
+        let s = argv(&hop(&["-o", "ServerAliveInterval=5"]), "run", false, false).join(" ");
+        assert!(s.contains("ServerAliveInterval=5") && !s.contains("ServerAliveCountMax"));
     }
 
     #[test]

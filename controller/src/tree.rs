@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arbor_core::{Event, Limits, LinkId, Node, Role};
-use arbor_io::{start_child_link, stop_children, LinkEvent as Input};
+use arbor_io::{
+    signal, start_child_link, stop_children, LinkEvent as Input, LinkTx, SendError,
+    CHILD_QUEUE_BYTES,
+};
 use arbor_topology::{Hop, HopKey};
 use arbor_wire::control::{self, Reply, Request, Spawn};
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
@@ -78,7 +81,32 @@ type OpenStream = (NodeId, mpsc::Sender<Frame>, Option<watch::Sender<u64>>);
 
 struct LocalLink {
     pid: u32,
-    writer: mpsc::Sender<Frame>,
+    writer: LinkTx,
+    /// Why it was cut off, if it was (it is then killed).
+    cut_off: Option<String>,
+    /// Why and when its stdout ended: it is reported down when ssh has
+    /// exited (with what ssh said), killed if that takes `CLOSE_GRACE`.
+    closed: Option<(String, Instant)>,
+}
+
+/// How long a link's process may outlive the end of its stdout.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+/// Why a link's process went: the cause we saw first (cut off, or a read
+/// error or malformed frame), then ssh's exit and the tail of its stderr.
+fn link_lost_why(label: &str, cause: Option<&str>, status: &str, tail: &str) -> String {
+    let mut why = format!("{label}: ");
+    if let Some(c) = cause.filter(|c| *c != "connection closed") {
+        why += c;
+        why += "; ";
+    }
+    why += "ssh ";
+    why += status;
+    if !tail.is_empty() {
+        why += ": ";
+        why += tail;
+    }
+    why
 }
 
 /// Settings of the tree.
@@ -375,6 +403,7 @@ impl Tree {
     }
 
     pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 cmd = self.cmds.recv() => match cmd {
@@ -390,8 +419,23 @@ impl Tree {
                     }
                 },
                 Some(input) = self.inbox.recv() => self.input(input),
+                _ = tick.tick() => self.kill_closed(),
             }
             self.pump().await;
+        }
+    }
+
+    /// Kills the processes of links whose stdout ended `CLOSE_GRACE` ago
+    /// (their exit then reports them down).
+    fn kill_closed(&mut self) {
+        let now = Instant::now();
+        for l in self.links.values_mut() {
+            if let Some((why, at)) = &mut l.closed {
+                if now.duration_since(*at) > CLOSE_GRACE && !why.ends_with(" (killed)") {
+                    why.push_str(" (killed)");
+                    signal(l.pid, libc::SIGKILL);
+                }
+            }
         }
     }
 
@@ -653,7 +697,15 @@ impl Tree {
         let (tx, pid) = start_child_link(child, preamble, compress, self.inbox_tx.clone(), link)
             .map_err(|e| format!("{label}: {e}"))?;
         self.core.handle_link_up(Instant::now(), link, Role::Child);
-        self.links.insert(link, LocalLink { pid, writer: tx });
+        self.links.insert(
+            link,
+            LocalLink {
+                pid,
+                writer: tx,
+                cut_off: None,
+                closed: None,
+            },
+        );
         self.local_nodes.insert(link, node);
         Ok(())
     }
@@ -830,20 +882,25 @@ impl Tree {
         let now = Instant::now();
         match input {
             Input::Frame(link, frame) => self.core.handle_frame(now, link, frame),
-            Input::Closed(link, why) => self.core.handle_link_down(now, link, &why),
+            Input::Closed(link, why) => match self.links.get_mut(&link) {
+                // Down once ssh has exited and said why.
+                Some(l) => {
+                    l.closed.get_or_insert((why, now));
+                }
+                None => self.core.handle_link_down(now, link, &why),
+            },
             Input::Exited(link, status, tail) => {
-                self.links.remove(&link);
+                let cause = self
+                    .links
+                    .remove(&link)
+                    .and_then(|l| l.cut_off.or(l.closed.map(|(why, _)| why)));
                 let node = self.local_nodes.remove(&link);
                 let tail = String::from_utf8_lossy(&tail).trim().to_string();
                 let label = node
                     .and_then(|n| self.node_hop.get(&n))
                     .map(|(_, l)| l.clone())
                     .unwrap_or_default();
-                let why = if tail.is_empty() {
-                    format!("{label}: ssh {status}")
-                } else {
-                    format!("{label}: ssh {status}: {tail}")
-                };
+                let why = link_lost_why(&label, cause.as_deref(), &status, &tail);
                 self.core.handle_link_down(now, link, &why);
                 if let Some(node) = node {
                     self.node_lost(node, &why);
@@ -855,8 +912,17 @@ impl Tree {
     async fn pump(&mut self) {
         loop {
             if let Some((link, frame)) = self.core.poll_transmit() {
-                if let Some(l) = self.links.get(&link) {
-                    let _ = l.writer.send(frame).await;
+                // Never wait for one link: one that stops reading is cut
+                // off once its queue is full.
+                if let Some(l) = self.links.get_mut(&link) {
+                    if let Err(SendError::Full(queued)) = l.writer.try_send(frame) {
+                        if l.cut_off.is_none() {
+                            l.cut_off = Some(format!(
+                                "stopped reading: {queued} bytes queued (bound {CHILD_QUEUE_BYTES})"
+                            ));
+                            signal(l.pid, libc::SIGKILL);
+                        }
+                    }
                 }
                 continue;
             }

@@ -20,6 +20,7 @@ use arbor_core::cache::Fifo;
 use arbor_core::{Event, Limits, LinkId, Node, Role};
 use arbor_io::{
     signal, spawn_reader, spawn_writer, start_child_link, stop_children, LinkEvent as Input,
+    LinkTx, SendError, CHILD_QUEUE_BYTES,
 };
 use arbor_wire::control::{self, Reply, Request, Spawn, KNOWN_HOSTS_TOKEN, PINS_MAX};
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
@@ -30,6 +31,8 @@ use tokio::sync::mpsc;
 const INBOX_FRAMES: usize = 1024;
 /// How long children get to exit after SIGTERM.
 const KILL_GRACE: Duration = Duration::from_secs(2);
+/// How long a child may outlive the end of its stdout.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
 /// Most spawn requests waiting for a connecting slot.
 const WAITING_SPAWNS_MAX: usize = 8192;
 
@@ -38,7 +41,12 @@ struct ChildLink {
     label: String,
     /// For signals only; the child's own task waits for it.
     pid: u32,
-    writer: mpsc::Sender<Frame>,
+    writer: LinkTx,
+    /// Why it was cut off, if it was (it is then killed).
+    cut_off: Option<String>,
+    /// Why and when its stdout ended: it is reported down when it has
+    /// exited (with what it said), killed if that takes `CLOSE_GRACE`.
+    closed: Option<(String, Instant)>,
     /// The request that asked for it, answered when it joins or fails.
     pending: Option<(NodeId, StreamId, Instant)>,
     /// Its known_hosts, in RAM, open until the child is gone.
@@ -80,7 +88,7 @@ struct Relay {
     core: Node,
     inbox_tx: mpsc::Sender<Input>,
     inbox: mpsc::Receiver<Input>,
-    parent: mpsc::Sender<Frame>,
+    parent: LinkTx,
     children: HashMap<LinkId, ChildLink>,
     next_link: u32,
     self_exe: Option<Vec<u8>>,
@@ -168,23 +176,34 @@ impl Relay {
                 if link == PARENT {
                     return false;
                 }
-                // The routes go now; a pending spawn is answered when the
-                // process has exited and its stderr says why.
-                let why = match self.children.get(&link) {
-                    Some(c) => format!("{}: {why}", c.label),
-                    None => why,
-                };
-                self.core.handle_link_down(now, link, &why);
+                // The routes go when the process has exited and its
+                // stderr says why.
+                match self.children.get_mut(&link) {
+                    Some(c) => {
+                        c.closed.get_or_insert((why, now));
+                    }
+                    None => self.core.handle_link_down(now, link, &why),
+                }
             }
             Input::Exited(link, status, tail) => {
                 let Some(c) = self.children.remove(&link) else {
                     return true;
                 };
                 let tail = String::from_utf8_lossy(&tail);
-                let why = match tail.trim() {
-                    "" => format!("{}: {status}", c.label),
-                    t => format!("{}: {status}: {t}", c.label),
-                };
+                let mut why = format!("{}: ", c.label);
+                let cause = c
+                    .cut_off
+                    .as_deref()
+                    .or(c.closed.as_ref().map(|(w, _)| w.as_str()));
+                if let Some(cause) = cause.filter(|w| *w != "connection closed") {
+                    why += cause;
+                    why += "; ";
+                }
+                why += &status;
+                if !tail.trim().is_empty() {
+                    why += ": ";
+                    why += tail.trim();
+                }
                 if let Some((src, stream, _)) = c.pending {
                     self.reply(
                         src,
@@ -206,13 +225,19 @@ impl Relay {
     async fn pump(&mut self) -> bool {
         loop {
             if let Some((link, frame)) = self.core.poll_transmit() {
-                let tx = if link == PARENT {
-                    Some(self.parent.clone())
-                } else {
-                    self.children.get(&link).map(|c| c.writer.clone())
-                };
-                if let Some(tx) = tx {
-                    let _ = tx.send(frame).await;
+                if link == PARENT {
+                    let _ = self.parent.send(frame).await;
+                } else if let Some(c) = self.children.get_mut(&link) {
+                    // Never wait for a child: one that stops reading is
+                    // cut off once its queue is full.
+                    if let Err(SendError::Full(queued)) = c.writer.try_send(frame) {
+                        if c.cut_off.is_none() {
+                            c.cut_off = Some(format!(
+                                "stopped reading: {queued} bytes queued (bound {CHILD_QUEUE_BYTES})"
+                            ));
+                            signal(c.pid, libc::SIGKILL);
+                        }
+                    }
                 }
                 continue;
             }
@@ -470,6 +495,8 @@ impl Relay {
                 label: spec.label,
                 pid,
                 writer: tx,
+                cut_off: None,
+                closed: None,
                 pending: Some((src, stream, deadline)),
                 _known_hosts: known_hosts,
             },
@@ -480,6 +507,12 @@ impl Relay {
     fn check_deadlines(&mut self) {
         let now = Instant::now();
         for c in self.children.values_mut() {
+            if let Some((why, at)) = &mut c.closed {
+                if now.duration_since(*at) > CLOSE_GRACE && !why.ends_with(" (killed)") {
+                    why.push_str(" (killed)");
+                    signal(c.pid, libc::SIGKILL);
+                }
+            }
             if c.pending.is_some_and(|(_, _, d)| now > d) {
                 // Its exit is then reported with what it said.
                 signal(c.pid, libc::SIGKILL);

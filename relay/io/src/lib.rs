@@ -4,6 +4,8 @@
 //! Each reports to the node's main loop as a [`LinkEvent`].
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arbor_core::LinkId;
@@ -11,11 +13,18 @@ use arbor_wire::link::{Decoder, Encoder, READ_CHUNK_BYTES};
 use arbor_wire::Frame;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::{Child, ChildStderr};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
-/// Frames waiting to be written to one link. A full queue makes the main
-/// loop wait, so it stops reading, which pushes back on the senders.
-pub const LINK_QUEUE_FRAMES: usize = 64;
+/// Bytes waiting to be written to a parent link: beyond this the node's
+/// main loop waits (it stops reading its children, which pushes back on
+/// them).
+pub const PARENT_QUEUE_BYTES: usize = 8 << 20;
+/// Bytes waiting to be written to a child link: a node never waits for a
+/// child (one child that stops reading must not stall the others), so a
+/// child with more than this queued is cut off. Every stream is paced by
+/// credit (a window of 1 MiB by default), so a child that reads never
+/// comes near it.
+pub const CHILD_QUEUE_BYTES: usize = 32 << 20;
 /// Tail of a child's stderr kept for error messages.
 pub const STDERR_TAIL_BYTES: usize = 4096;
 
@@ -27,6 +36,115 @@ pub enum LinkEvent {
     Closed(LinkId, String),
     /// The link's process exited: how, and the tail of its stderr.
     Exited(LinkId, String, Vec<u8>),
+}
+
+/// The sending side of a link's writer: frames queue without a frame
+/// count, bounded by their bytes.
+#[derive(Clone)]
+pub struct LinkTx {
+    tx: mpsc::UnboundedSender<Frame>,
+    queued: Arc<AtomicUsize>,
+    room: Arc<Notify>,
+    max: usize,
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendError {
+    /// The writer has gone (the link is closing).
+    Closed,
+    /// The link already holds this many bytes, at or past its bound.
+    Full(usize),
+}
+
+impl LinkTx {
+    fn new(max: usize) -> (LinkTx, LinkRx) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let room = Arc::new(Notify::new());
+        let rx = LinkRx {
+            rx,
+            queued: queued.clone(),
+            room: room.clone(),
+        };
+        (
+            LinkTx {
+                tx,
+                queued,
+                room,
+                max,
+            },
+            rx,
+        )
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Counts `len` more bytes in, unless the queue is at its bound (an
+    /// empty queue always takes one frame).
+    fn reserve(&self, len: usize) -> Result<(), SendError> {
+        let before = self.queued.fetch_add(len, Ordering::AcqRel);
+        if before > 0 && before + len > self.max {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            return Err(SendError::Full(before));
+        }
+        Ok(())
+    }
+
+    fn push(&self, frame: Frame, len: usize) -> Result<(), SendError> {
+        self.tx.send(frame).map_err(|_| {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            SendError::Closed
+        })
+    }
+
+    /// Queues `frame` without waiting.
+    pub fn try_send(&self, frame: Frame) -> Result<(), SendError> {
+        let len = frame.wire_len();
+        self.reserve(len)?;
+        self.push(frame, len)
+    }
+
+    /// Queues `frame`, waiting while the queue is full.
+    pub async fn send(&self, frame: Frame) -> Result<(), SendError> {
+        let len = frame.wire_len();
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match self.reserve(len) {
+                Ok(()) => return self.push(frame, len),
+                Err(SendError::Full(_)) if !self.tx.is_closed() => room.await,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The writer's side of a [`LinkTx`].
+pub struct LinkRx {
+    rx: mpsc::UnboundedReceiver<Frame>,
+    queued: Arc<AtomicUsize>,
+    room: Arc<Notify>,
+}
+
+impl LinkRx {
+    async fn recv(&mut self) -> Option<Frame> {
+        self.rx.recv().await
+    }
+
+    fn try_recv(&mut self) -> Option<Frame> {
+        self.rx.try_recv().ok()
+    }
+
+    /// `len` bytes have left the queue.
+    fn written(&self, len: usize) {
+        self.queued.fetch_sub(len, Ordering::AcqRel);
+        self.room.notify_waiters();
+    }
 }
 
 /// Reads frames from `r` until it ends or a frame is malformed.
@@ -65,16 +183,12 @@ where
 }
 
 /// A writer task for `w`; `compress` only toward another Rust node.
-pub fn spawn_writer<W>(
-    w: W,
-    compress: bool,
-    inbox: mpsc::Sender<LinkEvent>,
-    link: LinkId,
-) -> mpsc::Sender<Frame>
+/// Its queue holds [`PARENT_QUEUE_BYTES`].
+pub fn spawn_writer<W>(w: W, compress: bool, inbox: mpsc::Sender<LinkEvent>, link: LinkId) -> LinkTx
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel(LINK_QUEUE_FRAMES);
+    let (tx, rx) = LinkTx::new(PARENT_QUEUE_BYTES);
     tokio::spawn(write_frames(w, Vec::new(), rx, compress, inbox, link));
     tx
 }
@@ -83,7 +197,7 @@ where
 pub async fn write_frames<W: AsyncWrite + Unpin>(
     mut w: W,
     preamble: Vec<u8>,
-    mut rx: mpsc::Receiver<Frame>,
+    mut rx: LinkRx,
     compress: bool,
     inbox: mpsc::Sender<LinkEvent>,
     link: LinkId,
@@ -95,11 +209,15 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
     let mut out = Vec::new();
     while let Some(frame) = rx.recv().await {
         out.clear();
+        let mut taken = frame.wire_len();
         enc.encode(&frame, &mut out);
         while out.len() < READ_CHUNK_BYTES {
             match rx.try_recv() {
-                Ok(f) => enc.encode(&f, &mut out),
-                Err(_) => break,
+                Some(f) => {
+                    taken += f.wire_len();
+                    enc.encode(&f, &mut out);
+                }
+                None => break,
             }
         }
         if let Err(e) = w.write_all(&out).await {
@@ -111,19 +229,22 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
         if w.flush().await.is_err() {
             return;
         }
+        rx.written(taken);
     }
 }
 
 /// Makes a child process a link: writes `preamble` and then the frames
-/// sent on the returned sender to its stdin, reads frames from its stdout,
-/// and watches it until it exits. Returns the sender and the child's pid.
+/// sent on the returned sender to its stdin (at most [`CHILD_QUEUE_BYTES`]
+/// queued: send with `try_send`, never waiting), reads frames from its
+/// stdout, and watches it until it exits. Returns the sender and the
+/// child's pid.
 pub fn start_child_link(
     mut child: Child,
     preamble: Vec<u8>,
     compress: bool,
     inbox: mpsc::Sender<LinkEvent>,
     link: LinkId,
-) -> Result<(mpsc::Sender<Frame>, u32), String> {
+) -> Result<(LinkTx, u32), String> {
     let (Some(stdin), Some(stdout), Some(stderr), Some(pid)) = (
         child.stdin.take(),
         child.stdout.take(),
@@ -132,7 +253,7 @@ pub fn start_child_link(
     ) else {
         return Err("child pipes missing".into());
     };
-    let (tx, rx) = mpsc::channel(LINK_QUEUE_FRAMES);
+    let (tx, rx) = LinkTx::new(CHILD_QUEUE_BYTES);
     tokio::spawn(write_frames(
         stdin,
         preamble,
