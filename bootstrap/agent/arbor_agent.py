@@ -594,36 +594,85 @@ class Put(object):
             umask = os.umask(0)
             os.umask(umask)
             self.mode = mode if mode is not None else (0o666 & ~umask)
-        self.tmp, self.fd = atomic_target(path)
+        # An unnamed file in the destination's filesystem where the kernel
+        # offers one: a kill -9 mid-copy then leaves nothing behind. It is
+        # given a name only when complete, and renamed over the old file.
+        self.tmp, self.fd = None, None
+        tmpfile = getattr(os, "O_TMPFILE", 0)
+        if tmpfile and os.path.isdir("/proc/self/fd"):
+            try:
+                self.fd = os.open(os.path.dirname(path) or ".", tmpfile | os.O_WRONLY, 0o600)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                    raise self.error(e)
+        if self.fd is None:
+            try:
+                self.tmp, self.fd = atomic_target(path)
+            except OSError as e:
+                raise self.error(e)
+
+    def error(self, e):
+        """An OSError that names the destination, and says so if the disk is full."""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return OSError(e.errno, "disk full: no space left for %s on its filesystem (%d of %d bytes "
+                                    "written; the old file, if any, is unchanged)" % (self.path, self.done, self.size))
+        return OSError(e.errno, "%s: %s" % (self.path, e.strerror or e))
 
     def write(self, data):
         if self.done + len(data) > self.size:
             raise ValueError("more bytes than announced for %s" % self.path)
-        write_all(self.fd, data)
+        try:
+            write_all(self.fd, data)
+        except OSError as e:
+            raise self.error(e)
         self.done += len(data)
 
     def finish(self):
         if self.done != self.size:
             raise ValueError("%s: got %d of %d bytes" % (self.path, self.done, self.size))
-        os.fsync(self.fd)
-        os.fchmod(self.fd, self.mode)
-        os.close(self.fd)
-        self.fd = None
-        os.rename(self.tmp, self.path)
-        dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
         try:
-            os.fsync(dfd)
+            os.fsync(self.fd)
+            os.fchmod(self.fd, self.mode)
+            if self.tmp is None:
+                self.tmp = self.link_unnamed()
+            os.close(self.fd)
+            self.fd = None
+            os.rename(self.tmp, self.path)
+            dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            raise self.error(e)
+
+    def link_unnamed(self):
+        """Names the unnamed file (linkat through /proc/self/fd; a dir fd
+        makes Python use linkat with AT_SYMLINK_FOLLOW, not link)."""
+        d, base = os.path.split(self.path)
+        procfd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for i in range(100):
+                tmp = os.path.join(d or ".", ".%s.arbor-%d-%d.tmp" % (base, os.getpid(), i))
+                try:
+                    os.link(str(self.fd), tmp, src_dir_fd=procfd, follow_symlinks=True)
+                    return tmp
+                except OSError as e:
+                    if e.errno != errno.EEXIST:
+                        raise
         finally:
-            os.close(dfd)
+            os.close(procfd)
+        raise OSError(errno.EEXIST, "no free temp name beside %s" % self.path)
 
     def abort(self):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        try:
-            os.unlink(self.tmp)
-        except OSError:
-            pass
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
 
 
 SYMBOLIC = re.compile(r"^([ugoa]*)([-+=])([rwx]*)$")
@@ -1111,6 +1160,7 @@ class Agent(object):
         self.env_files = [EnvFile(p) for p in ENV_FILES]
         self.logs = collections.deque(maxlen=LOG_LINES_MAX)
         self.tmpdirs = []  # this agent's own temp dirs
+        self.sweeper = None  # pipe to the child that removes them if we die
         self.shell = login_shell()
         self.python = os.path.realpath(sys.executable)
         self.zips = {}  # zip_key -> ModuleZip
@@ -1497,6 +1547,8 @@ class Agent(object):
             finally:
                 os.umask(umask)
             self.tmpdirs.append(own)
+            if self.sweeper is not None:
+                write_all(self.sweeper, (own + "\n").encode("utf-8", "surrogateescape"))
         path = os.path.join(own, name)
         os.mkdir(path, 0o700)
         return path
@@ -2036,6 +2088,36 @@ class Agent(object):
         self.tmpdirs = []
 
 
+def start_sweeper():
+    """A child that outlives the agent only to remove its temp dirs: the
+    agent writes each dir it makes to the child's pipe, and when the pipe
+    ends (the agent and its forks have exited, however: even kill -9) the
+    child removes them and exits. It holds no other descriptor, so it keeps
+    no link or session open."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.closerange(3, r)
+            os.closerange(r + 1, max(r + 2, os.sysconf("SC_OPEN_MAX")))
+            buf = b""
+            while True:
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    break
+                buf += chunk
+            for d in buf.decode("utf-8", "surrogateescape").split("\n"):
+                if d:
+                    shutil.rmtree(d, ignore_errors=True)
+        finally:
+            os._exit(0)
+    os.close(r)
+    return w
+
+
 def main(node):
     # A nested agent's terminal hangs up when its parent lets go of it; the
     # end of its link (EOF) is what ends it, after its cleanup. (A handler,
@@ -2048,7 +2130,9 @@ def main(node):
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.close(null)
+    sweeper = start_sweeper()
     agent = Agent(node, rfd, wfd)
+    agent.sweeper = sweeper
     sys.stdout = sys.stderr
     try:
         code = agent.run()

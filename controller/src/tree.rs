@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use arbor_core::{Event, Limits, LinkId, Node, Role};
 use arbor_io::{
-    signal, start_child_link, stop_children, LinkEvent as Input, LinkTx, SendError,
+    signal, start_child_link, stop_children, tidy_tail, LinkEvent as Input, LinkTx, SendError,
     CHILD_QUEUE_BYTES,
 };
 use arbor_topology::{Hop, HopKey};
@@ -895,7 +895,7 @@ impl Tree {
                     .remove(&link)
                     .and_then(|l| l.cut_off.or(l.closed.map(|(why, _)| why)));
                 let node = self.local_nodes.remove(&link);
-                let tail = String::from_utf8_lossy(&tail).trim().to_string();
+                let tail = tidy_tail(&tail);
                 let label = node
                     .and_then(|n| self.node_hop.get(&n))
                     .map(|(_, l)| l.clone())

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use arbor_core::cache::Fifo;
 use arbor_core::{Event, Limits, LinkId, Node, Role};
 use arbor_io::{
-    signal, spawn_reader, spawn_writer, start_child_link, stop_children, LinkEvent as Input,
-    LinkTx, SendError, CHILD_QUEUE_BYTES,
+    signal, spawn_reader, spawn_writer, start_child_link, stop_children, tidy_tail,
+    LinkEvent as Input, LinkTx, SendError, CHILD_QUEUE_BYTES,
 };
 use arbor_wire::control::{self, Reply, Request, Spawn, KNOWN_HOSTS_TOKEN, PINS_MAX};
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
@@ -189,7 +189,7 @@ impl Relay {
                 let Some(c) = self.children.remove(&link) else {
                     return true;
                 };
-                let tail = String::from_utf8_lossy(&tail);
+                let tail = tidy_tail(&tail);
                 let mut why = format!("{}: ", c.label);
                 let cause = c
                     .cut_off

@@ -353,6 +353,26 @@ def test_temp_dirs_are_private_and_removed_when_the_agent_exits(link, tmp_path):
     assert not own.exists(), "the agent's own temp dir outlived it"
 
 
+def test_temp_dirs_of_an_agent_killed_with_sigkill_are_removed(link, tmp_path):
+    base = tmp_path / "rt"
+    res, _ = link.call({"op": "mkdtemp", "base": str(base), "name": "ansible-tmp-9"})
+    (Path(res["path"]) / "partial").write_bytes(b"x" * 1000)
+    # A put in progress into a directory: its unnamed file goes with the agent.
+    dest = tmp_path / "dest"
+    dest.write_text("old")
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "put", "path": str(dest), "size": 10, "streamed": True}, b"abc"))
+    link.call({"op": "ping"})
+    link.proc.kill()
+    link.proc.wait()
+    deadline = time.monotonic() + 5
+    while (base / ("arbor-%d" % link.proc.pid)).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(base.iterdir()) == [], "the temp dir outlived the agent killed with SIGKILL"
+    assert dest.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "rt"]
+
+
 def test_a_foreign_dir_in_the_agents_place_is_refused(link, tmp_path):
     base = tmp_path / "rt"
     own = base / ("arbor-%d" % link.proc.pid)

@@ -4,17 +4,21 @@ stalls one part of the tree and checks that only the hosts behind it fail,
 as UNREACHABLE naming the host and the dead hop, within the stated bound;
 that the others finish; and that nothing of arbor's is left on any host."""
 
+import hashlib
 import json
 import os
 import re
 import signal
+import statistics
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from test_arbor import (AGENT_MARK, LAB, PLAYBOOKS, VENV, any_arbor, arbor_procs, env_for, host_procs,
+from test_arbor import (AGENT_MARK, LAB, PLAYBOOKS, REPO, VENV, any_arbor, arbor_procs, env_for, host_procs,
                         recap, run, ssh, wait_gone)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
@@ -196,3 +200,257 @@ def test_a_via_host_that_never_answers_fails_once_then_at_once(lab, tmp_path):
     finally:
         tarpit.kill()
         tarpit.wait()
+
+
+def rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_a_stopped_agent_holds_bounded_memory_and_stalls_no_one_else(lab, tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "deploy" / "bench"))
+    from connect import Api, lab_chain, start_daemon
+    run_dir = tmp_path / "run"
+    # 14 streams with 2 MiB windows: 28 MiB for the stopped agent, more than
+    # a queue of 64 frames (16 MiB) and the pipes could hold, less than the
+    # relay's bound for one child (32 MiB).
+    window, streams, size, part = 2 << 20, 14, 16 << 20, os.urandom(1 << 20)
+    monkeypatch.setenv("ARBOR_STREAM_WINDOW_BYTES", str(window))
+    d = start_daemon(run_dir, open(tmp_path / "daemon.log", "wb"))
+    try:
+        busy, quiet = lab_chain(lab, "target1"), lab_chain(lab, "target2")
+        pinger = Api(run_dir / "sock")
+        senders = [Api(run_dir / "sock") for _ in range(streams)]
+        for api, c in [(pinger, quiet)] + [(s, busy) for s in senders]:
+            api.send({"op": "call", "chain": c, "req": {"op": "ping"}})
+            assert "pid" in api.recv()[0]
+
+        def ping():
+            t0 = time.monotonic()
+            pinger.send({"op": "call", "chain": quiet, "req": {"op": "ping"}})
+            assert "pid" in pinger.recv()[0]
+            return time.monotonic() - t0
+
+        relay = next(p for p, _, e, _ in host_procs(lab, "bastion1") if "arbor-relay" in e)
+        procs = host_procs(lab, "target1")
+        pythons = {p for p, _, e, c in procs if AGENT_MARK in c and "python" in e}
+        agent = next(p for p, pp, _, _ in procs if p in pythons and pp not in pythons)
+        base = {"relay": rss_kib(relay), "daemon": rss_kib(d.pid)}
+        os.kill(agent, signal.SIGSTOP)
+        results = [None] * streams
+
+        def transfer(i):
+            s = senders[i]
+            s.send({"op": "put", "chain": busy, "path": f"/tmp/arbor-stopped-{i}.bin", "size": size}, b"")
+            for _ in range(size // len(part)):
+                s.send({"op": "data"}, part)
+            results[i] = s.recv()[0]
+
+        threads = [threading.Thread(target=transfer, args=(i,), daemon=True) for i in range(streams)]
+        for t in threads:
+            t.start()
+        # While the agent is stopped: the senders stall on their windows,
+        # the queues hold at most a window each, and target2 answers.
+        lats, peak = [], dict(base)
+        t_end = time.monotonic() + 10
+        while time.monotonic() < t_end:
+            lats.append(ping())
+            peak = {"relay": max(peak["relay"], rss_kib(relay)), "daemon": max(peak["daemon"], rss_kib(d.pid))}
+            time.sleep(0.05)
+        assert all(r is None for r in results), results
+        grow = {k: (peak[k] - base[k]) / 1024 for k in base}
+        med = statistics.median(lats)
+        print(f"agent stopped, {streams} x {size >> 20} MiB queued: ping target2 median {med * 1000:.1f} ms, "
+              f"max {max(lats) * 1000:.1f} ms ({len(lats)}); RSS growth MiB {grow}")
+        assert med < 0.1 and max(lats) < 1.0, lats
+        # Each stream holds at most its window beyond what the agent took:
+        # the relay's queue for the child stays within its bound (32 MiB),
+        # the daemon's within a window and an API message per stream.
+        assert grow["relay"] < 34 and grow["daemon"] < streams * (window + (1 << 20)) / (1 << 20) + 16, grow
+        # Resumed, every byte arrives.
+        os.kill(agent, signal.SIGCONT)
+        for t in threads:
+            t.join(timeout=120)
+        assert results == [{"size": size}] * streams, results
+        want = hashlib.sha256(part * (size // len(part))).hexdigest()
+        got = ssh(lab, "target1", "sha256sum /tmp/arbor-stopped-*.bin").stdout.split()[::2]
+        assert got == [want] * streams, got
+    finally:
+        try:
+            os.kill(agent, signal.SIGCONT)
+        except (OSError, UnboundLocalError):
+            pass
+        d.terminate()
+        d.wait(timeout=15)
+        ssh(lab, "target1", "rm -f /tmp/arbor-stopped-*.bin")
+
+
+def leftovers(lab, host):
+    """arbor's files in the places a run writes: temp dirs, partial puts."""
+    res = ssh(lab, host, "ls -d ~/.ansible/tmp/* /tmp/*arbor* /tmp/.*arbor* /dev/shm/* /tmp/ssh-* 2>/dev/null "
+                         "| grep -v arbor-fault-after || true")
+    return res.stdout.split()
+
+
+def run_dir_entries():
+    base = Path(f"/tmp/arbor-{os.getuid()}")
+    return sorted(p.name for p in base.iterdir()) if base.exists() else []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill-group"])
+def test_interrupted_run_leaves_nothing_within_5_s(lab, sig):
+    before = run_dir_entries()
+    p = start(lab, "-e", "fault_wait=60")
+    wait_busy(lab, p)
+    daemons = [int(d) for d in os.listdir("/proc") if d.isdigit() and _exe(d).endswith("/arbor")]
+    assert daemons
+    os.killpg(p.pid, sig)
+    t0 = time.monotonic()
+    p.communicate(timeout=30)
+    procs = wait_gone(lab, 5.0 - (time.monotonic() - t0))
+    took = time.monotonic() - t0
+    assert not any_arbor(procs), procs
+    # The daemon saw its run end (SIGKILL leaves it no signal: it watches
+    # ansible-playbook's pid) and took its socket and run dir with it.
+    while time.monotonic() - t0 < 5 and any(Path(f"/proc/{d}").exists() for d in daemons):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{d}").exists() for d in daemons)
+    assert run_dir_entries() == before, (before, run_dir_entries())
+    print(f"{signal.Signals(sig).name}: every arbor process gone {took:.1f} s after")
+    for h in lab["hosts"]:
+        assert not [c for _, _, _, c in host_procs(lab, h) if b"sleep" in c], h
+        assert leftovers(lab, h) == [], (h, leftovers(lab, h))
+    # Nothing kept acting on the targets: the task after the wait never ran.
+    time.sleep(2)
+    for t in TARGETS:
+        assert ssh(lab, t, "cat /tmp/arbor-fault-after").returncode != 0
+
+
+def _exe(pid):
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+def agent_pid(lab, host):
+    procs = host_procs(lab, host)
+    pythons = {p for p, _, e, c in procs if AGENT_MARK in c and "python" in e}
+    found = [p for p, pp, _, _ in procs if p in pythons and pp not in pythons]
+    return found[0] if len(found) == 1 else None
+
+
+def test_a_copy_cut_by_kill_9_leaves_the_old_file_and_nothing_else(lab, tmp_path):
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as f:
+        for _ in range(160):
+            f.write(os.urandom(1 << 20))
+    ssh(lab, "target3", "echo old > /tmp/arbor-fault-dest")
+    before = leftovers(lab, "target3")
+    p = start(lab, "-e", f"target=target3 src={src} dest=/tmp/arbor-fault-dest", book="copy_one.yml")
+    deadline, killed = time.monotonic() + 90, None
+    while time.monotonic() < deadline and killed is None:
+        pid = agent_pid(lab, "target3")
+        try:
+            written = int(re.search(r"wchar: (\d+)", Path(f"/proc/{pid}/io").read_text())[1]) if pid else 0
+        except (OSError, TypeError):
+            written = 0
+        if written > 20 << 20:
+            os.kill(pid, signal.SIGKILL)
+            killed = written
+        time.sleep(0.02)
+    out = finish(p)
+    assert killed, "the copy never got under way:\n" + out
+    msgs = unreachable(out)
+    assert list(msgs) == ["target3"] and "target3" in msgs["target3"], out
+    print(f"agent killed after {killed >> 20} MiB written: {msgs['target3']}")
+    assert ssh(lab, "target3", "cat /tmp/arbor-fault-dest").stdout == "old\n"
+    deadline = time.monotonic() + 5
+    while leftovers(lab, "target3") != before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert leftovers(lab, "target3") == before
+    assert ssh(lab, "target3", "rm /tmp/arbor-fault-dest").returncode == 0
+
+
+def test_a_copy_to_a_full_disk_says_so_and_keeps_the_old_file(lab, tmp_path):
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(3 << 20))
+    mnt = "/mnt/arbor-small"
+    assert ssh(lab, "target1", f"mkdir -p {mnt} && mount -t tmpfs -o size=1m arbor-small {mnt} && "
+                               f"echo old > {mnt}/conf").returncode == 0
+    try:
+        # The file itself does not fit (the copy module's own move fails),
+        # then the upload into a temp dir on the full disk (arbor's put).
+        for dest, extra, want in ((f"{mnt}/conf", "", "No space left on device"),
+                                  (f"{mnt}/new", f"ansible_remote_tmp={mnt}/tmp", "disk full: no space left for")):
+            p = start(lab, "-e", f"target=target1 src={src} dest={dest} {extra}", book="copy_one.yml")
+            out = finish(p)
+            assert recap(out)["target1"][3] == 1, out
+            m = re.search(r"^fatal: \[target1\]: FAILED! => (\{.*\})$", out, re.M)
+            assert m, out
+            msg = json.loads(m[1])["msg"]
+            print(f"full disk: {msg}")
+            assert want in msg and mnt in msg, msg
+            assert ssh(lab, "target1", f"cat {mnt}/conf; find {mnt} -mindepth 1 ! -path {mnt}/tmp").stdout \
+                == f"old\n{mnt}/conf\n"
+    finally:
+        ssh(lab, "target1", f"umount {mnt}; rmdir {mnt}")
+
+
+def test_bad_configuration_gives_clear_errors_naming_host_and_hop(lab, tmp_path):
+    # A known_hosts where target2's address carries another host's key.
+    lines = Path(lab["known_hosts"]).read_text().splitlines()
+    t2 = lab["hosts"]["target2"]["address"]
+    other = next(l for l in lines if l.startswith("target3,"))
+    swapped = tmp_path / "known_hosts"
+    swapped.write_text("\n".join([l for l in lines if not l.startswith("target2,")]
+                                 + [t2 + " " + other.split(" ", 1)[1]]) + "\n")
+    stranger = tmp_path / "id_stranger"
+    run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", stranger)
+    b1 = lab["hosts"]["bastion1"]["address"]
+    inv = tmp_path / "inventory.yml"
+    inv.write_text(Path(lab["inventory"]).read_text() + f"""
+    broken:
+      hosts:
+        wronguser: {{ansible_host: "{lab['hosts']['target1']['address']}", mitogen_via: bastion1,
+                     ansible_user: nosuchuser}}
+        wrongkey: {{ansible_host: "{b1}", ansible_ssh_private_key_file: "{stranger}",
+                    ansible_ssh_common_args: "-o UserKnownHostsFile={lab['known_hosts']} -o IdentitiesOnly=yes"}}
+        swappedkey: {{ansible_host: "{t2}", mitogen_via: bastion1,
+                      ansible_ssh_common_args: "-o UserKnownHostsFile={swapped} -o StrictHostKeyChecking=yes"}}
+        nopython: {{ansible_host: "{lab['hosts']['target4']['address']}", mitogen_via: bastion2,
+                    ansible_python_interpreter: /usr/bin/python3-missing}}
+        loop1: {{ansible_host: "{lab['hosts']['target3']['address']}", mitogen_via: loop2}}
+        loop2: {{ansible_host: "{lab['hosts']['target4']['address']}", mitogen_via: loop1}}
+""")
+    t0 = time.monotonic()
+    out = ""
+    # nopython alone: in the same run its address would share target4's
+    # agent (one interpreter per host and account), and only the module's
+    # interpreter would be missing, as in vanilla.
+    for pattern in ("targets:broken:!nopython", "nopython"):
+        p = subprocess.run([str(VENV / "ansible"), "-i", str(inv), pattern, "-m", "ansible.builtin.ping",
+                            "-o", "-T", "10"], env=env_for("arbor"), capture_output=True, text=True, timeout=300)
+        out += p.stdout + p.stderr
+    took = time.monotonic() - t0
+    lines = {l.split(" | ")[0]: l for l in out.splitlines() if " | " in l}
+    print(f"{took:.1f} s")
+    for t in TARGETS:
+        assert "SUCCESS" in lines[t], out
+    want = {
+        "wronguser": ("UNREACHABLE", ["wronguser", "bastion1", "Permission denied"]),
+        "wrongkey": ("UNREACHABLE", ["wrongkey", "Permission denied"]),
+        "swappedkey": ("UNREACHABLE", ["swappedkey", "bastion1", "HOST IDENTIFICATION HAS CHANGED"]),
+        "nopython": ("UNREACHABLE", ["nopython", "bastion2", "/usr/bin/python3-missing"]),
+        "loop1": ("UNREACHABLE", ["loop1", "loop2", "cycle"]),
+        "loop2": ("UNREACHABLE", ["loop1", "loop2", "cycle"]),
+    }
+    for host, (status, words) in want.items():
+        line = lines[host]
+        print(line[:400])
+        assert status in line, line
+        for w in words:
+            assert w in line, (w, line)
+    assert took < 60, took

@@ -327,8 +327,35 @@ pub async fn stop_children(
     }
 }
 
+/// A child's stderr tail as one line for an error message: banner lines
+/// of `@` dropped, each line trimmed of them, lines joined by spaces.
+pub fn tidy_tail(tail: &[u8]) -> String {
+    let text = String::from_utf8_lossy(tail);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim().trim_matches('@').trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.join(" ")
+}
+
 /// Sends `sig` to a child of ours that its watcher has not reported gone.
 pub fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) on a pid we spawned and have not seen reaped.
     unsafe { libc::kill(pid as i32, sig) };
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tails_become_one_line_without_banners() {
+        let tail =
+            b"@@@@@@@@\n@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\n@@@@@@@@\r\n\
+IT IS POSSIBLE\nHost key verification failed.\n";
+        assert_eq!(
+            super::tidy_tail(tail),
+            "WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! IT IS POSSIBLE Host key verification failed."
+        );
+        assert_eq!(super::tidy_tail(b"\n \n"), "");
+    }
 }
