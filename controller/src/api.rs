@@ -309,6 +309,18 @@ async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
+        // Names and sizes only: requests carry module arguments, file
+        // contents and passwords, and none of it is ever logged.
+        let host = req
+            .get("chain")
+            .and_then(Value::as_array)
+            .and_then(|c| c.last())
+            .and_then(|h| h.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let started = std::time::Instant::now();
+        tracing::debug!(%op, %host, blob = blob.len(), "request");
         let result = match op.as_str() {
             "ping" => write_message(
                 &mut conn,
@@ -347,6 +359,7 @@ async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
             "choose" => choose(&mut conn, &tree, &zips, &req, blob).await,
             other => Err(ApiError::failed(format!("unknown API request {other:?}"))),
         };
+        tracing::debug!(%op, %host, ok = result.is_ok(), ms = started.elapsed().as_millis() as u64, "answered");
         if let Err(e) = result {
             let v = json!({"error": e.message, "unreachable": e.unreachable,
                            "become_needed": e.become_needed});

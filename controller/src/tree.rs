@@ -89,6 +89,15 @@ struct LocalLink {
     closed: Option<(String, Instant)>,
 }
 
+/// A passphrase for locking the private ssh-agent, never shown.
+fn random_pass() -> String {
+    let mut b = [0u8; 24];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// How long a link's process may outlive the end of its stdout.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
@@ -346,6 +355,10 @@ pub struct Tree {
     spawns: HashMap<StreamId, NodeId>,
     agent: Option<Child>,
     agent_keys: Vec<PathBuf>,
+    /// The agent is locked (with `agent_pass`) while no hop is connecting:
+    /// its forwarded socket on a bastion then signs nothing.
+    agent_locked: bool,
+    agent_pass: String,
     hellos: Hellos,
     /// Become agents by (parent agent, key), and each one's key and label.
     becomes: HashMap<(NodeId, String), BecomeAgent>,
@@ -391,6 +404,8 @@ impl Tree {
             spawns: HashMap::new(),
             agent: None,
             agent_keys: Vec::new(),
+            agent_locked: false,
+            agent_pass: random_pass(),
             hellos: hellos.clone(),
             becomes: HashMap::new(),
             started: HashMap::new(),
@@ -420,6 +435,9 @@ impl Tree {
                 },
                 Some(input) = self.inbox.recv() => self.input(input),
                 _ = tick.tick() => self.kill_closed(),
+            }
+            if !self.connecting() {
+                self.lock_agent(true).await;
             }
             self.pump().await;
         }
@@ -609,6 +627,9 @@ impl Tree {
         );
         self.node_hop.insert(node, (key.clone(), label.clone()));
         self.started.insert(node, Instant::now());
+        // The agent signs while something connects (a deeper hop through
+        // the forwarded socket, or this ssh with its keys).
+        self.lock_agent(false).await;
 
         if role == Role2::Relay {
             self.load_keys(&chain).await;
@@ -819,6 +840,38 @@ impl Tree {
         true
     }
 
+    fn connecting(&self) -> bool {
+        self.hops
+            .values()
+            .any(|h| matches!(h, HopState::Connecting { .. }))
+    }
+
+    /// Locks or unlocks the private ssh-agent (agent protocol LOCK and
+    /// UNLOCK with a passphrase only this process knows), if it runs.
+    async fn lock_agent(&mut self, lock: bool) {
+        if self.agent.is_none() || self.agent_locked == lock {
+            return;
+        }
+        let pass = self.agent_pass.as_bytes();
+        let mut msg = Vec::with_capacity(9 + pass.len());
+        msg.extend_from_slice(&(5 + pass.len() as u32).to_be_bytes());
+        msg.push(if lock { 22 } else { 23 });
+        msg.extend_from_slice(&(pass.len() as u32).to_be_bytes());
+        msg.extend_from_slice(pass);
+        let ask = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::UnixStream::connect(self.agent_socket()).await?;
+            s.write_all(&msg).await?;
+            let mut answer = [0u8; 5];
+            s.read_exact(&mut answer).await?;
+            Ok::<u8, std::io::Error>(answer[4])
+        };
+        match tokio::time::timeout(Duration::from_secs(2), ask).await {
+            Ok(Ok(6)) => self.agent_locked = lock,
+            other => tracing::warn!(lock, ?other, "ssh-agent did not take the (un)lock"),
+        }
+    }
+
     fn agent_socket(&self) -> PathBuf {
         self.cfg.run_dir.join("agent.sock")
     }
@@ -881,7 +934,12 @@ impl Tree {
     fn input(&mut self, input: Input) {
         let now = Instant::now();
         match input {
-            Input::Frame(link, frame) => self.core.handle_frame(now, link, frame),
+            Input::Frame(link, frame) => {
+                // Headers only: payloads are never logged.
+                tracing::trace!(link = link.0, kind = ?frame.kind, src = frame.src.0, dst = frame.dst.0,
+                                stream = frame.stream.0, len = frame.payload.len(), "frame in");
+                self.core.handle_frame(now, link, frame)
+            }
             Input::Closed(link, why) => match self.links.get_mut(&link) {
                 // Down once ssh has exited and said why.
                 Some(l) => {
@@ -914,6 +972,8 @@ impl Tree {
             if let Some((link, frame)) = self.core.poll_transmit() {
                 // Never wait for one link: one that stops reading is cut
                 // off once its queue is full.
+                tracing::trace!(link = link.0, kind = ?frame.kind, src = frame.src.0, dst = frame.dst.0,
+                                stream = frame.stream.0, len = frame.payload.len(), "frame out");
                 if let Some(l) = self.links.get_mut(&link) {
                     if let Err(SendError::Full(queued)) = l.writer.try_send(frame) {
                         if l.cut_off.is_none() {

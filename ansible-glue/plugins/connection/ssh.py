@@ -354,7 +354,13 @@ def _connect_daemon():
         except OSError:
             pass
         binary = _arbor_bin()
-        log = open(os.path.join(run_dir, "daemon.log"), "ab")
+        # ARBOR_LOG_FILE keeps the daemon's log past the run (the run dir
+        # goes with it); private to the user either way.
+        log_path = os.environ.get("ARBOR_LOG_FILE") or os.path.join(run_dir, "daemon.log")
+        try:
+            log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+        except OSError as e:
+            raise AnsibleConnectionFailure("arbor: cannot open the daemon's log %s: %s" % (log_path, e))
         try:
             proc = subprocess.Popen([binary, "daemon", "--run-dir", run_dir,
                                      "--parent-pid", str(_run_pid())],
@@ -371,7 +377,7 @@ def _connect_daemon():
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise AnsibleConnectionFailure("arbor: the controller daemon did not start (exit %s); "
-                                                   "see %s/daemon.log" % (proc.poll(), run_dir))
+                                                   "see %s" % (proc.poll(), log_path))
                 time.sleep(0.01)
 
 
