@@ -370,6 +370,8 @@ pub struct Tree {
     /// parent relay.
     pins: HashMap<NodeId, HashSet<String>>,
     relay_parent: HashMap<NodeId, NodeId>,
+    /// The relay that started each node behind the first hop.
+    node_parent: HashMap<NodeId, NodeId>,
 }
 
 /// Largest entry pinned at a relay (it travels in one frame).
@@ -389,7 +391,8 @@ impl Tree {
         let hellos = Hellos::default();
         let tree = Tree {
             cfg,
-            core: Node::new(NodeId::CONTROLLER, Limits::default()),
+            // Strict: a node is routed only where it was started.
+            core: Node::new(NodeId::CONTROLLER, Limits::default()).strict(),
             cmds,
             inbox,
             inbox_tx,
@@ -413,6 +416,7 @@ impl Tree {
             use_clock: 0,
             pins: HashMap::new(),
             relay_parent: HashMap::new(),
+            node_parent: HashMap::new(),
         };
         (tree, TreeHandle { tx, hellos })
     }
@@ -549,6 +553,9 @@ impl Tree {
         );
         self.become_of.insert(node, (k, label));
         self.started.insert(node, Instant::now());
+        // Every relay above the agent that starts it takes its
+        // announcement only from that agent's link.
+        self.expect_above(node, parent, self.node_parent.get(&parent).copied());
         let _ = done.send(Ok(Some(BecomeSlot::Start(node))));
     }
 
@@ -718,6 +725,7 @@ impl Tree {
         let (tx, pid) = start_child_link(child, preamble, compress, self.inbox_tx.clone(), link)
             .map_err(|e| format!("{label}: {e}"))?;
         self.core.handle_link_up(Instant::now(), link, Role::Child);
+        self.core.expect(node, link);
         self.links.insert(
             link,
             LocalLink {
@@ -767,6 +775,7 @@ impl Tree {
         if role == Role2::Relay {
             self.relay_parent.insert(node, parent);
         }
+        self.node_parent.insert(node, parent);
         let spec = Spawn {
             node,
             label: hop.name.clone(),
@@ -785,6 +794,9 @@ impl Tree {
             preamble_pinned,
             known_hosts_pinned,
         };
+        // `parent` expects it on the link it starts; the relays above take
+        // its announcement only from `parent`'s direction.
+        self.expect_above(node, parent, self.relay_parent.get(&parent).copied());
         let stream = self.stream_id();
         self.spawns.insert(stream, node);
         let f = Frame::new(
@@ -838,6 +850,27 @@ impl Tree {
         self.core.send(Instant::now(), f);
         self.pins.entry(relay).or_default().insert(key.to_string());
         true
+    }
+
+    /// Tells `relay` and every relay above it, and this node, that `node`
+    /// will announce itself from `via`'s direction (a strict node takes no
+    /// other announcement of it). Sent before the request that starts it,
+    /// on the same links, so it arrives first.
+    fn expect_above(&mut self, node: NodeId, via: NodeId, mut relay: Option<NodeId>) {
+        if let Some(link) = self.core.route(via) {
+            self.core.expect(node, link);
+        }
+        while let Some(r) = relay {
+            let f = Frame::new(
+                Kind::Request,
+                r,
+                NodeId::CONTROLLER,
+                self.stream_id(),
+                control::encode(&Request::Expect { node, via }),
+            );
+            self.core.send(Instant::now(), f);
+            relay = self.relay_parent.get(&r).copied();
+        }
     }
 
     fn connecting(&self) -> bool {

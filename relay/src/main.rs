@@ -111,7 +111,9 @@ impl Relay {
         // The parent is the controller or another relay: compressed frames.
         let parent = spawn_writer(tokio::io::stdout(), true, inbox_tx.clone(), PARENT);
         spawn_reader(tokio::io::stdin(), inbox_tx.clone(), PARENT);
-        let mut core = Node::new(id, Limits::default());
+        // Strict: a child's node is routed only on the link it was started
+        // on (and a nested agent's only where the controller said).
+        let mut core = Node::new(id, Limits::default()).strict();
         core.handle_link_up(Instant::now(), PARENT, Role::Parent);
         Relay {
             core,
@@ -252,6 +254,16 @@ impl Relay {
                 }
                 Event::NodeUp { node, link, .. } => {
                     if let Some(c) = self.children.get_mut(&link) {
+                        // A child's first announcement is the node started
+                        // on it; only after that may it route for others
+                        // (an agent's nested become agents).
+                        if c.pending.is_some() && c.node != node && c.cut_off.is_none() {
+                            c.cut_off = Some(format!(
+                                "announced n{} before itself (n{})",
+                                node.0, c.node.0
+                            ));
+                            signal(c.pid, libc::SIGKILL);
+                        }
                         if c.node == node {
                             if let Some((src, stream, _)) = c.pending.take() {
                                 let pid = c.pid;
@@ -319,6 +331,12 @@ impl Relay {
                 max_bytes,
             }) => {
                 self.forward(dst, &keys, max_bytes);
+                true
+            }
+            Ok(Request::Expect { node, via }) => {
+                if let Some(link) = self.core.route(via).filter(|l| *l != PARENT) {
+                    self.core.expect(node, link);
+                }
                 true
             }
             Ok(Request::Pin { key, data }) => {
@@ -487,6 +505,7 @@ impl Relay {
             start_child_link(child, preamble, spec.send_self, self.inbox_tx.clone(), link)?;
 
         self.core.handle_link_up(Instant::now(), link, Role::Child);
+        self.core.expect(spec.node, link);
         let deadline = Instant::now() + Duration::from_millis(u64::from(spec.connect_timeout_ms));
         self.children.insert(
             link,

@@ -85,6 +85,11 @@ pub struct Node {
     routes: HashMap<NodeId, LinkId>,
     transmit: VecDeque<(LinkId, Frame)>,
     events: VecDeque<Event>,
+    /// Strict nodes (the controller) accept an announcement only for a
+    /// node they expect, on the link they expect it on: a node below
+    /// cannot claim an id that belongs to another subtree, even one not
+    /// (or no longer) in the tree.
+    expected: Option<HashMap<NodeId, LinkId>>,
 }
 
 impl Node {
@@ -97,6 +102,20 @@ impl Node {
             routes: HashMap::new(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
+            expected: None,
+        }
+    }
+
+    /// Makes this node strict (see [`Node::expect`]).
+    pub fn strict(mut self) -> Self {
+        self.expected = Some(HashMap::new());
+        self
+    }
+
+    /// A strict node will accept `node`'s announcement once, on `link`.
+    pub fn expect(&mut self, node: NodeId, link: LinkId) {
+        if let Some(e) = &mut self.expected {
+            e.insert(node, link);
         }
     }
 
@@ -199,6 +218,12 @@ impl Node {
         if node == self.id || node == NodeId::CONTROLLER {
             return self.drop(&frame, "announcement of a reserved id");
         }
+        if let Some(e) = &mut self.expected {
+            if e.get(&node) != Some(&link) {
+                return self.drop(&frame, "announcement of a node not expected on its link");
+            }
+            e.remove(&node);
+        }
         match self.routes.get(&node) {
             Some(&l) if l == link => {}
             Some(_) => return self.drop(&frame, "announcement of a node routed elsewhere"),
@@ -262,6 +287,14 @@ impl Node {
             None if came_from.is_some() && came_from == self.parent => None,
             None => self.parent,
         };
+        // Frames from below only go up: no child may address another
+        // subtree (nothing of arbor's talks sideways; only the controller
+        // directs nodes).
+        if let (Some(from), Some(to)) = (came_from, out) {
+            if Some(from) != self.parent && Some(to) != self.parent {
+                return self.drop(&frame, "a child may not address another subtree");
+            }
+        }
         match out {
             Some(l) if Some(l) != came_from => self.transmit.push_back((l, frame)),
             _ => self.undeliverable(frame),
@@ -369,6 +402,44 @@ mod tests {
         let forged = Frame::new(Kind::Reply, NodeId(0), NodeId(9), StreamId(1), vec![]);
         n.handle_frame(now(), LinkId(1), forged);
         assert_eq!(n.poll_transmit(), None);
+    }
+
+    #[test]
+    fn a_child_cannot_address_another_subtree() {
+        let mut n = relay();
+        n.handle_link_up(now(), LinkId(2), Role::Child);
+        n.handle_frame(now(), LinkId(1), hello(5));
+        n.handle_frame(now(), LinkId(2), hello(6));
+        while n.poll_transmit().is_some() {}
+        // 6 asks 5, and 5 asks itself through the relay: neither goes anywhere.
+        let sideways = Frame::new(Kind::Request, NodeId(5), NodeId(6), StreamId(1), vec![]);
+        n.handle_frame(now(), LinkId(2), sideways);
+        let back = Frame::new(Kind::Request, NodeId(5), NodeId(5), StreamId(1), vec![]);
+        n.handle_frame(now(), LinkId(1), back);
+        assert_eq!(n.poll_transmit(), None);
+        // Up is the only way.
+        let up = Frame::new(Kind::Reply, NodeId(0), NodeId(6), StreamId(1), vec![]);
+        n.handle_frame(now(), LinkId(2), up.clone());
+        assert_eq!(n.poll_transmit(), Some((LinkId(0), up)));
+    }
+
+    #[test]
+    fn a_strict_node_takes_only_the_announcements_it_expects() {
+        let mut n = Node::new(NodeId(0), Limits::default()).strict();
+        n.handle_link_up(now(), LinkId(1), Role::Child);
+        n.handle_link_up(now(), LinkId(2), Role::Child);
+        n.expect(NodeId(5), LinkId(1));
+        n.handle_frame(now(), LinkId(2), hello(5));
+        n.handle_frame(now(), LinkId(1), hello(6));
+        assert_eq!(n.route(NodeId(5)), None);
+        assert_eq!(n.route(NodeId(6)), None);
+        n.handle_frame(now(), LinkId(1), hello(5));
+        assert_eq!(n.route(NodeId(5)), Some(LinkId(1)));
+        // Once: after a withdrawal it is not taken back.
+        let del = Frame::new(Kind::RouteDel, NodeId(0), NodeId(5), StreamId(0), vec![]);
+        n.handle_frame(now(), LinkId(1), del);
+        n.handle_frame(now(), LinkId(1), hello(5));
+        assert_eq!(n.route(NodeId(5)), None);
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub enum Request {
     /// [`PINS_MAX`] entries; more are refused (a spawn naming one fails).
     /// No reply.
     Pin { key: String, data: Vec<u8> },
+    /// `node` will announce itself through `via` (a node below this relay:
+    /// the agent that starts it, a nested become agent); until then this
+    /// relay takes no announcement of `node`. No reply.
+    Expect { node: NodeId, via: NodeId },
 }
 
 /// Most entries a relay pins.
@@ -145,6 +149,10 @@ mod tests {
                 dst: NodeId(8),
                 keys: vec!["k1".into()],
                 max_bytes: 1 << 20,
+            },
+            Request::Expect {
+                node: NodeId(9),
+                via: NodeId(4),
             },
             Request::Pin {
                 key: "pin:agent:00".into(),

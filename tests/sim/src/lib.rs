@@ -73,6 +73,14 @@ enum Delivery {
     Crash {
         node: usize,
     },
+    Partition {
+        relay: usize,
+        hold: Duration,
+    },
+    Forge {
+        node: usize,
+        victim: NodeId,
+    },
 }
 
 /// The outcome of one call.
@@ -83,7 +91,7 @@ pub enum Outcome {
 }
 
 /// Scenario settings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Scenario {
     pub relays: usize,
     pub leaves: usize,
@@ -92,7 +100,21 @@ pub struct Scenario {
     pub relay_crashes: usize,
     /// Calls also sent to ids that were never in the tree.
     pub calls_to_strangers: usize,
+    /// Leaves crashed at a random time during the run.
+    pub leaf_crashes: usize,
+    /// Relays whose parent link holds every frame for a random time
+    /// (0.2 to 6 s): past `KEEPALIVE` both ends declare it dead, as ssh's
+    /// probes do; shorter, the frames arrive late and in order.
+    pub partitions: usize,
+    /// Extra random delay per frame, up to this (links stay ordered).
+    pub jitter_ms: u64,
+    /// Leaves that also forge: replies in another leaf's name, requests to
+    /// other leaves, and announcements of other leaves' ids.
+    pub impostors: usize,
 }
+
+/// A held link past this is declared dead by both ends.
+pub const KEEPALIVE: Duration = Duration::from_secs(3);
 
 pub struct Report {
     pub outcomes: HashMap<StreamId, Outcome>,
@@ -115,6 +137,9 @@ pub struct Sim {
     pending: HashMap<u64, Delivery>,
     /// Last delivery time per (node, link), so links stay ordered.
     link_clock: HashMap<(usize, LinkId), Instant>,
+    /// Links (by receiving end) holding frames until then.
+    held: HashMap<(usize, LinkId), Instant>,
+    jitter_ms: u64,
     // controller RPC state
     calls: HashMap<StreamId, NodeId>,
     outcomes: HashMap<StreamId, Outcome>,
@@ -139,6 +164,8 @@ impl Sim {
             queue: BinaryHeap::new(),
             pending: HashMap::new(),
             link_clock: HashMap::new(),
+            held: HashMap::new(),
+            jitter_ms: 0,
             calls: HashMap::new(),
             outcomes: HashMap::new(),
             up: HashSet::new(),
@@ -150,8 +177,15 @@ impl Sim {
 
     fn add_node(&mut self, role: Role2) -> usize {
         let id = NodeId(self.nodes.len() as u32);
+        let core = Node::new(id, Limits::default());
         self.nodes.push(SimNode {
-            core: Node::new(id, Limits::default()),
+            // The controller and relays are strict, as arbor's: a node is
+            // routed only where it was started.
+            core: if role == Role2::Leaf {
+                core
+            } else {
+                core.strict()
+            },
             role,
             alive: role == Role2::Controller,
             links: BTreeMap::new(),
@@ -167,6 +201,8 @@ impl Sim {
         self.nodes[child].links.insert(cl, (parent, pl, latency));
         let now = self.now;
         self.nodes[parent].core.handle_link_up(now, pl, Role::Child);
+        let child_id = self.nodes[child].core.id();
+        self.nodes[parent].core.expect(child_id, pl);
         self.nodes[child].core.handle_link_up(now, cl, Role::Parent);
     }
 
@@ -181,7 +217,11 @@ impl Sim {
             return;
         };
         let key = (to, peer_link);
-        let at = (self.now + latency).max(self.link_clock.get(&key).copied().unwrap_or(self.t0));
+        let jitter = Duration::from_millis(self.rng.below(self.jitter_ms + 1));
+        let held = self.held.get(&key).copied().unwrap_or(self.t0);
+        let at = (self.now + latency + jitter)
+            .max(held)
+            .max(self.link_clock.get(&key).copied().unwrap_or(self.t0));
         self.link_clock.insert(key, at);
         self.schedule(
             at,
@@ -221,6 +261,10 @@ impl Sim {
                 if frame.dst != me {
                     self.violations
                         .push(format!("{me} was handed a frame for {}", frame.dst));
+                }
+                if self.nodes[i].role != Role2::Controller && frame.src != NodeId::CONTROLLER {
+                    self.violations
+                        .push(format!("{me} was handed a frame from {}", frame.src));
                 }
                 match (self.nodes[i].role, frame.kind) {
                     (Role2::Leaf | Role2::Relay, Kind::Request) => {
@@ -303,6 +347,86 @@ impl Sim {
         }
     }
 
+    /// Holds both directions of a relay's parent link for `hold`; past
+    /// `KEEPALIVE` both ends then see it dead.
+    fn partition(&mut self, relay: usize, hold: Duration) {
+        if !self.nodes[relay].alive {
+            return;
+        }
+        let Some(&(parent, parent_link, _)) = self.nodes[relay].links.get(&LinkId(0)) else {
+            return;
+        };
+        let until = self.now + hold;
+        self.held.insert((relay, LinkId(0)), until);
+        self.held.insert((parent, parent_link), until);
+        if hold > KEEPALIVE {
+            let at = self.now + KEEPALIVE;
+            self.schedule(
+                at,
+                Delivery::LinkDown {
+                    to: parent,
+                    link: parent_link,
+                },
+            );
+            self.schedule(
+                at,
+                Delivery::LinkDown {
+                    to: relay,
+                    link: LinkId(0),
+                },
+            );
+        }
+    }
+
+    /// An impostor leaf sends what it must not be able to: a reply in
+    /// `victim`'s name to the victim's call, a request to the victim, and
+    /// an announcement of the victim's id.
+    fn forge(&mut self, node: usize, victim: NodeId) {
+        if !self.nodes[node].alive || victim == NodeId(node as u32) {
+            return;
+        }
+        let stream = self
+            .calls
+            .iter()
+            .find(|(_, n)| **n == victim)
+            .map(|(s, _)| *s)
+            .unwrap_or(StreamId(1));
+        let mut forged = vec![
+            Frame::new(
+                Kind::Reply,
+                NodeId::CONTROLLER,
+                victim,
+                stream,
+                stream.0.to_le_bytes().to_vec(),
+            ),
+            Frame::new(
+                Kind::Request,
+                victim,
+                NodeId(node as u32),
+                StreamId(9999),
+                vec![],
+            ),
+            Frame::new(
+                Kind::Reply,
+                NodeId::CONTROLLER,
+                NodeId::CONTROLLER,
+                stream,
+                vec![],
+            ),
+        ];
+        // Announcing another node, up or not yet (strict nodes refuse it).
+        forged.push(Frame::new(
+            Kind::RouteAdd,
+            NodeId::CONTROLLER,
+            victim,
+            StreamId(0),
+            b"me too".to_vec(),
+        ));
+        for f in forged {
+            self.send_on(node, LinkId(0), f);
+        }
+    }
+
     pub fn call(&mut self, stream: StreamId, dst: NodeId) {
         self.calls.insert(stream, dst);
         let f = Frame::new(
@@ -331,6 +455,21 @@ impl Sim {
             sim.connect(relays[k % relays.len()], l);
             leaves.push(l);
         }
+        for &n in relays.iter().chain(&leaves) {
+            let first = if n < 1 + relays.len() {
+                n
+            } else {
+                relays[(n - 1 - relays.len()) % relays.len()]
+            };
+            let link = sim.nodes[controller]
+                .links
+                .iter()
+                .find(|(_, (peer, _, _))| *peer == first)
+                .map(|(l, _)| *l);
+            if let Some(link) = link {
+                sim.nodes[controller].core.expect(NodeId(n as u32), link);
+            }
+        }
         // Relays start first; leaves join once their relay is up.
         for &r in &relays {
             let at = sim.now + sim.rng.ms(1, 20);
@@ -339,6 +478,26 @@ impl Sim {
         for &l in &leaves {
             let at = sim.now + sim.rng.ms(60, 200);
             sim.schedule(at, Delivery::Start { node: l });
+        }
+        sim.jitter_ms = s.jitter_ms;
+        for _ in 0..s.leaf_crashes.min(leaves.len()) {
+            let l = leaves[sim.rng.below(leaves.len() as u64) as usize];
+            let at = sim.now + sim.rng.ms(250, 900);
+            sim.schedule(at, Delivery::Crash { node: l });
+        }
+        for _ in 0..s.partitions.min(relays.len()) {
+            let r = relays[sim.rng.below(relays.len() as u64) as usize];
+            let at = sim.now + sim.rng.ms(250, 900);
+            let hold = sim.rng.ms(200, 6000);
+            sim.schedule(at, Delivery::Partition { relay: r, hold });
+        }
+        for k in 0..s.impostors.min(leaves.len()) {
+            let node = leaves[k];
+            for _ in 0..4 {
+                let victim = NodeId(leaves[sim.rng.below(leaves.len() as u64) as usize] as u32);
+                let at = sim.now + sim.rng.ms(200, 700);
+                sim.schedule(at, Delivery::Forge { node, victim });
+            }
         }
         let mut crashed = Vec::new();
         for _ in 0..s.relay_crashes.min(relays.len()) {
@@ -376,6 +535,8 @@ impl Sim {
                     sim.send_on(node, LinkId(0), hello);
                 }
                 Delivery::Crash { node } => sim.kill(node),
+                Delivery::Partition { relay, hold } => sim.partition(relay, hold),
+                Delivery::Forge { node, victim } => sim.forge(node, victim),
                 Delivery::Frame { to, link, frame } => {
                     if !sim.nodes[to].alive || !sim.nodes[to].links.contains_key(&link) {
                         continue;

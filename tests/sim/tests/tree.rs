@@ -34,6 +34,7 @@ fn every_call_is_answered_in_a_healthy_tree() {
         calls_per_leaf: 5,
         relay_crashes: 0,
         calls_to_strangers: 3,
+        ..Scenario::default()
     };
     for seed in seeds() {
         let r = check(seed, s);
@@ -52,6 +53,7 @@ fn a_crashed_relay_fails_only_its_own_leaves() {
         calls_per_leaf: 3,
         relay_crashes: 1,
         calls_to_strangers: 0,
+        ..Scenario::default()
     };
     for seed in seeds() {
         let r = check(seed, s);
@@ -84,9 +86,34 @@ fn larger_tree_with_crashes_holds_its_invariants() {
         calls_per_leaf: 2,
         relay_crashes: 3,
         calls_to_strangers: 5,
+        ..Scenario::default()
     };
     for seed in seeds().into_iter().take(16) {
         let r = check(seed, s);
         assert!(r.max_queue < arbor_sim::QUEUE_BOUND);
     }
+}
+
+#[test]
+fn crashes_partitions_delays_and_impostors_in_a_large_tree() {
+    let s = Scenario {
+        relays: 16,
+        leaves: 240,
+        calls_per_leaf: 2,
+        relay_crashes: 2,
+        calls_to_strangers: 5,
+        leaf_crashes: 12,
+        partitions: 4,
+        jitter_ms: 50,
+        impostors: 6,
+    };
+    let mut errors = 0;
+    let seeds = seeds();
+    for &seed in &seeds {
+        let r = check(seed, s);
+        assert!(r.max_queue < arbor_sim::QUEUE_BOUND);
+        errors += r.errors;
+    }
+    // The faults did bite: calls to crashed or cut-off leaves failed.
+    assert!(errors > seeds.len() * 5, "{errors}");
 }
