@@ -199,7 +199,10 @@ def split_msg(payload):
     (n,) = struct.unpack_from("<I", payload)
     if n > len(payload) - 4:
         raise WireError("BadPayload: JSON length past the end")
-    obj = json.loads(payload[4:4 + n].decode("utf-8"))
+    try:
+        obj = json.loads(payload[4:4 + n].decode("utf-8"))
+    except ValueError as e:  # bad UTF-8 or JSON
+        raise WireError("BadPayload: %s" % e)
     if not isinstance(obj, dict):
         raise WireError("BadPayload: JSON is not an object")
     return obj, payload[4 + n:]
@@ -1417,7 +1420,12 @@ class Agent(object):
             self.stream_part(kind, src, stream, payload)
 
     def request(self, src, stream, payload):
-        req, blob = split_msg(payload)
+        try:
+            req, blob = split_msg(payload)
+        except WireError as e:
+            # A whole frame with a bad message: answered, the link stays.
+            self.reply(src, stream, {"error": "malformed request: %s" % e})
+            return
         if req.get("streamed") and req.get("op") != "put":
             self.bodies[stream] = (src, req, [blob], len(blob))
             return

@@ -779,3 +779,43 @@ def test_zips_rebuilt_from_members_read_as_the_originals(link, ansiballz):
         {"n": "ansible/extra.py", "k": "never-sent", "m": 8, "c": 0, "u": 0}])
     res, _ = link.call(gone, short)
     assert res == {"error": "module zip not cached", "zip_miss": True}
+
+
+def test_random_and_mutated_frames_decode_or_fail_cleanly():
+    """The agent's decoder, as the Rust property test: random bytes and
+    single-byte mutations of valid frames decode, ask for more (never past
+    the frame bound) or raise WireError; never anything else."""
+    import random
+    rnd = random.Random(7)
+    valid = [A.encode(k, NODE, 0, rnd.randrange(1 << 32), bytes(rnd.randrange(256) for _ in range(n)))
+             for k in sorted(A.KINDS) for n in (0, 1, 40)]
+    for i in range(6000):
+        if i % 2:
+            buf = bytearray(rnd.choice(valid))
+            buf[rnd.randrange(len(buf))] = rnd.randrange(256)
+        else:
+            buf = bytearray(rnd.randrange(256) for _ in range(rnd.randrange(64)))
+        try:
+            frame, n = A.decode(buf)
+        except A.WireError:
+            continue
+        assert n <= A.HEADER_BYTES + A.PAYLOAD_MAX
+        if frame is not None:
+            assert n <= len(buf) and len(frame[5]) == n - A.HEADER_BYTES
+            try:
+                A.split_msg(frame[5])
+            except (A.WireError, ValueError):
+                pass
+
+
+@pytest.mark.parametrize("payload", [b"", b"\xff\xff\xff\xff", b"\x03\x00\x00\x00{{{", b"\x02\x00\x00\x00[]",
+                                     b"\x04\x00\x00\x00\xff\xfe\xfd\xfc", b"\x02\x00\x00\x00{}"])
+def test_a_malformed_request_gets_an_error_and_the_agent_lives(link, payload):
+    link.stream += 1
+    link.send(A.REQUEST, payload)
+    kind, _, _, _, stream, body = link.frame()
+    assert (kind, stream) == (A.REPLY, link.stream)
+    assert "error" in A.split_msg(body)[0]
+    res, _ = link.call({"op": "ping"})
+    assert "pid" in res or res == {}, res
+    assert link.close() == 0
