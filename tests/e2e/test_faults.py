@@ -67,13 +67,24 @@ def wait_busy(lab, p):
     pytest.fail("the run never reached its wait task")
 
 
-def finish(p, timeout=150):
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+def finish(p, timeout=150, seen=None):
+    """The run's output once it ends; `seen` gets the time each host's
+    UNREACHABLE line was printed."""
+    lines, deadline = [], time.monotonic() + timeout
+    reader = threading.Thread(target=lambda: [lines.append((time.monotonic(), l)) for l in p.stdout], daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
         os.killpg(p.pid, signal.SIGKILL)
-        pytest.fail("the run hung:\n" + p.communicate()[0])
-    return out
+        reader.join(10)
+        pytest.fail("the run hung:\n" + "".join(l for _, l in lines))
+    p.wait(max(1, deadline - time.monotonic()))
+    if seen is not None:
+        for t, l in lines:
+            m = FATAL.match(l.rstrip("\n"))
+            if m:
+                seen.setdefault(m[1], t)
+    return "".join(l for _, l in lines)
 
 
 def unreachable(out):
@@ -114,19 +125,24 @@ def test_kill_9_of_a_bastions_relay_fails_only_the_hosts_behind_it(lab):
     p = start(lab)
     wait_busy(lab, p)
     t0 = kill_one(lab, "bastion1", lambda p, pp, e, c: "arbor-relay" in e)
-    out = finish(p)
+    seen = {}
+    out = finish(p, seen=seen)
     msgs = assert_only_behind(lab, out, BEHIND["bastion1"], ["bastion1"])
-    print(f"relay killed: run ended {time.monotonic() - t0:.1f} s later; {msgs}")
+    after = {h: round(t - t0, 2) for h, t in seen.items()}
+    print(f"relay killed: failed after {after} s; {msgs}")
+    assert max(after.values()) < 3, after
 
 
 def test_kill_9_of_an_agent_fails_only_its_host(lab):
     p = start(lab)
     wait_busy(lab, p)
     pythons = {pid for pid, _, e, c in host_procs(lab, "target3") if AGENT_MARK in c and "python" in e}
-    kill_one(lab, "target3", lambda p, pp, e, c: p in pythons and pp not in pythons)
-    out = finish(p)
+    t0 = kill_one(lab, "target3", lambda p, pp, e, c: p in pythons and pp not in pythons)
+    seen = {}
+    out = finish(p, seen=seen)
     msgs = assert_only_behind(lab, out, ["target3"], ["bastion2"])
-    print(msgs)
+    print(f"agent killed: failed after {seen['target3'] - t0:.2f} s; {msgs}")
+    assert seen["target3"] - t0 < 3
 
 
 def test_kill_9_of_the_targets_sshd_session_fails_only_its_host(lab):
@@ -135,10 +151,12 @@ def test_kill_9_of_the_targets_sshd_session_fails_only_its_host(lab):
     procs = host_procs(lab, "target2")
     agent_parents = {pp for pid, pp, e, c in procs if AGENT_MARK in c and "python" in e}
     # The session process that owns the agent (sshd's per-connection child).
-    kill_one(lab, "target2", lambda p, pp, e, c: p in agent_parents and e.endswith("sshd"))
-    out = finish(p)
+    t0 = kill_one(lab, "target2", lambda p, pp, e, c: p in agent_parents and e.endswith("sshd"))
+    seen = {}
+    out = finish(p, seen=seen)
     msgs = assert_only_behind(lab, out, ["target2"], ["bastion1"])
-    print(msgs)
+    print(f"sshd session killed: failed after {seen['target2'] - t0:.2f} s; {msgs}")
+    assert seen["target2"] - t0 < 3
 
 
 def test_a_stalled_wan_fails_every_host_behind_it_within_the_keepalive(lab):
@@ -147,8 +165,10 @@ def test_a_stalled_wan_fails_every_host_behind_it_within_the_keepalive(lab):
     wait_busy(lab, p)
     run(LAB / "wan", "set", "--loss-pct", "100")
     t0 = time.monotonic()
-    out = finish(p, timeout=120)
+    seen = {}
+    out = finish(p, timeout=120, seen=seen)
     took = time.monotonic() - t0
+    print("failed after", {h: round(t - t0, 2) for h, t in seen.items()})
     run(LAB / "wan", "set", "--loss-pct", "0")
     msgs = unreachable(out)
     assert set(msgs) == set(TARGETS), out
