@@ -347,6 +347,48 @@ pub fn signal(pid: u32, sig: i32) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use arbor_wire::{Kind, NodeId, StreamId};
+
+    fn frame(len: usize) -> Frame {
+        Frame::new(Kind::Data, NodeId(2), NodeId(0), StreamId(1), vec![7; len])
+    }
+
+    #[tokio::test]
+    async fn a_queue_is_bounded_by_bytes_and_frees_as_it_is_written() {
+        let (tx, rx) = LinkTx::new(1 << 20);
+        // Nothing reads the other end of a small pipe: the writer stalls.
+        let (w, mut r) = tokio::io::duplex(1024);
+        let (inbox, _events) = mpsc::channel(4);
+        tokio::spawn(write_frames(w, Vec::new(), rx, false, inbox, LinkId(1)));
+        let mut sent = 0;
+        let full = loop {
+            match tx.try_send(frame(64 << 10)) {
+                Ok(()) => sent += 1,
+                Err(e) => break e,
+            }
+            tokio::task::yield_now().await;
+        };
+        let SendError::Full(queued) = full else {
+            panic!("{full:?}")
+        };
+        assert!(queued <= 1 << 20 && sent >= 15, "{queued} {sent}");
+        // A waiting send goes through once the reader drains the pipe.
+        let waiting = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.send(frame(64 << 10)).await }
+        });
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0usize;
+        while !waiting.is_finished() {
+            got += tokio::io::AsyncReadExt::read(&mut r, &mut buf)
+                .await
+                .unwrap();
+        }
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+        assert!(got > 0 && tx.queued() <= 1 << 20);
+    }
+
     #[test]
     fn tails_become_one_line_without_banners() {
         let tail =
