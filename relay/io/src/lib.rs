@@ -385,7 +385,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        assert_eq!(waiting.await.unwrap(), Ok(()));
+        assert_eq!(waiting.await.expect("join"), Ok(()));
         assert!(got > 0 && tx.queued() <= 1 << 20);
     }
 
