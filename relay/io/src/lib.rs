@@ -383,7 +383,7 @@ mod tests {
         while !waiting.is_finished() {
             got += tokio::io::AsyncReadExt::read(&mut r, &mut buf)
                 .await
-                .unwrap();
+                .expect("read");
         }
         assert_eq!(waiting.await.expect("join"), Ok(()));
         assert!(got > 0 && tx.queued() <= 1 << 20);
