@@ -1164,6 +1164,8 @@ class Agent(object):
         self.logs = collections.deque(maxlen=LOG_LINES_MAX)
         self.tmpdirs = []  # this agent's own temp dirs
         self.sweeper = None  # pipe to the child that removes them if we die
+        self.keepalive = None  # seconds the link may be silent (set by the daemon)
+        self.heard = time.monotonic()
         self.shell = login_shell()
         self.python = os.path.realpath(sys.executable)
         self.zips = {}  # zip_key -> ModuleZip
@@ -1257,6 +1259,14 @@ class Agent(object):
             full = full or len(pipe.inq) >= CHILD_QUEUE_BYTES_MAX
         if not full:
             watch.append(self.rfd)
+            if self.keepalive is not None:
+                left = self.heard + self.keepalive - time.monotonic()
+                if left <= 0:
+                    self.log("nothing from the link for %.0f s; exiting" % self.keepalive)
+                    raise LinkGone()
+                timeout = left if timeout is None else min(timeout, left)
+        else:
+            self.heard = time.monotonic()  # not reading: the silence is ours
         try:
             r, w, _ = select.select(watch, wlist, [], timeout)
         except InterruptedError:
@@ -1331,6 +1341,7 @@ class Agent(object):
             return
         if not chunk:
             raise LinkGone()
+        self.heard = time.monotonic()
         self.buf.extend(chunk)
         while True:
             frame, used = decode(self.buf)
@@ -1508,6 +1519,11 @@ class Agent(object):
                 self.reply(src, stream, {})
             elif op == "ping":
                 self.reply(src, stream, {"pid": os.getpid(), "served": self.served})
+            elif op == "keepalive":
+                # The daemon pings well within this; silence past it means
+                # the link is dead though the session still looks open.
+                self.keepalive = max(1.0, float(req["secs"]))
+                self.heard = time.monotonic()
             else:
                 self.fail(src, stream, req, "unknown op %r" % (op,))
             self.served += 1

@@ -372,6 +372,10 @@ pub struct Tree {
     relay_parent: HashMap<NodeId, NodeId>,
     /// The relay that started each node behind the first hop.
     node_parent: HashMap<NodeId, NodeId>,
+    /// Relays and first-hop agents, pinged so that they end by themselves
+    /// when the link to them dies (told the bound by `Keepalive`).
+    watched: HashSet<NodeId>,
+    pinged: Instant,
 }
 
 /// Largest entry pinned at a relay (it travels in one frame).
@@ -417,6 +421,8 @@ impl Tree {
             pins: HashMap::new(),
             relay_parent: HashMap::new(),
             node_parent: HashMap::new(),
+            watched: HashSet::new(),
+            pinged: Instant::now(),
         };
         (tree, TreeHandle { tx, hellos })
     }
@@ -438,7 +444,10 @@ impl Tree {
                     }
                 },
                 Some(input) = self.inbox.recv() => self.input(input),
-                _ = tick.tick() => self.kill_closed(),
+                _ = tick.tick() => {
+                    self.kill_closed();
+                    self.ping_watched();
+                }
             }
             if !self.connecting() {
                 self.lock_agent(true).await;
@@ -873,6 +882,43 @@ impl Tree {
         }
     }
 
+    /// A relay, or an agent on the first hop, just came up: it is told to
+    /// end if the daemon falls silent for the keepalive, and pinged.
+    fn watch(&mut self, node: NodeId) {
+        let Some(((_, role), _)) = self.node_hop.get(&node) else {
+            return;
+        };
+        let secs = ssh::keepalive_secs();
+        let payload = match role {
+            Role2::Relay => control::encode(&Request::Keepalive {
+                silent_ms: secs.saturating_mul(1000),
+            }),
+            Role2::Agent if self.local_nodes.values().any(|n| *n == node) => {
+                let req = serde_json::json!({"op": "keepalive", "secs": secs, "noreply": true});
+                arbor_wire::msg::encode(req.to_string().as_bytes(), b"")
+            }
+            Role2::Agent => return,
+        };
+        let stream = self.stream_id();
+        let f = Frame::new(Kind::Request, node, NodeId::CONTROLLER, stream, payload);
+        self.core.send(Instant::now(), f);
+        self.watched.insert(node);
+    }
+
+    /// Pings the watched nodes, three times per keepalive.
+    fn ping_watched(&mut self) {
+        let every = Duration::from_secs(u64::from(ssh::keepalive_secs())) / 3;
+        if self.pinged.elapsed() < every {
+            return;
+        }
+        self.pinged = Instant::now();
+        let now = Instant::now();
+        for &node in &self.watched {
+            let f = Frame::new(Kind::Ping, node, NodeId::CONTROLLER, StreamId(0), Vec::new());
+            self.core.send(now, f);
+        }
+    }
+
     fn connecting(&self) -> bool {
         self.hops
             .values()
@@ -1049,6 +1095,7 @@ impl Tree {
                     if self.node_hop.contains_key(&node) {
                         self.settle(node, Ok(node));
                     }
+                    self.watch(node);
                 }
                 Event::NodeDown { node, reason } => self.node_lost(node, &reason),
                 Event::Dropped {
@@ -1066,6 +1113,7 @@ impl Tree {
     /// A node left the tree: its hop fails for later callers, and every
     /// open stream to it gets an error now.
     fn node_lost(&mut self, node: NodeId, why: &str) {
+        self.watched.remove(&node);
         if let Ok(mut h) = self.hellos.lock() {
             h.remove(&node);
         }

@@ -4,7 +4,9 @@ side in one lab (1 bastion, 4 targets behind it; modes interleaved):
 
 - wan-held: every target is in a long task when the WAN emulator starts
   dropping every packet; measured: time from then until ansible-playbook
-  ends (capped: a run still going at the cap is killed and reported so).
+  ends (capped: a run still going at the cap is killed and reported so),
+  and how many targets still run the task a keepalive after that, the
+  link still dead.
 - silent-via: 2 hosts behind a via host that accepts TCP and never answers,
   a 10-item loop with ignore_unreachable; measured: the whole run.
 
@@ -40,6 +42,19 @@ LOOP_PLAY = """- hosts: lost
       loop: "{{ range(10) | list }}"
       ignore_unreachable: true
 """
+
+
+def leftover_sleeps(labinfo):
+    found = []
+    for v in labinfo["hosts"].values():
+        pids = subprocess.run(["ip", "netns", "pids", v["netns"]], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                if b"sleep\x00600" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(int(pid))
+            except OSError:
+                pass
+    return found
 
 
 def busy(labinfo, n):
@@ -96,14 +111,25 @@ def run(mode, scenario, ctx):
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         ended, secs = False, time.monotonic() - start
+    if scenario == "wan-held":
+        # The link stays dead a keepalive longer: does the far side stop?
+        time.sleep(ctx["keepalive"])
+    left = leftover_sleeps(ctx["lab"])
     subprocess.run([str(REPO / "deploy/lab/wan"), "set", "--loss-pct", "0"], capture_output=True)
     log.close()
     text = (out / f"{scenario}-{mode}-{ctx['rep']}.log").read_text(errors="replace")
     msg = next((l for l in text.splitlines() if "UNREACHABLE" in l or "failed: [" in l), "")
-    # Whatever a killed run left (ssh masters, relays) goes before the next.
+    # Whatever a killed run left goes before the next: ssh masters, relays,
+    # and the task still running on the targets (counted first: vanilla's
+    # commands outlive its client).
+    for pid in left + leftover_sleeps(ctx["lab"]):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
     subprocess.run(["pkill", "-9", "-f", "ControlPersist|arbor-relay"], capture_output=True)
     time.sleep(3)
-    return {"mode": mode, "scenario": scenario, "rep": ctx["rep"], "seconds": round(secs, 1), "ended": ended,
+    return {"targets_still_running_the_task": len(left),"mode": mode, "scenario": scenario, "rep": ctx["rep"], "seconds": round(secs, 1), "ended": ended,
             "rc": p.returncode, "first_error": msg[:300]}
 
 
@@ -114,6 +140,7 @@ def main():
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--cap-s", type=float, default=150)
     ap.add_argument("--keepalive-s", type=int, default=30)
+    ap.add_argument("--scenarios", default="silent-via,wan-held")
     args = ap.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +174,7 @@ def main():
     try:
         for rep in range(args.reps):
             ctx["rep"] = rep
-            for scenario in ("silent-via", "wan-held"):
+            for scenario in args.scenarios.split(","):
                 order = modes if rep % 2 == 0 else modes[::-1]
                 for m in order:
                     r = run(m, scenario, ctx)

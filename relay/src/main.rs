@@ -101,6 +101,9 @@ struct Relay {
     /// What every spawn uses (the agent's code, known_hosts): at most
     /// `PINS_MAX` entries, kept for the relay's life.
     pins: HashMap<String, Vec<u8>>,
+    /// The last frame from the parent, and how long it may be silent.
+    heard: Instant,
+    keepalive: Option<Duration>,
 }
 
 const PARENT: LinkId = LinkId(0);
@@ -127,6 +130,8 @@ impl Relay {
             max_connecting: 0,
             cache: Fifo::default(),
             pins: HashMap::new(),
+            heard: Instant::now(),
+            keepalive: None,
         }
     }
 
@@ -157,7 +162,7 @@ impl Relay {
                     let Some(input) = input else { break };
                     if !self.handle(input) { break }
                 }
-                _ = tick.tick() => self.check_deadlines(),
+                _ = tick.tick() => if !self.check_deadlines() { break },
                 _ = recv_signal(&mut sigterm) => break,
                 _ = recv_signal(&mut sighup) => break,
             }
@@ -173,7 +178,12 @@ impl Relay {
     fn handle(&mut self, input: Input) -> bool {
         let now = Instant::now();
         match input {
-            Input::Frame(link, frame) => self.core.handle_frame(now, link, frame),
+            Input::Frame(link, frame) => {
+                if link == PARENT {
+                    self.heard = now;
+                }
+                self.core.handle_frame(now, link, frame)
+            }
             Input::Closed(link, why) => {
                 if link == PARENT {
                     return false;
@@ -337,6 +347,11 @@ impl Relay {
                 if let Some(link) = self.core.route(via).filter(|l| *l != PARENT) {
                     self.core.expect(node, link);
                 }
+                true
+            }
+            Ok(Request::Keepalive { silent_ms }) => {
+                self.keepalive = Some(Duration::from_millis(u64::from(silent_ms.max(1000))));
+                self.heard = Instant::now();
                 true
             }
             Ok(Request::Pin { key, data }) => {
@@ -523,8 +538,17 @@ impl Relay {
         Ok(())
     }
 
-    fn check_deadlines(&mut self) {
+    /// Kills children past their deadlines; false if the parent has been
+    /// silent past the keepalive (the relay then ends).
+    fn check_deadlines(&mut self) -> bool {
         let now = Instant::now();
+        if self
+            .keepalive
+            .is_some_and(|k| now.duration_since(self.heard) > k)
+        {
+            eprintln!("arbor-relay n{}: nothing from the parent for {:?}; exiting", self.core.id().0, self.keepalive.unwrap_or_default());
+            return false;
+        }
         for c in self.children.values_mut() {
             if let Some((why, at)) = &mut c.closed {
                 if now.duration_since(*at) > CLOSE_GRACE && !why.ends_with(" (killed)") {
@@ -537,6 +561,7 @@ impl Relay {
                 signal(c.pid, libc::SIGKILL);
             }
         }
+        true
     }
 
     fn own_binary(&mut self) -> std::io::Result<&[u8]> {

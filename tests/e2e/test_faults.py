@@ -161,7 +161,8 @@ def test_kill_9_of_the_targets_sshd_session_fails_only_its_host(lab):
 
 def test_a_stalled_wan_fails_every_host_behind_it_within_the_keepalive(lab):
     keepalive = 6
-    p = start(lab, "-e", "fault_wait=30", env={"ARBOR_KEEPALIVE_SECS": str(keepalive)})
+    # The bastions too, as targets: their agents are on the first hop.
+    p = start(lab, "-f", "10", "-e", "fault_wait=30 fault_hosts=all", env={"ARBOR_KEEPALIVE_SECS": str(keepalive)})
     wait_busy(lab, p)
     run(LAB / "wan", "set", "--loss-pct", "100")
     t0 = time.monotonic()
@@ -169,12 +170,19 @@ def test_a_stalled_wan_fails_every_host_behind_it_within_the_keepalive(lab):
     out = finish(p, timeout=120, seen=seen)
     took = time.monotonic() - t0
     print("failed after", {h: round(t - t0, 2) for h, t in seen.items()})
+    # With the link still dead, the far side ends by itself: the relays and
+    # agents hear no ping for the keepalive and exit, and their commands go.
+    procs = wait_gone(lab, keepalive + 5)
+    gone = time.monotonic() - t0
+    tasks = [h for h in lab["hosts"] if any(b"sleep" in c for _, _, _, c in host_procs(lab, h))]
     run(LAB / "wan", "set", "--loss-pct", "0")
+    print(f"far side gone {gone:.1f} s after the link died")
+    assert not any_arbor(procs) and not tasks, (procs, tasks)
     msgs = unreachable(out)
-    assert set(msgs) == set(TARGETS), out
+    assert set(msgs) == set(TARGETS) | set(BEHIND), out
     for t, m in msgs.items():
-        bastion = "bastion1" if t in BEHIND["bastion1"] else "bastion2"
-        assert t in m and bastion in m, m
+        bastion = t if t in BEHIND else "bastion1" if t in BEHIND["bastion1"] else "bastion2"
+        assert t in m and bastion in m and "not responding" in m, m
     print(f"WAN held: run ended {took:.1f} s later (keepalive {keepalive} s); {msgs}")
     # The bound: ssh's probes find the link dead after the keepalive, and
     # Ansible's result comes at once.

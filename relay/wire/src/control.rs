@@ -47,6 +47,10 @@ pub enum Request {
     /// the agent that starts it, a nested become agent); until then this
     /// relay takes no announcement of `node`. No reply.
     Expect { node: NodeId, via: NodeId },
+    /// Exit (ending every child) if nothing comes from the parent for
+    /// `silent_ms`: the controller pings each relay well within it, so a
+    /// relay on the far side of a dead link does not live on. No reply.
+    Keepalive { silent_ms: u32 },
 }
 
 /// Most entries a relay pins.
@@ -154,6 +158,7 @@ mod tests {
                 node: NodeId(9),
                 via: NodeId(4),
             },
+            Request::Keepalive { silent_ms: 30_000 },
             Request::Pin {
                 key: "pin:agent:00".into(),
                 data: vec![4, 5],
