@@ -914,7 +914,13 @@ impl Tree {
         self.pinged = Instant::now();
         let now = Instant::now();
         for &node in &self.watched {
-            let f = Frame::new(Kind::Ping, node, NodeId::CONTROLLER, StreamId(0), Vec::new());
+            let f = Frame::new(
+                Kind::Ping,
+                node,
+                NodeId::CONTROLLER,
+                StreamId(0),
+                Vec::new(),
+            );
             self.core.send(now, f);
         }
     }

@@ -546,7 +546,11 @@ impl Relay {
             .keepalive
             .is_some_and(|k| now.duration_since(self.heard) > k)
         {
-            eprintln!("arbor-relay n{}: nothing from the parent for {:?}; exiting", self.core.id().0, self.keepalive.unwrap_or_default());
+            eprintln!(
+                "arbor-relay n{}: nothing from the parent for {:?}; exiting",
+                self.core.id().0,
+                self.keepalive.unwrap_or_default()
+            );
             return false;
         }
         for c in self.children.values_mut() {
