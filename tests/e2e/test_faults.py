@@ -114,49 +114,39 @@ def assert_only_behind(lab, out, dead, names):
     return msgs
 
 
-def kill_one(lab, host, pick):
-    pids = [p for p, pp, e, c in host_procs(lab, host) if pick(p, pp, e, c)]
+def relays(procs):
+    return [p for p, _, e, _ in procs if "arbor-relay" in e]
+
+
+def agents(procs):
+    pythons = {p for p, _, e, c in procs if AGENT_MARK in c and "python" in e}
+    return [p for p, pp, _, _ in procs if p in pythons and pp not in pythons]
+
+
+def sessions(procs):
+    """sshd's per-connection process that owns an agent."""
+    parents = {pp for _, pp, e, c in procs if AGENT_MARK in c and "python" in e}
+    return [p for p, _, e, _ in procs if p in parents and e.endswith("sshd")]
+
+
+@pytest.mark.parametrize("host,pick,dead,names", [
+    ("bastion1", relays, BEHIND["bastion1"], ["bastion1"]),
+    ("target3", agents, ["target3"], ["bastion2"]),
+    ("target2", sessions, ["target2"], ["bastion1"]),
+], ids=["relay-on-bastion", "agent", "sshd-session"])
+def test_kill_9_fails_only_the_hosts_behind_it(lab, host, pick, dead, names):
+    p = start(lab)
+    wait_busy(lab, p)
+    pids = pick(host_procs(lab, host))
     assert len(pids) == 1, (host, pids)
     os.kill(pids[0], signal.SIGKILL)
-    return time.monotonic()
-
-
-def test_kill_9_of_a_bastions_relay_fails_only_the_hosts_behind_it(lab):
-    p = start(lab)
-    wait_busy(lab, p)
-    t0 = kill_one(lab, "bastion1", lambda p, pp, e, c: "arbor-relay" in e)
+    t0 = time.monotonic()
     seen = {}
     out = finish(p, seen=seen)
-    msgs = assert_only_behind(lab, out, BEHIND["bastion1"], ["bastion1"])
-    after = {h: round(t - t0, 2) for h, t in seen.items()}
-    print(f"relay killed: failed after {after} s; {msgs}")
+    msgs = assert_only_behind(lab, out, dead, names)
+    after = {h: round(seen[h] - t0, 2) for h in dead}
+    print(f"{pick.__name__} on {host} killed: failed after {after} s; {msgs}")
     assert max(after.values()) < 3, after
-
-
-def test_kill_9_of_an_agent_fails_only_its_host(lab):
-    p = start(lab)
-    wait_busy(lab, p)
-    pythons = {pid for pid, _, e, c in host_procs(lab, "target3") if AGENT_MARK in c and "python" in e}
-    t0 = kill_one(lab, "target3", lambda p, pp, e, c: p in pythons and pp not in pythons)
-    seen = {}
-    out = finish(p, seen=seen)
-    msgs = assert_only_behind(lab, out, ["target3"], ["bastion2"])
-    print(f"agent killed: failed after {seen['target3'] - t0:.2f} s; {msgs}")
-    assert seen["target3"] - t0 < 3
-
-
-def test_kill_9_of_the_targets_sshd_session_fails_only_its_host(lab):
-    p = start(lab)
-    wait_busy(lab, p)
-    procs = host_procs(lab, "target2")
-    agent_parents = {pp for pid, pp, e, c in procs if AGENT_MARK in c and "python" in e}
-    # The session process that owns the agent (sshd's per-connection child).
-    t0 = kill_one(lab, "target2", lambda p, pp, e, c: p in agent_parents and e.endswith("sshd"))
-    seen = {}
-    out = finish(p, seen=seen)
-    msgs = assert_only_behind(lab, out, ["target2"], ["bastion1"])
-    print(f"sshd session killed: failed after {seen['target2'] - t0:.2f} s; {msgs}")
-    assert seen["target2"] - t0 < 3
 
 
 def test_a_stalled_wan_fails_every_host_behind_it_within_the_keepalive(lab):
@@ -261,10 +251,8 @@ def test_a_stopped_agent_holds_bounded_memory_and_stalls_no_one_else(lab, tmp_pa
             assert "pid" in pinger.recv()[0]
             return time.monotonic() - t0
 
-        relay = next(p for p, _, e, _ in host_procs(lab, "bastion1") if "arbor-relay" in e)
-        procs = host_procs(lab, "target1")
-        pythons = {p for p, _, e, c in procs if AGENT_MARK in c and "python" in e}
-        agent = next(p for p, pp, _, _ in procs if p in pythons and pp not in pythons)
+        relay = relays(host_procs(lab, "bastion1"))[0]
+        agent = agents(host_procs(lab, "target1"))[0]
         base = {"relay": rss_kib(relay), "daemon": rss_kib(d.pid)}
         os.kill(agent, signal.SIGSTOP)
         results = [None] * streams
@@ -364,9 +352,7 @@ def _exe(pid):
 
 
 def agent_pid(lab, host):
-    procs = host_procs(lab, host)
-    pythons = {p for p, _, e, c in procs if AGENT_MARK in c and "python" in e}
-    found = [p for p, pp, _, _ in procs if p in pythons and pp not in pythons]
+    found = agents(host_procs(lab, host))
     return found[0] if len(found) == 1 else None
 
 

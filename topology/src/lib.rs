@@ -130,6 +130,8 @@ pub enum TopologyError {
     Rules(String),
     #[error("via host {0:?} is not in the inventory")]
     UnknownVia(String),
+    #[error("a host with an empty name")]
+    EmptyName,
 }
 
 /// Checks a chain (outermost hop first, the target last).

@@ -151,6 +151,10 @@ pub fn plan(hosts: &[HostSpec]) -> Result<Plan, TopologyError> {
     let by_name: BTreeMap<&str, &HostSpec> = hosts.iter().map(|h| (h.name.as_str(), h)).collect();
     let mut out = Plan::default();
     for h in hosts {
+        // "" is the controller's place in the tree.
+        if h.name.is_empty() {
+            return Err(TopologyError::EmptyName);
+        }
         let mut chain = vec![h.name.clone()];
         let mut cur: &HostSpec = h;
         while let Some(via) = cur.via_host() {
@@ -255,6 +259,14 @@ mod tests {
             connection: None,
             rules: rules.to_vec(),
         }
+    }
+
+    #[test]
+    fn a_host_without_a_name_is_refused() {
+        // Found by the topology fuzz target: "" was its own child, and
+        // rendering the tree recursed without end.
+        let hosts = [host("", "10.0.0.1", None, &[])];
+        assert_eq!(plan(&hosts), Err(TopologyError::EmptyName));
     }
 
     #[test]
