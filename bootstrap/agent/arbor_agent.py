@@ -1183,6 +1183,7 @@ class Agent(object):
 
     def send(self, kind, dst, stream, payload=b""):
         write_all(self.wfd, encode(kind, dst, self.node, stream, payload))
+        self.heard = time.monotonic()  # it took our bytes: the link moves
 
     def log(self, message):
         """To stderr, and to the controller with the next reply (-vvv)."""
@@ -1261,9 +1262,11 @@ class Agent(object):
             watch.append(self.rfd)
             if self.keepalive is not None:
                 left = self.heard + self.keepalive - time.monotonic()
-                if left <= 0:
+                if left <= 0 and not select.select([self.rfd], [], [], 0)[0]:
+                    # (Frames waiting unread mean we were busy, not it.)
                     self.log("nothing from the link for %.0f s; exiting" % self.keepalive)
                     raise LinkGone()
+                left = max(left, 0.05)
                 timeout = left if timeout is None else min(timeout, left)
         else:
             self.heard = time.monotonic()  # not reading: the silence is ours

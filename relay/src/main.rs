@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use arbor_core::cache::Fifo;
 use arbor_core::{Event, Limits, LinkId, Node, Role};
 use arbor_io::{
-    signal, spawn_reader, spawn_writer, start_child_link, stop_children, tidy_tail,
+    mono_ms, signal, spawn_reader, spawn_writer, start_child_link, stop_children, tidy_tail,
     LinkEvent as Input, LinkTx, SendError, CHILD_QUEUE_BYTES,
 };
 use arbor_wire::control::{self, Reply, Request, Spawn, KNOWN_HOSTS_TOKEN, PINS_MAX};
@@ -542,10 +542,11 @@ impl Relay {
     /// silent past the keepalive (the relay then ends).
     fn check_deadlines(&mut self) -> bool {
         let now = Instant::now();
-        if self
-            .keepalive
-            .is_some_and(|k| now.duration_since(self.heard) > k)
-        {
+        // Alive: a frame came from the parent, or bytes went to it (a slow
+        // link busy with our output delays the pings behind it).
+        let wrote = Duration::from_millis(mono_ms().saturating_sub(self.parent.progress_ms()));
+        let silent = now.duration_since(self.heard).min(wrote);
+        if self.keepalive.is_some_and(|k| silent > k) {
             eprintln!(
                 "arbor-relay n{}: nothing from the parent for {:?}; exiting",
                 self.core.id().0,

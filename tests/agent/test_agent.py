@@ -819,3 +819,23 @@ def test_a_malformed_request_gets_an_error_and_the_agent_lives(link, payload):
     res, _ = link.call({"op": "ping"})
     assert "pid" in res or res == {}, res
     assert link.close() == 0
+
+
+def test_an_agent_told_a_keepalive_exits_when_the_link_falls_silent(link, tmp_path):
+    base = tmp_path / "rt"
+    link.call({"op": "mkdtemp", "base": str(base), "name": "t"})
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "keepalive", "secs": 1, "noreply": True}))
+    # Pinged within the bound, it stays.
+    for _ in range(6):
+        time.sleep(0.4)
+        link.stream += 1
+        link.send(A.PING, b"x")
+        assert link.frame()[0] == A.PONG
+    assert link.proc.poll() is None
+    # Silent past it, it ends as at EOF: cleanly, its temp dirs removed.
+    t0 = time.monotonic()
+    assert link.proc.wait(timeout=5) == 0
+    assert 0.5 < time.monotonic() - t0 < 2.5
+    assert list(base.iterdir()) == []
+    assert b"nothing from the link" in link.proc.stderr.read()

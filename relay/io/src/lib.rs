@@ -4,7 +4,7 @@
 //! Each reports to the node's main loop as a [`LinkEvent`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +46,18 @@ pub struct LinkTx {
     queued: Arc<AtomicUsize>,
     room: Arc<Notify>,
     max: usize,
+    /// When the writer last got bytes out ([`mono_ms`]).
+    progress: Arc<AtomicU64>,
+}
+
+/// Milliseconds on a monotonic clock private to this process.
+pub fn mono_ms() -> u64 {
+    static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let ms = T0
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
 /// Why a frame was not queued.
@@ -62,10 +74,12 @@ impl LinkTx {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let room = Arc::new(Notify::new());
+        let progress = Arc::new(AtomicU64::new(mono_ms()));
         let rx = LinkRx {
             rx,
             queued: queued.clone(),
             room: room.clone(),
+            progress: progress.clone(),
         };
         (
             LinkTx {
@@ -73,9 +87,15 @@ impl LinkTx {
                 queued,
                 room,
                 max,
+                progress,
             },
             rx,
         )
+    }
+
+    /// When the writer last got bytes out ([`mono_ms`]).
+    pub fn progress_ms(&self) -> u64 {
+        self.progress.load(Ordering::Acquire)
     }
 
     /// Bytes queued and not yet written.
@@ -129,6 +149,7 @@ pub struct LinkRx {
     rx: mpsc::UnboundedReceiver<Frame>,
     queued: Arc<AtomicUsize>,
     room: Arc<Notify>,
+    progress: Arc<AtomicU64>,
 }
 
 impl LinkRx {
@@ -142,6 +163,7 @@ impl LinkRx {
 
     /// `len` bytes have left the queue.
     fn written(&self, len: usize) {
+        self.progress.store(mono_ms(), Ordering::Release);
         self.queued.fetch_sub(len, Ordering::AcqRel);
         self.room.notify_waiters();
     }
