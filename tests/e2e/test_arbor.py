@@ -261,3 +261,17 @@ def test_unreachable_target_and_unknown_via_are_named(lab, tmp_path):
     impostor = next(l for l in out.splitlines() if l.startswith("impostor"))
     assert "UNREACHABLE" in impostor and re.search(
         r"Host key verification failed|No \S+ host key is known for 10.241.1.10", impostor), impostor
+
+
+def test_a_host_without_python_is_named_and_the_run_goes_on(lab):
+    """The bastion of this lab has no Python at all: as a target it fails
+    at once, UNREACHABLE, saying so; its relay still carries the targets."""
+    p = subprocess.run([str(VENV / "ansible"), "-i", lab["inventory"], "bastion1:targets", "-m",
+                        "ansible.builtin.ping", "-o"], env=env_for("arbor"), capture_output=True, text=True,
+                       timeout=300)
+    out = p.stdout + p.stderr
+    line = next(l for l in out.splitlines() if l.startswith("bastion1 |"))
+    assert "UNREACHABLE" in line and "bastion1 (agent, from the controller)" in line, line
+    assert re.search(r"python3: (No such file or directory|not found)", line), line
+    for t in ("target1", "target2", "target3"):
+        assert re.search(rf"^{t} \| SUCCESS", out, re.M), out
