@@ -1182,8 +1182,35 @@ class Agent(object):
         self.stderr = sys.stderr
 
     def send(self, kind, dst, stream, payload=b""):
-        write_all(self.wfd, encode(kind, dst, self.node, stream, payload))
-        self.heard = time.monotonic()  # it took our bytes: the link moves
+        self.write_link(encode(kind, dst, self.node, stream, payload))
+
+    def write_link(self, data):
+        """Writes to the link. Once the daemon has set a keepalive, the link
+        is non-blocking and a write that makes no progress for that long
+        means the link is dead (the agent then ends, as at EOF)."""
+        if self.keepalive is None:
+            write_all(self.wfd, data)
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.wfd, view)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                n = 0
+            if n:
+                view = view[n:]
+                self.heard = time.monotonic()  # it took our bytes: the link moves
+                continue
+            left = self.heard + self.keepalive - time.monotonic()
+            if left <= 0:
+                self.log("the link took nothing for %.0f s; exiting" % self.keepalive)
+                raise LinkGone()
+            try:
+                select.select([], [self.wfd], [], left)
+            except InterruptedError:
+                pass
 
     def log(self, message):
         """To stderr, and to the controller with the next reply (-vvv)."""
@@ -1409,7 +1436,7 @@ class Agent(object):
             if kind == ROUTE_ADD:
                 c.up = True
             if dst != self.node:
-                write_all(self.wfd, encode(kind, dst, src, stream, payload))
+                self.write_link(encode(kind, dst, src, stream, payload))
 
     def child_gone(self, c, why):
         """A nested agent left: its route is withdrawn up the tree."""
@@ -1419,7 +1446,7 @@ class Agent(object):
         self.log("nested interpreter n%d (pid %d) left: %s" % (c.node, c.proc.pid, why))
         c.close()
         self.leaving.append(c)
-        write_all(self.wfd, encode(ROUTE_DEL, CONTROLLER, c.node, 0, why.encode()))
+        self.write_link(encode(ROUTE_DEL, CONTROLLER, c.node, 0, why.encode()))
         self.leaving = [x for x in self.leaving if x.proc.poll() is None]
 
     def dispatch(self, frame):
@@ -1527,6 +1554,7 @@ class Agent(object):
                 # the link is dead though the session still looks open.
                 self.keepalive = max(1.0, float(req["secs"]))
                 self.heard = time.monotonic()
+                os.set_blocking(self.wfd, False)
             else:
                 self.fail(src, stream, req, "unknown op %r" % (op,))
             self.served += 1

@@ -839,3 +839,18 @@ def test_an_agent_told_a_keepalive_exits_when_the_link_falls_silent(link, tmp_pa
     assert 0.5 < time.monotonic() - t0 < 2.5
     assert list(base.iterdir()) == []
     assert b"nothing from the link" in link.proc.stderr.read()
+
+
+def test_an_agent_whose_link_takes_nothing_exits_within_the_keepalive(link, tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(8 << 20))
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "keepalive", "secs": 1, "noreply": True}))
+    # A fetch streams 8 MiB back, and nothing reads the link: the pipe fills
+    # and the agent's writes stop moving (as toward a dead WAN).
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "fetch", "path": str(big)}))
+    t0 = time.monotonic()
+    assert link.proc.wait(timeout=10) == 0
+    assert time.monotonic() - t0 < 4
+    assert b"took nothing" in link.proc.stderr.read()
