@@ -238,7 +238,20 @@ impl Relay {
         loop {
             if let Some((link, frame)) = self.core.poll_transmit() {
                 if link == PARENT {
-                    let _ = self.parent.send(frame).await;
+                    // Waits for room, but not past the keepalive: a parent
+                    // link that takes nothing that long is dead.
+                    let send = self.parent.send(frame);
+                    tokio::pin!(send);
+                    loop {
+                        tokio::select! {
+                            _ = &mut send => break,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                                if self.parent_silent() {
+                                    return false;
+                                }
+                            }
+                        }
+                    }
                 } else if let Some(c) = self.children.get_mut(&link) {
                     // Never wait for a child: one that stops reading is
                     // cut off once its queue is full.
@@ -538,15 +551,20 @@ impl Relay {
         Ok(())
     }
 
+    /// The parent has been silent past the keepalive. Alive: a frame came
+    /// from it, or bytes went to it (a slow link busy with our output
+    /// delays the pings behind it).
+    fn parent_silent(&self) -> bool {
+        let wrote = Duration::from_millis(mono_ms().saturating_sub(self.parent.progress_ms()));
+        let silent = self.heard.elapsed().min(wrote);
+        self.keepalive.is_some_and(|k| silent > k)
+    }
+
     /// Kills children past their deadlines; false if the parent has been
     /// silent past the keepalive (the relay then ends).
     fn check_deadlines(&mut self) -> bool {
         let now = Instant::now();
-        // Alive: a frame came from the parent, or bytes went to it (a slow
-        // link busy with our output delays the pings behind it).
-        let wrote = Duration::from_millis(mono_ms().saturating_sub(self.parent.progress_ms()));
-        let silent = now.duration_since(self.heard).min(wrote);
-        if self.keepalive.is_some_and(|k| silent > k) {
+        if self.parent_silent() {
             eprintln!(
                 "arbor-relay n{}: nothing from the parent for {:?}; exiting",
                 self.core.id().0,

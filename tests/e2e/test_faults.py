@@ -468,3 +468,48 @@ def test_bad_configuration_gives_clear_errors_naming_host_and_hop(lab, tmp_path)
         for w in words:
             assert w in line, (w, line)
     assert took < 60, took
+
+
+def test_a_wan_held_under_a_large_fetch_ends_the_far_side_too(lab, tmp_path, monkeypatch):
+    """The relay on the bastion is busy pushing a fetch up when the WAN dies:
+    its queue toward the controller fills and stops moving, and it must
+    still end within the keepalive (not wait for TCP's own timeout)."""
+    sys.path.insert(0, str(REPO / "deploy" / "bench"))
+    from connect import Api, lab_chain, start_daemon
+    keepalive = 6
+    monkeypatch.setenv("ARBOR_KEEPALIVE_SECS", str(keepalive))
+    assert ssh(lab, "target1", "head -c 300M /dev/urandom > /tmp/arbor-fetch-big.bin").returncode == 0
+    run_dir = tmp_path / "run"
+    d = start_daemon(run_dir, open(tmp_path / "daemon.log", "wb"))
+    try:
+        api = Api(run_dir / "sock")
+        api.send({"op": "fetch", "chain": lab_chain(lab, "target1"), "path": "/tmp/arbor-fetch-big.bin"})
+        head, _ = api.recv()
+        assert head.get("streamed"), head
+        got, end = [0], {}
+
+        def read():
+            while True:
+                msg, blob = api.recv()
+                if msg.get("op") != "data":
+                    end.update(msg, at=time.monotonic())
+                    return
+                got[0] += len(blob)
+
+        th = threading.Thread(target=read, daemon=True)
+        th.start()
+        while got[0] < 20 << 20:
+            time.sleep(0.05)
+        run(LAB / "wan", "set", "--loss-pct", "100")
+        t0 = time.monotonic()
+        th.join(keepalive + 15)
+        assert "error" in end and "bastion1" in end["error"], end
+        print(f"fetch failed {end['at'] - t0:.1f} s after the cut, {got[0] >> 20} MiB in: {end['error']}")
+        procs = wait_gone(lab, keepalive + 8)
+        print(f"far side gone {time.monotonic() - t0:.1f} s after the cut")
+        assert not any_arbor(procs), procs
+    finally:
+        run(LAB / "wan", "set", "--loss-pct", "0")
+        d.terminate()
+        d.wait(timeout=15)
+        ssh(lab, "target1", "rm -f /tmp/arbor-fetch-big.bin")
