@@ -39,6 +39,8 @@ const WAITING_SPAWNS_MAX: usize = 8192;
 struct ChildLink {
     node: NodeId,
     label: String,
+    /// The program it runs (`ssh`, `docker`, …), for messages.
+    program: String,
     /// For signals only; the child's own task waits for it.
     pid: u32,
     writer: LinkTx,
@@ -211,6 +213,8 @@ impl Relay {
                     why += cause;
                     why += "; ";
                 }
+                why += &c.program;
+                why += " ";
                 why += &status;
                 if !tail.trim().is_empty() {
                     why += ": ";
@@ -480,6 +484,7 @@ impl Relay {
         let Some((program, args)) = spec.argv.split_first() else {
             return Err("empty command".into());
         };
+        let program_name = program.rsplit('/').next().unwrap_or(program).to_string();
         let pinned = |key: &Option<String>| -> Result<Option<&Vec<u8>>, String> {
             match key {
                 None => Ok(None),
@@ -540,6 +545,7 @@ impl Relay {
             ChildLink {
                 node: spec.node,
                 label: spec.label,
+                program: program_name,
                 pid,
                 writer: tx,
                 cut_off: None,
