@@ -13,10 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arbor_core::{Event, Limits, LinkId, Node, Role};
-use arbor_io::{
-    signal, start_child_link, stop_children, tidy_tail, LinkEvent as Input, LinkTx, SendError,
-    CHILD_QUEUE_BYTES,
-};
+use arbor_io::{start_child_link, stop_children, ChildLink, LinkEvent as Input};
 use arbor_topology::{Hop, HopKey};
 use arbor_wire::control::{self, Reply, Request, Spawn};
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
@@ -79,16 +76,6 @@ enum Cmd {
 /// An open stream: its node, where its frames go, and its credit if paced.
 type OpenStream = (NodeId, mpsc::Sender<Frame>, Option<watch::Sender<u64>>);
 
-struct LocalLink {
-    pid: u32,
-    writer: LinkTx,
-    /// Why it was cut off, if it was (it is then killed).
-    cut_off: Option<String>,
-    /// Why and when its stdout ended: it is reported down when ssh has
-    /// exited (with what ssh said), killed if that takes `CLOSE_GRACE`.
-    closed: Option<(String, Instant)>,
-}
-
 /// A passphrase for locking the private ssh-agent, never shown.
 fn random_pass() -> String {
     let mut b = [0u8; 24];
@@ -96,26 +83,6 @@ fn random_pass() -> String {
         let _ = std::io::Read::read_exact(&mut f, &mut b);
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// How long a link's process may outlive the end of its stdout.
-const CLOSE_GRACE: Duration = Duration::from_secs(3);
-
-/// Why a link's process went: the cause we saw first (cut off, or a read
-/// error or malformed frame), then ssh's exit and the tail of its stderr.
-fn link_lost_why(label: &str, cause: Option<&str>, status: &str, tail: &str) -> String {
-    let mut why = format!("{label}: ");
-    if let Some(c) = cause.filter(|c| *c != "connection closed") {
-        why += c;
-        why += "; ";
-    }
-    why += "ssh ";
-    why += status;
-    if !tail.is_empty() {
-        why += ": ";
-        why += tail;
-    }
-    why
 }
 
 /// Settings of the tree.
@@ -343,7 +310,7 @@ pub struct Tree {
     cmds: mpsc::Receiver<Cmd>,
     inbox: mpsc::Receiver<Input>,
     inbox_tx: mpsc::Sender<Input>,
-    links: HashMap<LinkId, LocalLink>,
+    links: HashMap<LinkId, ChildLink>,
     /// The node each local ssh link carries.
     local_nodes: HashMap<LinkId, NodeId>,
     next_link: u32,
@@ -449,24 +416,19 @@ impl Tree {
                     self.ping_watched();
                 }
             }
-            if !self.connecting() {
+            if self.agent.is_some() && !self.agent_locked && !self.connecting() {
                 self.lock_agent(true).await;
             }
             self.pump().await;
         }
     }
 
-    /// Kills the processes of links whose stdout ended `CLOSE_GRACE` ago
-    /// (their exit then reports them down).
+    /// Kills the processes of links whose stdout ended a while ago (their
+    /// exit then reports them down).
     fn kill_closed(&mut self) {
         let now = Instant::now();
         for l in self.links.values_mut() {
-            if let Some((why, at)) = &mut l.closed {
-                if now.duration_since(*at) > CLOSE_GRACE && !why.ends_with(" (killed)") {
-                    why.push_str(" (killed)");
-                    signal(l.pid, libc::SIGKILL);
-                }
-            }
+            l.kill_if_lingering(now);
         }
     }
 
@@ -731,19 +693,18 @@ impl Tree {
         self.next_link += 1;
         // Only a relay understands compressed frames.
         let compress = role == Role2::Relay;
-        let (tx, pid) = start_child_link(child, preamble, compress, self.inbox_tx.clone(), link)
-            .map_err(|e| format!("{label}: {e}"))?;
+        let child_link = start_child_link(
+            child,
+            &argv[0],
+            preamble,
+            compress,
+            self.inbox_tx.clone(),
+            link,
+        )
+        .map_err(|e| format!("{label}: {e}"))?;
         self.core.handle_link_up(Instant::now(), link, Role::Child);
         self.core.expect(node, link);
-        self.links.insert(
-            link,
-            LocalLink {
-                pid,
-                writer: tx,
-                cut_off: None,
-                closed: None,
-            },
-        );
+        self.links.insert(link, child_link);
         self.local_nodes.insert(link, node);
         Ok(())
     }
@@ -951,10 +912,14 @@ impl Tree {
             s.read_exact(&mut answer).await?;
             Ok::<u8, std::io::Error>(answer[4])
         };
-        match tokio::time::timeout(Duration::from_secs(2), ask).await {
-            Ok(Ok(6)) => self.agent_locked = lock,
-            other => tracing::warn!(lock, ?other, "ssh-agent did not take the (un)lock"),
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(2), ask).await,
+            Ok(Ok(6))
+        ) {
+            // Not retried on every turn of the loop: the next connect asks again.
+            tracing::warn!(lock, "ssh-agent did not take the (un)lock");
         }
+        self.agent_locked = lock;
     }
 
     fn agent_socket(&self) -> PathBuf {
@@ -1026,24 +991,21 @@ impl Tree {
                 self.core.handle_frame(now, link, frame)
             }
             Input::Closed(link, why) => match self.links.get_mut(&link) {
-                // Down once ssh has exited and said why.
-                Some(l) => {
-                    l.closed.get_or_insert((why, now));
-                }
+                // Down once its process has exited and said why.
+                Some(l) => l.stdout_closed(why, now),
                 None => self.core.handle_link_down(now, link, &why),
             },
             Input::Exited(link, status, tail) => {
-                let cause = self
-                    .links
-                    .remove(&link)
-                    .and_then(|l| l.cut_off.or(l.closed.map(|(why, _)| why)));
+                let child = self.links.remove(&link);
                 let node = self.local_nodes.remove(&link);
-                let tail = tidy_tail(&tail);
                 let label = node
                     .and_then(|n| self.node_hop.get(&n))
                     .map(|(_, l)| l.clone())
                     .unwrap_or_default();
-                let why = link_lost_why(&label, cause.as_deref(), &status, &tail);
+                let why = match &child {
+                    Some(c) => c.lost_why(&label, &status, &tail),
+                    None => format!("{label}: {status}"),
+                };
                 self.core.handle_link_down(now, link, &why);
                 if let Some(node) = node {
                     self.node_lost(node, &why);
@@ -1060,14 +1022,7 @@ impl Tree {
                 tracing::trace!(link = link.0, kind = ?frame.kind, src = frame.src.0, dst = frame.dst.0,
                                 stream = frame.stream.0, len = frame.payload.len(), "frame out");
                 if let Some(l) = self.links.get_mut(&link) {
-                    if let Err(SendError::Full(queued)) = l.writer.try_send(frame) {
-                        if l.cut_off.is_none() {
-                            l.cut_off = Some(format!(
-                                "stopped reading: {queued} bytes queued (bound {CHILD_QUEUE_BYTES})"
-                            ));
-                            signal(l.pid, libc::SIGKILL);
-                        }
-                    }
+                    l.send(frame);
                 }
                 continue;
             }
@@ -1225,7 +1180,11 @@ impl Tree {
     }
 
     async fn shutdown(&mut self) {
-        let pids = self.links.drain().map(|(l, link)| (l, link.pid)).collect();
+        let pids = self
+            .links
+            .drain()
+            .map(|(l, link)| (l, link.pid()))
+            .collect();
         stop_children(pids, &mut self.inbox, KILL_GRACE).await;
         if let Some(mut agent) = self.agent.take() {
             let _ = agent.kill().await;

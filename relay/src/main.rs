@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use arbor_core::cache::Fifo;
 use arbor_core::{Event, Limits, LinkId, Node, Role};
 use arbor_io::{
-    mono_ms, signal, spawn_reader, spawn_writer, start_child_link, stop_children, tidy_tail,
-    LinkEvent as Input, LinkTx, SendError, CHILD_QUEUE_BYTES,
+    mono_ms, signal, spawn_reader, spawn_writer, start_child_link, stop_children, ChildLink,
+    LinkEvent as Input, LinkTx,
 };
 use arbor_wire::control::{self, Reply, Request, Spawn, KNOWN_HOSTS_TOKEN, PINS_MAX};
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
@@ -31,24 +31,13 @@ use tokio::sync::mpsc;
 const INBOX_FRAMES: usize = 1024;
 /// How long children get to exit after SIGTERM.
 const KILL_GRACE: Duration = Duration::from_secs(2);
-/// How long a child may outlive the end of its stdout.
-const CLOSE_GRACE: Duration = Duration::from_secs(3);
 /// Most spawn requests waiting for a connecting slot.
 const WAITING_SPAWNS_MAX: usize = 8192;
 
-struct ChildLink {
+struct Child {
     node: NodeId,
     label: String,
-    /// The program it runs (`ssh`, `docker`, …), for messages.
-    program: String,
-    /// For signals only; the child's own task waits for it.
-    pid: u32,
-    writer: LinkTx,
-    /// Why it was cut off, if it was (it is then killed).
-    cut_off: Option<String>,
-    /// Why and when its stdout ended: it is reported down when it has
-    /// exited (with what it said), killed if that takes `CLOSE_GRACE`.
-    closed: Option<(String, Instant)>,
+    link: ChildLink,
     /// The request that asked for it, answered when it joins or fails.
     pending: Option<(NodeId, StreamId, Instant)>,
     /// Its known_hosts, in RAM, open until the child is gone.
@@ -91,7 +80,7 @@ struct Relay {
     inbox_tx: mpsc::Sender<Input>,
     inbox: mpsc::Receiver<Input>,
     parent: LinkTx,
-    children: HashMap<LinkId, ChildLink>,
+    children: HashMap<LinkId, Child>,
     next_link: u32,
     self_exe: Option<Vec<u8>>,
     /// Spawns waiting for fewer children to be connecting (in order).
@@ -193,9 +182,7 @@ impl Relay {
                 // The routes go when the process has exited and its
                 // stderr says why.
                 match self.children.get_mut(&link) {
-                    Some(c) => {
-                        c.closed.get_or_insert((why, now));
-                    }
+                    Some(c) => c.link.stdout_closed(why, now),
                     None => self.core.handle_link_down(now, link, &why),
                 }
             }
@@ -203,23 +190,7 @@ impl Relay {
                 let Some(c) = self.children.remove(&link) else {
                     return true;
                 };
-                let tail = tidy_tail(&tail);
-                let mut why = format!("{}: ", c.label);
-                let cause = c
-                    .cut_off
-                    .as_deref()
-                    .or(c.closed.as_ref().map(|(w, _)| w.as_str()));
-                if let Some(cause) = cause.filter(|w| *w != "connection closed") {
-                    why += cause;
-                    why += "; ";
-                }
-                why += &c.program;
-                why += " ";
-                why += &status;
-                if !tail.trim().is_empty() {
-                    why += ": ";
-                    why += tail.trim();
-                }
+                let why = c.link.lost_why(&c.label, &status, &tail);
                 if let Some((src, stream, _)) = c.pending {
                     self.reply(
                         src,
@@ -257,16 +228,9 @@ impl Relay {
                         }
                     }
                 } else if let Some(c) = self.children.get_mut(&link) {
-                    // Never wait for a child: one that stops reading is
-                    // cut off once its queue is full.
-                    if let Err(SendError::Full(queued)) = c.writer.try_send(frame) {
-                        if c.cut_off.is_none() {
-                            c.cut_off = Some(format!(
-                                "stopped reading: {queued} bytes queued (bound {CHILD_QUEUE_BYTES})"
-                            ));
-                            signal(c.pid, libc::SIGKILL);
-                        }
-                    }
+                    // Never waits for a child (one that stops reading is
+                    // cut off).
+                    c.link.send(frame);
                 }
                 continue;
             }
@@ -284,16 +248,15 @@ impl Relay {
                         // A child's first announcement is the node started
                         // on it; only after that may it route for others
                         // (an agent's nested become agents).
-                        if c.pending.is_some() && c.node != node && c.cut_off.is_none() {
-                            c.cut_off = Some(format!(
+                        if c.pending.is_some() && c.node != node {
+                            c.link.cut_off(format!(
                                 "announced n{} before itself (n{})",
                                 node.0, c.node.0
                             ));
-                            signal(c.pid, libc::SIGKILL);
                         }
                         if c.node == node {
                             if let Some((src, stream, _)) = c.pending.take() {
-                                let pid = c.pid;
+                                let pid = c.link.pid();
                                 self.reply(src, stream, &Reply::Spawned { node, pid });
                                 self.start_waiting();
                             }
@@ -484,7 +447,6 @@ impl Relay {
         let Some((program, args)) = spec.argv.split_first() else {
             return Err("empty command".into());
         };
-        let program_name = program.rsplit('/').next().unwrap_or(program).to_string();
         let pinned = |key: &Option<String>| -> Result<Option<&Vec<u8>>, String> {
             match key {
                 None => Ok(None),
@@ -534,22 +496,24 @@ impl Relay {
         let link = LinkId(self.next_link);
         self.next_link += 1;
         // Only another relay understands compressed frames.
-        let (tx, pid) =
-            start_child_link(child, preamble, spec.send_self, self.inbox_tx.clone(), link)?;
+        let child_link = start_child_link(
+            child,
+            program,
+            preamble,
+            spec.send_self,
+            self.inbox_tx.clone(),
+            link,
+        )?;
 
         self.core.handle_link_up(Instant::now(), link, Role::Child);
         self.core.expect(spec.node, link);
         let deadline = Instant::now() + Duration::from_millis(u64::from(spec.connect_timeout_ms));
         self.children.insert(
             link,
-            ChildLink {
+            Child {
                 node: spec.node,
                 label: spec.label,
-                program: program_name,
-                pid,
-                writer: tx,
-                cut_off: None,
-                closed: None,
+                link: child_link,
                 pending: Some((src, stream, deadline)),
                 _known_hosts: known_hosts,
             },
@@ -579,15 +543,10 @@ impl Relay {
             return false;
         }
         for c in self.children.values_mut() {
-            if let Some((why, at)) = &mut c.closed {
-                if now.duration_since(*at) > CLOSE_GRACE && !why.ends_with(" (killed)") {
-                    why.push_str(" (killed)");
-                    signal(c.pid, libc::SIGKILL);
-                }
-            }
+            c.link.kill_if_lingering(now);
             if c.pending.is_some_and(|(_, _, d)| now > d) {
                 // Its exit is then reported with what it said.
-                signal(c.pid, libc::SIGKILL);
+                signal(c.link.pid(), libc::SIGKILL);
             }
         }
         true
@@ -603,7 +562,11 @@ impl Relay {
     /// Stops every child (SIGTERM, then SIGKILL after a grace period) and
     /// waits until each has been reaped.
     async fn shutdown(&mut self) {
-        let pids = self.children.drain().map(|(l, c)| (l, c.pid)).collect();
+        let pids = self
+            .children
+            .drain()
+            .map(|(l, c)| (l, c.link.pid()))
+            .collect();
         stop_children(pids, &mut self.inbox, KILL_GRACE).await;
     }
 }

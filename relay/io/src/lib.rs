@@ -27,6 +27,9 @@ pub const PARENT_QUEUE_BYTES: usize = 8 << 20;
 pub const CHILD_QUEUE_BYTES: usize = 32 << 20;
 /// Tail of a child's stderr kept for error messages.
 pub const STDERR_TAIL_BYTES: usize = 4096;
+/// How long a child may outlive the end of its stdout before it is killed
+/// (its exit, with what it said, is what reports the link down).
+pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
 /// What a link's tasks tell the node's main loop.
 #[derive(Debug)]
@@ -169,6 +172,86 @@ impl LinkRx {
     }
 }
 
+/// A child link as its node keeps it: the writer (never waited for), the
+/// process, and why the link is going, for the message when it has gone.
+pub struct ChildLink {
+    writer: LinkTx,
+    pid: u32,
+    /// The program it runs (`ssh`, `docker`, …), for messages.
+    program: String,
+    /// Why it was cut off, if it was (it is then killed).
+    cut_off: Option<String>,
+    /// Why and when its stdout ended.
+    closed: Option<(String, std::time::Instant)>,
+    killed: bool,
+}
+
+impl ChildLink {
+    /// For signals only; the child's own task waits for it.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Queues `frame` without waiting: a child that stops reading is cut
+    /// off once its queue is full.
+    pub fn send(&mut self, frame: Frame) {
+        if let Err(SendError::Full(queued)) = self.writer.try_send(frame) {
+            self.cut_off(format!(
+                "stopped reading: {queued} bytes queued (bound {CHILD_QUEUE_BYTES})"
+            ));
+        }
+    }
+
+    /// Kills the child, remembering why (the first reason stands).
+    pub fn cut_off(&mut self, why: String) {
+        if self.cut_off.is_none() {
+            self.cut_off = Some(why);
+            signal(self.pid, libc::SIGKILL);
+        }
+    }
+
+    /// Its stdout ended: the link goes down when the child has exited.
+    pub fn stdout_closed(&mut self, why: String, now: std::time::Instant) {
+        self.closed.get_or_insert((why, now));
+    }
+
+    /// Kills it if its stdout ended [`CLOSE_GRACE`] ago.
+    pub fn kill_if_lingering(&mut self, now: std::time::Instant) {
+        if let Some((_, at)) = &self.closed {
+            if !self.killed && now.duration_since(*at) > CLOSE_GRACE {
+                self.killed = true;
+                signal(self.pid, libc::SIGKILL);
+            }
+        }
+    }
+
+    /// Why it went: the cause seen first (cut off, a read error or a
+    /// malformed frame), then how the program exited and the tail of its
+    /// stderr.
+    pub fn lost_why(&self, label: &str, status: &str, tail: &[u8]) -> String {
+        let mut why = format!("{label}: ");
+        let closed = self.closed.as_ref().map(|(w, _)| w.as_str());
+        if let Some(cause) = self.cut_off.as_deref().or(closed) {
+            if cause != "connection closed" {
+                why += cause;
+                why += "; ";
+            }
+        }
+        if self.killed && self.cut_off.is_none() {
+            why += "(killed after its output ended) ";
+        }
+        why += &self.program;
+        why += " ";
+        why += status;
+        let tail = tidy_tail(tail);
+        if !tail.is_empty() {
+            why += ": ";
+            why += &tail;
+        }
+        why
+    }
+}
+
 /// Reads frames from `r` until it ends or a frame is malformed.
 pub fn spawn_reader<R>(mut r: R, inbox: mpsc::Sender<LinkEvent>, link: LinkId)
 where
@@ -255,18 +338,18 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Makes a child process a link: writes `preamble` and then the frames
-/// sent on the returned sender to its stdin (at most [`CHILD_QUEUE_BYTES`]
-/// queued: send with `try_send`, never waiting), reads frames from its
-/// stdout, and watches it until it exits. Returns the sender and the
-/// child's pid.
+/// Makes a child process (running `program`) a link: writes `preamble`
+/// and then the frames sent through the returned [`ChildLink`] to its stdin
+/// (at most [`CHILD_QUEUE_BYTES`] queued, never waited for), reads frames
+/// from its stdout, and watches it until it exits.
 pub fn start_child_link(
     mut child: Child,
+    program: &str,
     preamble: Vec<u8>,
     compress: bool,
     inbox: mpsc::Sender<LinkEvent>,
     link: LinkId,
-) -> Result<(LinkTx, u32), String> {
+) -> Result<ChildLink, String> {
     let (Some(stdin), Some(stdout), Some(stderr), Some(pid)) = (
         child.stdin.take(),
         child.stdout.take(),
@@ -286,7 +369,14 @@ pub fn start_child_link(
     ));
     spawn_reader(stdout, inbox.clone(), link);
     tokio::spawn(watch_child(child, stderr, inbox, link));
-    Ok((tx, pid))
+    Ok(ChildLink {
+        writer: tx,
+        pid,
+        program: program.rsplit('/').next().unwrap_or(program).to_string(),
+        cut_off: None,
+        closed: None,
+        killed: false,
+    })
 }
 
 /// Owns a child: keeps the tail of its stderr and, once it has exited,
@@ -409,6 +499,37 @@ mod tests {
         }
         assert_eq!(waiting.await.expect("join"), Ok(()));
         assert!(got > 0 && tx.queued() <= 1 << 20);
+    }
+
+    #[tokio::test]
+    async fn a_child_links_loss_names_the_cause_the_program_and_its_words() {
+        let child = tokio::process::Command::new("/bin/sh")
+            .args(["-c", "read x; echo 'fatal: no route' >&2; exit 3"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let (inbox, mut events) = mpsc::channel(8);
+        let mut link =
+            start_child_link(child, "/bin/sh", b"go\n".to_vec(), false, inbox, LinkId(4))
+                .expect("link");
+        let (mut closed, mut exited) = (None, None);
+        while exited.is_none() {
+            match events.recv().await.expect("event") {
+                LinkEvent::Closed(_, why) => closed = Some(why),
+                LinkEvent::Exited(_, status, tail) => exited = Some((status, tail)),
+                LinkEvent::Frame(..) => {}
+            }
+        }
+        let (status, tail) = exited.expect("exit");
+        if let Some(why) = closed {
+            link.stdout_closed(why, std::time::Instant::now());
+        }
+        assert_eq!(
+            link.lost_why("t1 (agent, via b1)", &status, &tail),
+            "t1 (agent, via b1): sh exited with status 3: fatal: no route"
+        );
     }
 
     #[test]
