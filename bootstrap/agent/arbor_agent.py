@@ -78,6 +78,7 @@ import stat as stat_
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -107,6 +108,8 @@ LOG_LINES_MAX = 64
 AGENT_MARKER = b"\0arbor\0"
 # Nested agents (become) one agent may route for.
 CHILDREN_MAX = 64
+# Temp dirs the sweeper holds before it forgets those already gone.
+SWEEP_PATHS_MAX = 4096
 # Frames queued toward one nested agent before the link is read no more.
 CHILD_QUEUE_BYTES_MAX = 8 * 1024 * 1024
 # Longest wait for a become command's prompt or success.
@@ -1162,8 +1165,9 @@ class Agent(object):
         self.pipes = {}  # stream -> Pipe
         self.env_files = [EnvFile(p) for p in ENV_FILES]
         self.logs = collections.deque(maxlen=LOG_LINES_MAX)
-        self.tmpdirs = []  # this agent's own temp dirs
+        self.tmpdirs = set()  # the temp dirs this agent made and has not removed
         self.sweeper = None  # pipe to the child that removes them if we die
+        self.sweeper_pid = None
         self.keepalive = None  # seconds the link may be silent (set by the daemon)
         self.heard = time.monotonic()
         self.shell = login_shell()
@@ -1238,7 +1242,7 @@ class Agent(object):
 
     def hello(self):
         info = {"pid": os.getpid(), "python": sys.version.split()[0],
-                "uid": os.getuid(), "executable": sys.executable}
+                "uid": os.getuid(), "executable": sys.executable, "sweeper": self.sweeper_pid}
         try:
             pw = pwd.getpwuid(os.getuid())
             info.update(user=pw.pw_name, home=pw.pw_dir)
@@ -1534,6 +1538,7 @@ class Agent(object):
                     bits(path)
                 self.answer(src, stream, req, {})
             elif op == "rmtree":
+                self.untrack_tmp(req["path"])
                 shutil.rmtree(req["path"])
                 self.answer(src, stream, req, {})
             elif op == "become":
@@ -1547,6 +1552,10 @@ class Agent(object):
                 self.answer(src, stream, req, {})
             elif op == "sync":
                 self.reply(src, stream, {})
+            elif op == "exit":
+                # meta: reset_connection: end as at the end of the link.
+                self.log("told to exit (the connection was reset)")
+                raise LinkGone()
             elif op == "ping":
                 self.reply(src, stream, {"pid": os.getpid(), "served": self.served})
             elif op == "keepalive":
@@ -1583,30 +1592,33 @@ class Agent(object):
                 errors.append(message)
 
     def mkdtemp(self, req):
+        """A task's temp dir, named as Ansible names it, where Ansible puts
+        it (`remote_tmp/ansible-tmp-...`), made as Ansible's shell command
+        makes it (umask 077); the sweeper removes it if the agent dies."""
         base, name = req["base"], req["name"]
         if not name or "/" in name or name in (".", ".."):
             raise ValueError("bad temp dir name %r" % (name,))
-        own = os.path.join(base, "arbor-%d" % os.getpid())
-        if own not in self.tmpdirs:
-            umask = os.umask(0o077)
-            try:
-                os.makedirs(base, exist_ok=True)
-                try:
-                    os.mkdir(own, 0o700)
-                except FileExistsError:
-                    st = os.lstat(own)
-                    if (not stat_.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()
-                            or st.st_mode & 0o077):
-                        raise OSError(errno.EEXIST, "%s exists and is not this user's private "
-                                      "directory" % own)
-            finally:
-                os.umask(umask)
-            self.tmpdirs.append(own)
-            if self.sweeper is not None:
-                write_all(self.sweeper, (own + "\n").encode("utf-8", "surrogateescape"))
-        path = os.path.join(own, name)
-        os.mkdir(path, 0o700)
+        umask = os.umask(0o077)
+        try:
+            os.makedirs(base, exist_ok=True)
+            path = os.path.join(base, name)
+            os.mkdir(path, 0o700)
+        finally:
+            os.umask(umask)
+        self.track_tmp(path)
         return path
+
+    def track_tmp(self, path):
+        """`path` is removed when this agent ends, even by kill -9."""
+        path = os.path.normpath(path)
+        self.tmpdirs.add(path)
+        sweep(self.sweeper, "+", path)
+
+    def untrack_tmp(self, path):
+        path = os.path.normpath(path)
+        if path in self.tmpdirs:
+            self.tmpdirs.discard(path)
+            sweep(self.sweeper, "-", path)
 
     # ------------------------------------------------------------ become
 
@@ -2140,15 +2152,49 @@ class Agent(object):
             c.reap(max(0.05, deadline - time.monotonic()))
         for d in self.tmpdirs:
             shutil.rmtree(d, ignore_errors=True)
-        self.tmpdirs = []
+        self.tmpdirs = set()
+        self.stop_sweeper()
+
+    def stop_sweeper(self):
+        """Ends the sweeper with the agent (its pipe closed, nothing left to
+        sweep), waited for a little: no process of the agent's user lingers
+        (a `userdel` of a become user runs right after)."""
+        if self.sweeper is None:
+            return
+        os.close(self.sweeper)
+        self.sweeper = None
+        deadline = time.monotonic() + 2.0
+        while self.sweeper_pid is not None and time.monotonic() < deadline:
+            try:
+                if os.waitpid(self.sweeper_pid, os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:
+                break
+            time.sleep(0.005)
+
+
+def sweep(fd, sign, path):
+    """Tells the sweeper (see start_sweeper) to remove `path` at the end
+    ("+") or not ("-"). One write of a short line: atomic on a pipe, so
+    forks may write too."""
+    if fd is None:
+        return
+    line = (sign + path + "\n").encode("utf-8", "surrogateescape")
+    if len(line) <= 4096:
+        try:
+            write_all(fd, line)
+        except OSError:
+            pass
 
 
 def start_sweeper():
     """A child that outlives the agent only to remove its temp dirs: the
-    agent writes each dir it makes to the child's pipe, and when the pipe
-    ends (the agent and its forks have exited, however: even kill -9) the
-    child removes them and exits. It holds no other descriptor, so it keeps
-    no link or session open."""
+    agent (and its forks) write each dir made ("+path") and each removed
+    ("-path") to the child's pipe, and when the pipe ends (the agent and
+    its forks have exited, however: even kill -9) the child removes what
+    is left and exits. It holds no other descriptor, so it keeps no link
+    or session open. Dirs it holds are bounded: past SWEEP_PATHS_MAX, those
+    already gone are forgotten."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -2158,19 +2204,44 @@ def start_sweeper():
                 os.dup2(null, fd)
             os.closerange(3, r)
             os.closerange(r + 1, max(r + 2, os.sysconf("SC_OPEN_MAX")))
+            paths = set()
             buf = b""
             while True:
                 chunk = os.read(r, 65536)
                 if not chunk:
                     break
                 buf += chunk
-            for d in buf.decode("utf-8", "surrogateescape").split("\n"):
-                if d:
-                    shutil.rmtree(d, ignore_errors=True)
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    p = line[1:].decode("utf-8", "surrogateescape")
+                    if line[:1] == b"+":
+                        paths.add(p)
+                    elif line[:1] == b"-":
+                        paths.discard(p)
+                if len(paths) > SWEEP_PATHS_MAX:
+                    paths = set(p for p in paths if os.path.lexists(p))
+            for d in paths:
+                shutil.rmtree(d, ignore_errors=True)
         finally:
             os._exit(0)
     os.close(r)
-    return w
+    return w, pid
+
+
+def track_module_tempdirs(agent):
+    """The AnsiballZ wrapper unpacks a module into `ansible_*_payload_*`
+    (and AnsibleModule makes `ansible-moduletmp-*`) with tempfile.mkdtemp,
+    and removes it at the end; a module killed with its agent cannot.
+    Each such dir is told to the sweeper, from the agent or any fork."""
+    real = tempfile.mkdtemp
+
+    def mkdtemp(suffix=None, prefix=None, dir=None):
+        path = real(suffix, prefix, dir)
+        if isinstance(prefix, str) and prefix.startswith("ansible"):
+            sweep(agent.sweeper, "+", os.path.abspath(path))
+        return path
+    mkdtemp.__doc__ = real.__doc__
+    tempfile.mkdtemp = mkdtemp
 
 
 def main(node):
@@ -2185,9 +2256,11 @@ def main(node):
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.close(null)
-    sweeper = start_sweeper()
+    sweeper, sweeper_pid = start_sweeper()
     agent = Agent(node, rfd, wfd)
     agent.sweeper = sweeper
+    agent.sweeper_pid = sweeper_pid
+    track_module_tempdirs(agent)
     sys.stdout = sys.stderr
     try:
         code = agent.run()

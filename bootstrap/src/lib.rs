@@ -51,6 +51,20 @@ pub fn agent_command(python: &str) -> String {
     format!("{} -c {}", sh_quote(python), sh_quote(&boot))
 }
 
+/// [`agent_command`] as an ssh session runs it: in a shell that says how
+/// the agent ended when it did not end cleanly (killed, or exited with an
+/// error), so the hop's failure names the cause. Not for become: the
+/// nested agent must be the become command's own child.
+pub fn agent_ssh_command(python: &str) -> String {
+    let inner = format!(
+        "{}; s=$?; if [ $s -gt 128 ]; then echo \"arbor: the agent was killed by signal \
+         $((s - 128))\" >&2; elif [ $s -ne 0 ]; then echo \"arbor: the agent exited with \
+         status $s\" >&2; fi; exit $s",
+        agent_command(python)
+    );
+    format!("exec /bin/sh -c {}", sh_quote(&inner))
+}
+
 /// Where an agent's preamble starts: the first stage skips anything before
 /// it (a password line a become command did not read).
 pub const AGENT_MARKER: &[u8] = b"\0arbor\0";

@@ -14,7 +14,7 @@
 //! call   {"chain", "req": {agent request}}, blob -> the agent's reply
 //! ping   {} -> {"pid", "version"}
 //! agent_command {"python"} -> {"cmd"}: the command that starts an agent
-//! become {"chain", "become": {"key"}, "label", "cmd", "success", "timeout_s"}
+//! become {"chain", "become": {"key", "pass"}, "label", "cmd", "success", "timeout_s"}
 //!        -> {"node"}
 //! ```
 //! choose {"chain", "path", "checksum", "same": {"cmd", "size"}, "differs": {"cmd", "size"}},
@@ -54,7 +54,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-use crate::tree::{BecomeSlot, Role2, TreeHandle};
+use crate::tree::{BecomeSlot, HopRole, TreeHandle};
 
 /// Largest API message; bigger data is split into data messages.
 pub const MESSAGE_BYTES_MAX: usize = 8 << 20;
@@ -355,6 +355,8 @@ async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
                     .map_err(|e| ApiError::failed(e.to_string()))
             }
             "become" => become_agent(&mut conn, &tree, &req).await,
+            "reset" => reset(&mut conn, &tree, &req).await,
+            "release" => release(&mut conn, &tree, &req).await,
             "pipe" => pipe(&mut conn, &tree, &req).await,
             "choose" => choose(&mut conn, &tree, &zips, &req, blob).await,
             other => Err(ApiError::failed(format!("unknown API request {other:?}"))),
@@ -381,7 +383,7 @@ async fn info(conn: &mut UnixStream, tree: &TreeHandle, req: &Value) -> Result<(
     let t: Target = serde_json::from_value(req.clone())
         .map_err(|e| ApiError::failed(format!("bad chain: {e}")))?;
     let mut path = tree
-        .ensure_path(&t.chain, Role2::Agent)
+        .ensure_path(&t.chain, HopRole::Agent, t.task.as_deref())
         .await
         .map_err(ApiError::unreachable)?;
     if path.last() != Some(&node) {
@@ -394,6 +396,43 @@ async fn info(conn: &mut UnixStream, tree: &TreeHandle, req: &Value) -> Result<(
             .collect(),
     );
     write_message(conn, &hello, b"")
+        .await
+        .map_err(|e| ApiError::failed(e.to_string()))
+}
+
+/// `meta: reset_connection` and friends: the host's interpreters end, and
+/// its next task connects afresh.
+async fn reset(conn: &mut UnixStream, tree: &TreeHandle, req: &Value) -> Result<(), ApiError> {
+    let host = req
+        .get("host")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::failed("reset without a host"))?;
+    let ended = tree.reset(host).await.map_err(ApiError::failed)?;
+    write_message(conn, &json!({ "ended": ended }), b"")
+        .await
+        .map_err(|e| ApiError::failed(e.to_string()))
+}
+
+/// A process of one of the target's become interpreters stands in the way
+/// of a command (`userdel: user X is currently used by process N`): that
+/// interpreter ends (awaited), and the next task that becomes X starts a
+/// new one. Answers whether `pid` was one of arbor's.
+async fn release(conn: &mut UnixStream, tree: &TreeHandle, req: &Value) -> Result<(), ApiError> {
+    let pid = req
+        .get("pid")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| ApiError::failed("release without a pid"))?;
+    let login = login_agent(tree, req).await?;
+    let node = tree
+        .release_pid(login, pid)
+        .await
+        .map_err(ApiError::failed)?;
+    if let Some(node) = node {
+        let (stream, mut rx) =
+            send_request(tree, login, json!({"op": "unbecome", "node": node.0}), b"").await?;
+        gather_reply(tree, stream, &mut rx).await?;
+    }
+    write_message(conn, &json!({ "released": node.is_some() }), b"")
         .await
         .map_err(|e| ApiError::failed(e.to_string()))
 }
@@ -443,6 +482,10 @@ async fn call_noreply(tree: &TreeHandle, req: &Value, blob: Vec<u8>) {
 #[derive(Deserialize)]
 struct Target {
     chain: Vec<Hop>,
+    /// The Ansible task asking (its uuid): a hop that failed during it
+    /// fails again at once; for another task it is connected again.
+    #[serde(default)]
+    task: Option<String>,
 }
 
 /// The agent a request is for: the target's login agent, or the nested
@@ -452,6 +495,7 @@ async fn agent_for(tree: &TreeHandle, req: &Value) -> Result<NodeId, ApiError> {
     let Some(key) = become_key(req) else {
         return Ok(login);
     };
+    let key = key.as_str();
     match tree
         .become_slot(login, key, "", false)
         .await
@@ -469,13 +513,41 @@ async fn agent_for(tree: &TreeHandle, req: &Value) -> Result<NodeId, ApiError> {
 async fn login_agent(tree: &TreeHandle, req: &Value) -> Result<NodeId, ApiError> {
     let t: Target = serde_json::from_value(req.clone())
         .map_err(|e| ApiError::failed(format!("bad chain: {e}")))?;
-    tree.ensure(&t.chain, Role2::Agent)
+    tree.ensure(&t.chain, HopRole::Agent, t.task.as_deref())
         .await
         .map_err(ApiError::unreachable)
 }
 
-fn become_key(req: &Value) -> Option<&str> {
-    req.get("become")?.get("key")?.as_str()
+/// The become interpreter a request names: the glue's key (plugin, user,
+/// exe, flags) and, if the task gives a become password, a digest of it
+/// under a secret of this daemon's. So a task with another password (a
+/// wrong one) gets an interpreter of its own, started with that password,
+/// which the become tool then checks as it does for vanilla on every task.
+fn become_key(req: &Value) -> Option<String> {
+    let b = req.get("become")?;
+    let key = b.get("key")?.as_str()?;
+    Some(match b.get("pass").and_then(Value::as_str) {
+        Some(pass) if !pass.is_empty() => format!("{key}|pass:{}", password_digest(pass)),
+        _ => key.to_string(),
+    })
+}
+
+/// A keyed digest of a password: equal for equal passwords within this
+/// daemon, and of no use to a reader of a log (the key never leaves it).
+fn password_digest(pass: &str) -> String {
+    use sha2::{Digest, Sha256};
+    static SECRET: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    let secret = SECRET.get_or_init(|| {
+        let mut b = [0u8; 32];
+        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+            let _ = std::io::Read::read_exact(&mut f, &mut b);
+        }
+        b
+    });
+    let mut h = Sha256::new();
+    h.update(secret);
+    h.update(pass.as_bytes());
+    hex(&h.finalize()[..16])
 }
 
 /// Longest a become command may take to prompt or succeed.
@@ -490,6 +562,7 @@ async fn become_agent(
 ) -> Result<(), ApiError> {
     let login = login_agent(tree, req).await?;
     let key = become_key(req).ok_or_else(|| ApiError::failed("become without a key"))?;
+    let key = key.as_str();
     let label = req
         .get("label")
         .and_then(Value::as_str)
@@ -1056,7 +1129,7 @@ async fn relays_of(tree: &TreeHandle, req: &Value) -> Vec<NodeId> {
     if n < 2 {
         return Vec::new();
     }
-    tree.ensure_path(&t.chain[..n - 1], Role2::Relay)
+    tree.ensure_path(&t.chain[..n - 1], HopRole::Relay, t.task.as_deref())
         .await
         .unwrap_or_default()
 }

@@ -6,13 +6,19 @@
 //! - `main.rs`: CLI and the daemon's life (socket, peer check, teardown).
 //! - `tree.rs`: the tree task (router node 0, ssh links, hop states).
 //! - `api.rs`: the glue's requests (exec, put, fetch).
+//! - `hops.rs`: which hop is which node; connect failures and resets.
 //! - `ssh.rs`: ssh command lines, known_hosts, key files.
+//! - `sshconfig.rs`: what the controller's ssh config makes of a hop.
+//! - `sshagent.rs`: the ssh-agent socket the tree's ssh use and forward.
 //!
 //! Exit codes: 0 success; 1 runtime error; 64 usage error.
 
 mod api;
+mod hops;
 mod methods;
 mod ssh;
+mod sshagent;
+mod sshconfig;
 mod tree;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -60,6 +66,10 @@ EXIT CODES:
 ";
 
 fn main() {
+    // Started again by one of the daemon's ssh as its SSH_ASKPASS program.
+    if let Some(code) = arbor_io::askpass::answer_from_env() {
+        std::process::exit(code);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match run(&args) {
         Ok(()) => 0,
@@ -302,6 +312,8 @@ async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
     let (tree, handle) = tree::Tree::new(tree::Config {
         relay_binary: RELAY,
         run_dir: run_dir.to_path_buf(),
+        ssh_config: sshconfig::SshConfig::new(home.clone()),
+        user_agent: std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from),
         home,
         interpreters_max: interpreters_max(),
         connecting_max: connecting_max(),

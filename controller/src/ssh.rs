@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use arbor_topology::Hop;
 
+use crate::sshconfig::{self, Resolved};
+
 /// Bytes of known_hosts sent with one spawn, at most.
 pub const KNOWN_HOSTS_BYTES_MAX: usize = 4 << 20;
 /// Connect timeout when the inventory sets none (Ansible's default).
@@ -99,39 +101,84 @@ fn parse_args(words: &[String]) -> Vec<Arg> {
     out
 }
 
+/// How a hop's ssh is made.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Mode {
+    /// Run by the controller (else by a relay, which reads none of the
+    /// controller's files).
+    pub local: bool,
+    /// The hop will start children that authenticate with the agent.
+    pub forward_agent: bool,
+    /// A password answers ssh's prompt (through SSH_ASKPASS).
+    pub password: bool,
+}
+
+/// Log levels at which ssh says too little to name why it failed.
+const QUIET_LEVELS: [&str; 3] = ["quiet", "fatal", "error"];
+
 /// The ssh command that reaches `hop` and runs `remote_cmd` there.
-/// `local`: run by the controller (else by a relay); `forward_agent`: the
-/// hop will start children that authenticate with the agent.
-pub fn argv(hop: &Hop, remote_cmd: &str, local: bool, forward_agent: bool) -> Vec<String> {
-    let mut a: Vec<String> = vec!["ssh".into()];
+/// `resolved`: what the controller's ssh config makes of the hop, for a
+/// hop a relay runs.
+pub fn argv(hop: &Hop, remote_cmd: &str, mode: Mode, resolved: Option<&Resolved>) -> Vec<String> {
+    let program = if mode.local {
+        sshconfig::program(hop)
+    } else {
+        "ssh"
+    };
+    let mut a: Vec<String> = vec![program.into()];
     let mut o = |s: String| {
         a.push("-o".into());
         a.push(s);
     };
-    o("BatchMode=yes".into());
+    let carried = resolved.filter(|_| !mode.local);
+    if let Some(r) = carried {
+        // A relay's ssh may be older than the controller's.
+        let keys: Vec<&str> = r.options.iter().map(|(k, _)| k.as_str()).collect();
+        if !keys.is_empty() {
+            o(format!("IgnoreUnknown={}", keys.join(",")));
+        }
+    }
+    if mode.password {
+        o("BatchMode=no".into());
+        o("NumberOfPasswordPrompts=1".into());
+    } else {
+        o("BatchMode=yes".into());
+    }
     o(format!(
         "ConnectTimeout={}",
         hop.timeout_s.unwrap_or(CONNECT_TIMEOUT_S_DEFAULT)
     ));
     // The user's own ServerAlive options win (ssh takes an option's first
-    // value, and theirs come later).
+    // value, and theirs come later, or from their config).
     let parsed = parse_args(&hop.ssh_args);
     let theirs = parsed.iter().any(|a| {
         matches!(a, Arg::Opt(k, _, _) if k == "serveraliveinterval" || k == "serveralivecountmax")
-    });
+    }) || resolved.is_some_and(|r| r.sets("serveraliveinterval") || r.sets("serveralivecountmax"));
     if !theirs {
         for opt in keepalive_options(keepalive_secs()) {
             o(opt);
         }
     }
+    // ssh must say why it failed, whatever the user's config or arguments
+    // quiet it to (its stderr is only ever read by arbor, for messages).
+    let their_level = parsed.iter().find_map(|a| match a {
+        Arg::Opt(k, v, _) if k == "loglevel" => Some(v.to_ascii_lowercase()),
+        _ => None,
+    });
+    let ours_level = their_level
+        .as_deref()
+        .is_none_or(|l| QUIET_LEVELS.contains(&l));
+    if ours_level {
+        o("LogLevel=INFO".into());
+    }
     o(format!(
         "StrictHostKeyChecking={}",
         if hop.host_key_checking { "yes" } else { "no" }
     ));
-    if forward_agent {
+    if mode.forward_agent {
         o("ForwardAgent=yes".into());
     }
-    if !local {
+    if !mode.local {
         o(format!(
             "UserKnownHostsFile={}",
             arbor_wire::control::KNOWN_HOSTS_TOKEN
@@ -141,27 +188,43 @@ pub fn argv(hop: &Hop, remote_cmd: &str, local: bool, forward_agent: bool) -> Ve
         a.push("-i".into());
         a.push(key.clone());
     }
+    if let Some(r) = carried {
+        for (k, v) in &r.options {
+            a.push("-o".into());
+            a.push(format!("{k}={v}"));
+        }
+    }
     for arg in parsed {
         match arg {
             Arg::Opt(k, _, _) if NEVER.contains(&k.as_str()) => {}
-            Arg::Opt(k, _, _) if !local && CONTROLLER_ONLY.contains(&k.as_str()) => {}
+            Arg::Opt(k, _, _) if k == "loglevel" && ours_level => {}
+            Arg::Opt(k, _, _) if !mode.local && CONTROLLER_ONLY.contains(&k.as_str()) => {}
             Arg::Opt(_, _, words) => a.extend(words),
-            Arg::FileFlag(_) if !local => {}
+            Arg::FileFlag(_) if !mode.local => {}
             Arg::FileFlag(words) => a.extend(words),
+            Arg::Other(w) if w == "-q" => {}
             Arg::Other(w) => a.push(w),
         }
     }
-    if let Some(port) = hop.port {
+    let (host, port, user) = match carried {
+        Some(r) => (
+            r.hostname.clone(),
+            Some(r.port),
+            Some(r.user.clone()).filter(|u| !u.is_empty()),
+        ),
+        None => (hop.host.clone(), hop.port, hop.user.clone()),
+    };
+    if let Some(port) = port {
         a.push("-p".into());
         a.push(port.to_string());
     }
-    if let Some(user) = &hop.user {
+    if let Some(user) = user {
         a.push("-l".into());
-        a.push(user.clone());
+        a.push(user);
     }
     a.push("-T".into());
     a.push("--".into());
-    a.push(hop.host.clone());
+    a.push(host);
     a.push(remote_cmd.into());
     a
 }
@@ -174,9 +237,12 @@ fn expand_home(p: &str, home: &Path) -> PathBuf {
 }
 
 /// The known_hosts lines a remote hop checks `hop`'s key against: the files
-/// its ssh arguments name, else the controller's defaults, as ssh itself
-/// would read them on the controller.
-pub fn known_hosts(hop: &Hop, home: &Path) -> Vec<u8> {
+/// the controller's ssh would read for it (`resolved`), else those its ssh
+/// arguments name, else the controller's defaults.
+pub fn known_hosts(hop: &Hop, home: &Path, resolved: Option<&Resolved>) -> Vec<u8> {
+    if let Some(r) = resolved {
+        return read_known_hosts(&r.known_hosts_files);
+    }
     let mut user = Vec::new();
     let mut global = Vec::new();
     for arg in parse_args(&hop.ssh_args) {
@@ -201,8 +267,14 @@ pub fn known_hosts(hop: &Hop, home: &Path) -> Vec<u8> {
             "/etc/ssh/ssh_known_hosts2".into(),
         ];
     }
+    user.extend(global);
+    read_known_hosts(&user)
+}
+
+/// The lines of `files` (those that can be read), up to the bound.
+fn read_known_hosts(files: &[PathBuf]) -> Vec<u8> {
     let mut out = Vec::new();
-    for f in user.iter().chain(global.iter()) {
+    for f in files {
         if let Ok(data) = std::fs::read(f) {
             if out.len() + data.len() > KNOWN_HOSTS_BYTES_MAX {
                 break;
@@ -216,10 +288,16 @@ pub fn known_hosts(hop: &Hop, home: &Path) -> Vec<u8> {
     out
 }
 
-/// Key files named by the hop (`ansible_ssh_private_key_file`, `-i`,
-/// `IdentityFile`), for the controller's private agent.
-pub fn key_files(hop: &Hop, home: &Path) -> Vec<PathBuf> {
+/// Key files the hop would use (`ansible_ssh_private_key_file`, `-i`,
+/// `IdentityFile`, and those the controller's ssh config gives it,
+/// `~/.ssh/id_*` by default), for the controller's private agent.
+pub fn key_files(hop: &Hop, home: &Path, resolved: Option<&Resolved>) -> Vec<PathBuf> {
     let mut keys: Vec<PathBuf> = hop.key_file.iter().map(|k| expand_home(k, home)).collect();
+    keys.extend(
+        resolved
+            .into_iter()
+            .flat_map(|r| r.identity_files.iter().cloned()),
+    );
     for arg in parse_args(&hop.ssh_args) {
         match arg {
             Arg::Opt(k, v, _) if k == "identityfile" => keys.push(expand_home(&v, home)),
@@ -261,7 +339,12 @@ mod tests {
             "-F",
             "/lab/cfg",
         ]);
-        let a = argv(&h, "run", true, true);
+        let mode = Mode {
+            local: true,
+            forward_agent: true,
+            password: false,
+        };
+        let a = argv(&h, "run", mode, None);
         let s = a.join(" ");
         assert!(s.contains("-i /keys/id") && s.contains("UserKnownHostsFile=/lab/known_hosts"));
         assert!(s.contains("-F /lab/cfg") && s.contains("ForwardAgent=yes") && s.contains(" -C "));
@@ -272,14 +355,20 @@ mod tests {
 
     #[test]
     fn keepalive_is_ours_unless_the_user_sets_it() {
-        let s = argv(&hop(&[]), "run", false, false).join(" ");
+        let s = argv(&hop(&[]), "run", Mode::default(), None).join(" ");
         let [i, c] = keepalive_options(keepalive_secs());
         assert!(s.contains(&i) && s.contains(&c), "{s}");
         assert_eq!(
             keepalive_options(30),
             ["ServerAliveInterval=10", "ServerAliveCountMax=2"]
         );
-        let s = argv(&hop(&["-o", "ServerAliveInterval=5"]), "run", false, false).join(" ");
+        let s = argv(
+            &hop(&["-o", "ServerAliveInterval=5"]),
+            "run",
+            Mode::default(),
+            None,
+        )
+        .join(" ");
         assert!(s.contains("ServerAliveInterval=5") && !s.contains("ServerAliveCountMax"));
     }
 
@@ -296,7 +385,7 @@ mod tests {
             "-o",
             "Ciphers=aes128-ctr",
         ]);
-        let s = argv(&h, "run", false, false).join(" ");
+        let s = argv(&h, "run", Mode::default(), None).join(" ");
         assert!(
             !s.contains("/lab")
                 && !s.contains("/k")
@@ -322,8 +411,74 @@ mod tests {
             "-o",
             "GlobalKnownHostsFile=/dev/null",
         ]);
-        assert_eq!(known_hosts(&h, &dir), b"target1 ssh-ed25519 AAAA\n");
-        assert_eq!(key_files(&h, &dir), vec![PathBuf::from("/keys/id")]);
+        assert_eq!(known_hosts(&h, &dir, None), b"target1 ssh-ed25519 AAAA\n");
+        assert_eq!(key_files(&h, &dir, None), vec![PathBuf::from("/keys/id")]);
         std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_password_turns_batch_mode_off_and_quiet_logs_are_raised() {
+        let mode = Mode {
+            local: true,
+            forward_agent: false,
+            password: true,
+        };
+        let s = argv(&hop(&["-q", "-o", "LogLevel=ERROR"]), "run", mode, None).join(" ");
+        assert!(
+            s.contains("BatchMode=no") && s.contains("NumberOfPasswordPrompts=1"),
+            "{s}"
+        );
+        assert!(
+            s.contains("LogLevel=INFO") && !s.contains("ERROR") && !s.contains(" -q "),
+            "{s}"
+        );
+        let s = argv(
+            &hop(&["-o", "LogLevel=DEBUG2"]),
+            "run",
+            Mode::default(),
+            None,
+        )
+        .join(" ");
+        assert!(
+            s.contains("BatchMode=yes") && s.contains("LogLevel=DEBUG2") && !s.contains("INFO")
+        );
+    }
+
+    #[test]
+    fn a_remote_hop_carries_what_the_controllers_config_resolved() {
+        let r = Resolved {
+            hostname: "10.1.2.3".into(),
+            user: "ops".into(),
+            port: 2200,
+            options: vec![
+                ("ciphers".into(), "aes128-ctr".into()),
+                ("sendenv".into(), "LANG".into()),
+            ],
+            ..Resolved::default()
+        };
+        let mut h = hop(&[]);
+        h.exe = Some("/opt/ssh/bin/ssh".into());
+        let a = argv(&h, "run", Mode::default(), Some(&r));
+        let s = a.join(" ");
+        assert_eq!(a[0], "ssh", "a relay runs its host's own ssh");
+        assert!(
+            s.contains("-o IgnoreUnknown=ciphers,sendenv") && s.contains("-o ciphers=aes128-ctr")
+        );
+        assert!(
+            s.contains("-p 2200 -l ops") && s.ends_with("-- 10.1.2.3 run"),
+            "{s}"
+        );
+        // The first hop reads the config itself, with the user's own ssh.
+        let a = argv(
+            &h,
+            "run",
+            Mode {
+                local: true,
+                ..Mode::default()
+            },
+            Some(&r),
+        );
+        assert_eq!(a[0], "/opt/ssh/bin/ssh");
+        assert!(a.join(" ").ends_with("-p 2222 -l root -T -- 10.0.0.1 run"));
     }
 }

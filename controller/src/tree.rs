@@ -7,6 +7,7 @@
 //! proceed in parallel; callers for a hop that is connecting wait for it.
 
 use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -14,13 +15,15 @@ use std::time::{Duration, Instant};
 
 use arbor_core::{Event, Limits, LinkId, Node, Role};
 use arbor_io::{start_child_link, stop_children, ChildLink, LinkEvent as Input};
-use arbor_topology::{Hop, HopKey};
+use arbor_topology::{Hop, HopKey, BECOME_METHODS};
 use arbor_wire::control::{self, Reply, Request, Spawn};
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::ssh;
+use crate::sshagent::SshAgent;
+use crate::sshconfig::SshConfig;
 
 const INBOX_FRAMES: usize = 1024;
 const CMD_QUEUE: usize = 1024;
@@ -28,27 +31,27 @@ const CMD_QUEUE: usize = 1024;
 pub const REPLY_QUEUE_FRAMES: usize = 64;
 const KILL_GRACE: Duration = Duration::from_secs(2);
 
-/// What a hop runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Role2 {
-    Relay,
-    Agent,
-}
-
-enum HopState {
-    Connecting {
-        node: NodeId,
-        waiters: Vec<oneshot::Sender<Result<NodeId, String>>>,
-    },
-    Up(NodeId),
-    Failed(String),
-}
+pub use crate::hops::HopRole;
+use crate::hops::{self, Hops};
 
 enum Cmd {
     Ensure {
         chain: Vec<Hop>,
-        role: Role2,
+        role: HopRole,
+        task: Option<String>,
         done: oneshot::Sender<Result<NodeId, String>>,
+    },
+    /// Forgets the become agent under `parent` whose process (or its
+    /// sweeper's) is `pid`; answers its node, for the caller to end.
+    ReleasePid {
+        parent: NodeId,
+        pid: u64,
+        done: oneshot::Sender<Option<NodeId>>,
+    },
+    /// Ends the interpreters of the host with this inventory name.
+    Reset {
+        host: String,
+        done: oneshot::Sender<usize>,
     },
     Open {
         dst: NodeId,
@@ -76,15 +79,6 @@ enum Cmd {
 /// An open stream: its node, where its frames go, and its credit if paced.
 type OpenStream = (NodeId, mpsc::Sender<Frame>, Option<watch::Sender<u64>>);
 
-/// A passphrase for locking the private ssh-agent, never shown.
-fn random_pass() -> String {
-    let mut b = [0u8; 24];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// Settings of the tree.
 pub struct Config {
     pub relay_binary: &'static [u8],
@@ -95,6 +89,10 @@ pub struct Config {
     pub interpreters_max: usize,
     /// Most children of one relay connecting at once.
     pub connecting_max: u16,
+    /// What the controller's ssh config makes of each ssh hop.
+    pub ssh_config: SshConfig,
+    /// The user's own ssh-agent, if the run has one.
+    pub user_agent: Option<PathBuf>,
 }
 
 /// Default of [`Config::interpreters_max`], as Mitogen's.
@@ -132,44 +130,101 @@ pub type Hellos = Arc<Mutex<HashMap<NodeId, serde_json::Value>>>;
 pub struct TreeHandle {
     tx: mpsc::Sender<Cmd>,
     hellos: Hellos,
+    ssh_config: SshConfig,
 }
 
 impl TreeHandle {
     /// Makes sure every hop of `chain` is up, the last running `role`;
     /// returns the last hop's node, or a message naming the host and hop.
-    pub async fn ensure(&self, chain: &[Hop], role: Role2) -> Result<NodeId, String> {
+    /// `task` names the Ansible task asking: a hop that failed during that
+    /// task fails again at once; for any other, it is connected again.
+    pub async fn ensure(
+        &self,
+        chain: &[Hop],
+        role: HopRole,
+        task: Option<&str>,
+    ) -> Result<NodeId, String> {
         Ok(*self
-            .ensure_path(chain, role)
+            .ensure_path(chain, role, task)
             .await?
             .last()
             .unwrap_or(&NodeId::CONTROLLER))
     }
 
     /// As [`TreeHandle::ensure`], returning every hop's node, first first.
-    pub async fn ensure_path(&self, chain: &[Hop], role: Role2) -> Result<Vec<NodeId>, String> {
+    /// A failure names the last hop first, whichever hop failed.
+    pub async fn ensure_path(
+        &self,
+        chain: &[Hop],
+        role: HopRole,
+        task: Option<&str>,
+    ) -> Result<Vec<NodeId>, String> {
         arbor_topology::validate(chain).map_err(|e| e.to_string())?;
+        let target = hops::label(chain, role);
+        // The controller's ssh config, read before the tree starts a hop.
+        for (i, hop) in chain.iter().enumerate() {
+            if let Err(why) = self.ssh_config.resolve(hop).await {
+                let r = if i + 1 == chain.len() {
+                    role
+                } else {
+                    HopRole::Relay
+                };
+                let hop_label = hops::label(&chain[..=i], r);
+                return Err(hops::labelled(&target, &hops::labelled(&hop_label, &why)));
+            }
+        }
         let mut nodes = Vec::with_capacity(chain.len());
         for i in 0..chain.len() {
             let r = if i + 1 == chain.len() {
                 role
             } else {
-                Role2::Relay
+                HopRole::Relay
             };
             let (done, wait) = oneshot::channel();
             self.tx
                 .send(Cmd::Ensure {
                     chain: chain[..=i].to_vec(),
                     role: r,
+                    task: task.map(str::to_string),
                     done,
                 })
                 .await
                 .map_err(|_| "arbor controller is shutting down".to_string())?;
-            nodes.push(
-                wait.await
-                    .map_err(|_| "arbor controller is shutting down".to_string())??,
-            );
+            let node = wait
+                .await
+                .map_err(|_| "arbor controller is shutting down".to_string())?
+                .map_err(|why| hops::labelled(&target, &why))?;
+            nodes.push(node);
         }
         Ok(nodes)
+    }
+
+    /// The become agent under `parent` whose process or sweeper is `pid`,
+    /// forgotten (its next use starts a new one): the caller ends it.
+    pub async fn release_pid(&self, parent: NodeId, pid: u64) -> Result<Option<NodeId>, String> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Cmd::ReleasePid { parent, pid, done })
+            .await
+            .map_err(|_| "arbor controller is shutting down".to_string())?;
+        wait.await
+            .map_err(|_| "arbor controller is shutting down".to_string())
+    }
+
+    /// Ends every interpreter of the host named `host` (its login agents
+    /// and their become agents); its next use connects afresh. Returns how
+    /// many login agents were ended.
+    pub async fn reset(&self, host: &str) -> Result<usize, String> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Cmd::Reset {
+                host: host.to_string(),
+                done,
+            })
+            .await
+            .map_err(|_| "arbor controller is shutting down".to_string())?;
+        wait.await
+            .map_err(|_| "arbor controller is shutting down".to_string())
     }
 
     /// Opens a stream to `dst` with a request; frames of its answer arrive
@@ -316,16 +371,16 @@ pub struct Tree {
     next_link: u32,
     next_node: u32,
     next_stream: u32,
-    hops: HashMap<(HopKey, Role2), HopState>,
-    node_hop: HashMap<NodeId, ((HopKey, Role2), String)>,
+    hops: Hops,
     streams: HashMap<StreamId, OpenStream>,
     spawns: HashMap<StreamId, NodeId>,
-    agent: Option<Child>,
-    agent_keys: Vec<PathBuf>,
-    /// The agent is locked (with `agent_pass`) while no hop is connecting:
-    /// its forwarded socket on a bastion then signs nothing.
-    agent_locked: bool,
-    agent_pass: String,
+    /// The ssh-agent socket the tree's ssh use and forward, locked while
+    /// no hop is connecting (see [`SshAgent`]).
+    agent: Option<SshAgent>,
+    /// Key files each connecting ssh hop may use, for its failure message.
+    hop_keys: HashMap<NodeId, Vec<PathBuf>>,
+    /// ssh passwords of connecting first hops, in RAM (SSH_ASKPASS).
+    askpass: HashMap<NodeId, OwnedFd>,
     hellos: Hellos,
     /// Become agents by (parent agent, key), and each one's key and label.
     becomes: HashMap<(NodeId, String), BecomeAgent>,
@@ -360,6 +415,7 @@ impl Tree {
         let (tx, cmds) = mpsc::channel(CMD_QUEUE);
         let (inbox_tx, inbox) = mpsc::channel(INBOX_FRAMES);
         let hellos = Hellos::default();
+        let ssh_config = cfg.ssh_config.clone();
         let tree = Tree {
             cfg,
             // Strict: a node is routed only where it was started.
@@ -372,14 +428,12 @@ impl Tree {
             next_link: 1,
             next_node: 1,
             next_stream: 1,
-            hops: HashMap::new(),
-            node_hop: HashMap::new(),
+            hops: Hops::default(),
             streams: HashMap::new(),
             spawns: HashMap::new(),
             agent: None,
-            agent_keys: Vec::new(),
-            agent_locked: false,
-            agent_pass: random_pass(),
+            hop_keys: HashMap::new(),
+            askpass: HashMap::new(),
             hellos: hellos.clone(),
             becomes: HashMap::new(),
             started: HashMap::new(),
@@ -391,10 +445,23 @@ impl Tree {
             watched: HashSet::new(),
             pinged: Instant::now(),
         };
-        (tree, TreeHandle { tx, hellos })
+        (
+            tree,
+            TreeHandle {
+                tx,
+                hellos,
+                ssh_config,
+            },
+        )
     }
 
     pub async fn run(mut self) {
+        match SshAgent::start(&self.cfg.run_dir, self.cfg.user_agent.clone()) {
+            Ok(a) => self.agent = Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "no ssh-agent socket: hops behind the first need one")
+            }
+        }
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
@@ -416,8 +483,8 @@ impl Tree {
                     self.ping_watched();
                 }
             }
-            if self.agent.is_some() && !self.agent_locked && !self.connecting() {
-                self.lock_agent(true).await;
+            if let Some(a) = &self.agent {
+                a.set_locked(!self.connecting());
             }
             self.pump().await;
         }
@@ -434,7 +501,18 @@ impl Tree {
 
     async fn command(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Ensure { chain, role, done } => self.ensure(chain, role, done).await,
+            Cmd::Ensure {
+                chain,
+                role,
+                task,
+                done,
+            } => self.ensure(chain, role, task, done).await,
+            Cmd::Reset { host, done } => {
+                let _ = done.send(self.reset(&host));
+            }
+            Cmd::ReleasePid { parent, pid, done } => {
+                let _ = done.send(self.release_pid(parent, pid));
+            }
             Cmd::Open {
                 dst,
                 payload,
@@ -563,71 +641,58 @@ impl Tree {
     async fn ensure(
         &mut self,
         chain: Vec<Hop>,
-        role: Role2,
+        role: HopRole,
+        task: Option<String>,
         done: oneshot::Sender<Result<NodeId, String>>,
     ) {
         let key = (HopKey::of(&chain), role);
-        match self.hops.get_mut(&key) {
-            Some(HopState::Up(node)) => {
-                let _ = done.send(Ok(*node));
-                return;
-            }
-            Some(HopState::Failed(why)) => {
-                let _ = done.send(Err(why.clone()));
-                return;
-            }
-            Some(HopState::Connecting { waiters, .. }) => {
-                waiters.push(done);
-                return;
-            }
-            None => {}
-        }
+        let Some(done) = self.hops.lookup(&key, task.as_deref(), done) else {
+            return;
+        };
         let Some(hop) = chain.last().cloned() else {
             return;
         };
         let node = NodeId(self.next_node);
         self.next_node += 1;
-        let what = match role {
-            Role2::Relay => "relay",
-            Role2::Agent => "agent",
+        let label = hops::label(&chain, role);
+        let info = hops::NodeInfo {
+            key,
+            label: label.clone(),
+            host: hop.name.clone(),
         };
-        let parent_name = (chain.len() > 1).then(|| chain[chain.len() - 2].name.clone());
-        let label = match &parent_name {
-            Some(p) => format!("{} ({what}, via {p})", hop.name),
-            None => format!("{} ({what}, from the controller)", hop.name),
-        };
-        self.hops.insert(
-            key.clone(),
-            HopState::Connecting {
-                node,
-                waiters: vec![done],
-            },
-        );
-        self.node_hop.insert(node, (key.clone(), label.clone()));
+        self.hops.connecting(node, info, task.as_deref(), done);
         self.started.insert(node, Instant::now());
         // The agent signs while something connects (a deeper hop through
         // the forwarded socket, or this ssh with its keys).
-        self.lock_agent(false).await;
-
-        if role == Role2::Relay {
-            self.load_keys(&chain).await;
+        if let Some(a) = &self.agent {
+            a.set_locked(false);
         }
+        self.load_keys(&chain, role, node).await;
+        let python = hop.python.as_deref().unwrap_or("python3");
         let remote_cmd = match role {
-            Role2::Relay => arbor_bootstrap::relay_command(node, self.cfg.relay_binary.len()),
-            Role2::Agent => {
-                arbor_bootstrap::agent_command(hop.python.as_deref().unwrap_or("python3"))
+            // A relay under another account (`root@bastion` as a via):
+            // its ssh children still sign with the agent forwarded to the
+            // relay before it, which its become tool took out of its
+            // environment.
+            HopRole::Relay if BECOME_METHODS.contains(&hop.method.as_str()) && chain.len() > 1 => {
+                format!(
+                    "export SSH_AUTH_SOCK='{}'; {}",
+                    control::AUTH_SOCK_TOKEN,
+                    arbor_bootstrap::relay_command(node, self.cfg.relay_binary.len())
+                )
             }
+            HopRole::Relay => arbor_bootstrap::relay_command(node, self.cfg.relay_binary.len()),
+            // Over ssh, a wrapper says how the agent ended.
+            HopRole::Agent if hop.method == "ssh" => arbor_bootstrap::agent_ssh_command(python),
+            HopRole::Agent => arbor_bootstrap::agent_command(python),
         };
         let result = if chain.len() == 1 {
             self.spawn_local(&hop, node, role, &remote_cmd, &label)
         } else {
-            let parent_key = (HopKey::of(&chain[..chain.len() - 1]), Role2::Relay);
-            match self.hops.get(&parent_key) {
-                Some(HopState::Up(parent)) => {
-                    let parent = *parent;
-                    self.spawn_remote(parent, &hop, node, role, &remote_cmd)
-                }
-                _ => Err(format!("{label}: its via host is not connected")),
+            let parent_key = (HopKey::of(&chain[..chain.len() - 1]), HopRole::Relay);
+            match self.hops.up_node(&parent_key) {
+                Some(parent) => self.spawn_remote(parent, &hop, node, role, &remote_cmd),
+                None => Err("its via host is not connected".to_string()),
             }
         };
         if let Err(why) = result {
@@ -635,47 +700,101 @@ impl Tree {
         }
     }
 
-    /// Resolves a hop's waiters, and remembers the outcome for later callers.
-    fn settle(&mut self, node: NodeId, outcome: Result<NodeId, String>) {
-        let Some((key, _)) = self.node_hop.get(&node).cloned() else {
-            return;
+    /// Resolves a hop's waiters; a failed hop is remembered for its task.
+    fn settle(&mut self, node: NodeId, outcome: Result<(), String>) {
+        self.askpass.remove(&node);
+        let keys = self.hop_keys.remove(&node).unwrap_or_default();
+        let outcome = outcome.map_err(|why| {
+            self.started.remove(&node);
+            self.with_key_hint(why, &keys)
+        });
+        self.hops.settle(node, outcome);
+    }
+
+    /// A refused login's message, with the key files that could not be
+    /// used because they need a passphrase no agent supplies.
+    fn with_key_hint(&self, why: String, keys: &[PathBuf]) -> String {
+        let Some(agent) = &self.agent else {
+            return why;
         };
-        let new = match &outcome {
-            Ok(n) => HopState::Up(*n),
-            Err(why) => {
-                self.started.remove(&node);
-                HopState::Failed(why.clone())
-            }
-        };
-        if let Some(HopState::Connecting { node: n, waiters }) = self.hops.insert(key, new) {
-            debug_assert_eq!(n, node);
-            for w in waiters {
-                let _ = w.send(outcome.clone());
-            }
+        let locked = agent.locked_files(keys);
+        if locked.is_empty() || !why.contains("Permission denied") {
+            return why;
         }
+        let names: Vec<String> = locked.iter().map(|k| k.display().to_string()).collect();
+        format!(
+            "{why} (the key file {} needs a passphrase and no ssh-agent holds it: \
+             add it to your agent with `ssh-add {}` before the run)",
+            names.join(", "),
+            names.join(" ")
+        )
+    }
+
+    fn release_pid(&mut self, parent: NodeId, pid: u64) -> Option<NodeId> {
+        let hellos = self.hellos.lock().ok()?;
+        let of_pid = |n: &NodeId| {
+            hellos.get(n).is_some_and(|h| {
+                ["pid", "sweeper"]
+                    .iter()
+                    .any(|k| h.get(*k).and_then(serde_json::Value::as_u64) == Some(pid))
+            })
+        };
+        let (key, node) = self
+            .becomes
+            .iter()
+            .find(|((p, _), b)| *p == parent && of_pid(&b.node))
+            .map(|(k, b)| (k.clone(), b.node))?;
+        drop(hellos);
+        self.becomes.remove(&key);
+        self.become_of.remove(&node);
+        Some(node)
+    }
+
+    /// Ends the login agents of `host` (their become agents end with them)
+    /// and forgets their hops; returns how many were up.
+    fn reset(&mut self, host: &str) -> usize {
+        let nodes = self.hops.forget_host(host);
+        for &node in &nodes {
+            let req = serde_json::json!({"op": "exit", "noreply": true});
+            let payload = arbor_wire::msg::encode(req.to_string().as_bytes(), b"");
+            let stream = self.stream_id();
+            let f = Frame::new(Kind::Request, node, NodeId::CONTROLLER, stream, payload);
+            self.core.send(Instant::now(), f);
+        }
+        nodes.len()
     }
 
     fn spawn_local(
         &mut self,
         hop: &Hop,
         node: NodeId,
-        role: Role2,
+        role: HopRole,
         remote_cmd: &str,
         label: &str,
     ) -> Result<(), String> {
         // `local`: the agent runs here, as this user, with no ssh.
-        let local = hop.method == "local" && role == Role2::Agent;
+        let local = hop.method == "local" && role == HopRole::Agent;
+        let password = hop
+            .password
+            .as_ref()
+            .filter(|_| hop.method == "ssh")
+            .map(|p| p.0.as_str());
         let argv = if local {
             vec!["/bin/sh".to_string(), "-c".into(), remote_cmd.to_string()]
         } else if hop.enters_locally() {
             crate::methods::argv(hop, remote_cmd)
         } else {
-            ssh::argv(hop, remote_cmd, true, role == Role2::Relay)
+            let mode = ssh::Mode {
+                local: true,
+                forward_agent: role == HopRole::Relay,
+                password: password.is_some(),
+            };
+            ssh::argv(hop, remote_cmd, mode, None)
         };
         let mut preamble = crate::methods::stdin_prefix(hop)?;
         match role {
-            Role2::Relay => preamble.extend_from_slice(self.cfg.relay_binary),
-            Role2::Agent => preamble.extend(arbor_bootstrap::agent_preamble(node)),
+            HopRole::Relay => preamble.extend_from_slice(self.cfg.relay_binary),
+            HopRole::Agent => preamble.extend(arbor_bootstrap::agent_preamble(node)),
         }
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
@@ -683,8 +802,14 @@ impl Tree {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        if self.agent.is_some() {
-            cmd.env("SSH_AUTH_SOCK", self.agent_socket());
+        if let Some(a) = &self.agent {
+            cmd.env("SSH_AUTH_SOCK", a.socket());
+        }
+        if let Some(pw) = password {
+            let (fd, env) = arbor_io::askpass::for_ssh(pw)
+                .map_err(|e| format!("{label}: password file in RAM: {e}"))?;
+            cmd.envs(env);
+            self.askpass.insert(node, fd);
         }
         let child = cmd
             .spawn()
@@ -692,7 +817,7 @@ impl Tree {
         let link = LinkId(self.next_link);
         self.next_link += 1;
         // Only a relay understands compressed frames.
-        let compress = role == Role2::Relay;
+        let compress = role == HopRole::Relay;
         let child_link = start_child_link(
             child,
             &argv[0],
@@ -714,14 +839,14 @@ impl Tree {
         parent: NodeId,
         hop: &Hop,
         node: NodeId,
-        role: Role2,
+        role: HopRole,
         remote_cmd: &str,
     ) -> Result<(), String> {
         // What every spawn carries crosses to each relay once: pinned there
         // (from its parent relay if that holds it), then named.
         let mut preamble = crate::methods::stdin_prefix(hop)?;
         let mut preamble_pinned = None;
-        if role == Role2::Agent {
+        if role == HopRole::Agent {
             let code = arbor_bootstrap::agent_payload();
             let key = pin_key("agent", code);
             preamble.extend(arbor_bootstrap::agent_preamble_header(node, code.len()));
@@ -731,10 +856,16 @@ impl Tree {
                 preamble.extend_from_slice(code);
             }
         }
+        let resolved = self.cfg.ssh_config.get(hop);
+        let password = hop
+            .password
+            .as_ref()
+            .filter(|_| hop.method == "ssh")
+            .map(|p| p.0.as_str());
         let (known_hosts, known_hosts_pinned) = if hop.enters_locally() {
             (None, None)
         } else {
-            let hosts = ssh::known_hosts(hop, &self.cfg.home);
+            let hosts = ssh::known_hosts(hop, &self.cfg.home, resolved.as_deref());
             let key = pin_key("known_hosts", &hosts);
             if self.pin(parent, &key, &hosts) {
                 (None, Some(key))
@@ -742,7 +873,7 @@ impl Tree {
                 (Some(hosts), None)
             }
         };
-        if role == Role2::Relay {
+        if role == HopRole::Relay {
             self.relay_parent.insert(node, parent);
         }
         self.node_parent.insert(node, parent);
@@ -752,17 +883,23 @@ impl Tree {
             argv: if hop.enters_locally() {
                 crate::methods::argv(hop, remote_cmd)
             } else {
-                ssh::argv(hop, remote_cmd, false, role == Role2::Relay)
+                let mode = ssh::Mode {
+                    local: false,
+                    forward_agent: role == HopRole::Relay,
+                    password: password.is_some(),
+                };
+                ssh::argv(hop, remote_cmd, mode, resolved.as_deref())
             },
             env: Vec::new(),
             preamble,
-            send_self: role == Role2::Relay,
+            send_self: role == HopRole::Relay,
             known_hosts,
             connect_timeout_ms: (hop.timeout_s.unwrap_or(ssh::CONNECT_TIMEOUT_S_DEFAULT) + 20)
                 * 1000,
             max_connecting: self.cfg.connecting_max,
             preamble_pinned,
             known_hosts_pinned,
+            password: password.map(|p| control::Password(p.to_string())),
         };
         // `parent` expects it on the link it starts; the relays above take
         // its announcement only from `parent`'s direction.
@@ -846,19 +983,19 @@ impl Tree {
     /// A relay, or an agent on the first hop, just came up: it is told to
     /// end if the daemon falls silent for the keepalive, and pinged.
     fn watch(&mut self, node: NodeId) {
-        let Some(((_, role), _)) = self.node_hop.get(&node) else {
+        let Some(role) = self.hops.of(node).map(|i| i.key.1) else {
             return;
         };
         let secs = ssh::keepalive_secs();
         let payload = match role {
-            Role2::Relay => control::encode(&Request::Keepalive {
+            HopRole::Relay => control::encode(&Request::Keepalive {
                 silent_ms: secs.saturating_mul(1000),
             }),
-            Role2::Agent if self.local_nodes.values().any(|n| *n == node) => {
+            HopRole::Agent if self.local_nodes.values().any(|n| *n == node) => {
                 let req = serde_json::json!({"op": "keepalive", "secs": secs, "noreply": true});
                 arbor_wire::msg::encode(req.to_string().as_bytes(), b"")
             }
-            Role2::Agent => return,
+            HopRole::Agent => return,
         };
         let stream = self.stream_id();
         let f = Frame::new(Kind::Request, node, NodeId::CONTROLLER, stream, payload);
@@ -887,97 +1024,30 @@ impl Tree {
     }
 
     fn connecting(&self) -> bool {
-        self.hops
-            .values()
-            .any(|h| matches!(h, HopState::Connecting { .. }))
+        self.hops.any_connecting()
     }
 
-    /// Locks or unlocks the private ssh-agent (agent protocol LOCK and
-    /// UNLOCK with a passphrase only this process knows), if it runs.
-    async fn lock_agent(&mut self, lock: bool) {
-        if self.agent.is_none() || self.agent_locked == lock {
+    /// Loads the key files a hop may use into the private agent: those of
+    /// the hop itself and, for a relay, those of the hops before it (the
+    /// hosts behind a relay may be reached with its key). Remembers them
+    /// for the hop's failure message.
+    async fn load_keys(&mut self, chain: &[Hop], role: HopRole, node: NodeId) {
+        let Some(hop) = chain.last() else {
             return;
-        }
-        let pass = self.agent_pass.as_bytes();
-        let mut msg = Vec::with_capacity(9 + pass.len());
-        msg.extend_from_slice(&(5 + pass.len() as u32).to_be_bytes());
-        msg.push(if lock { 22 } else { 23 });
-        msg.extend_from_slice(&(pass.len() as u32).to_be_bytes());
-        msg.extend_from_slice(pass);
-        let ask = async {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s = tokio::net::UnixStream::connect(self.agent_socket()).await?;
-            s.write_all(&msg).await?;
-            let mut answer = [0u8; 5];
-            s.read_exact(&mut answer).await?;
-            Ok::<u8, std::io::Error>(answer[4])
         };
-        if !matches!(
-            tokio::time::timeout(Duration::from_secs(2), ask).await,
-            Ok(Ok(6))
-        ) {
-            // Not retried on every turn of the loop: the next connect asks again.
-            tracing::warn!(lock, "ssh-agent did not take the (un)lock");
-        }
-        self.agent_locked = lock;
-    }
-
-    fn agent_socket(&self) -> PathBuf {
-        self.cfg.run_dir.join("agent.sock")
-    }
-
-    /// Starts the controller's private ssh-agent and loads the chain's key
-    /// files into it, so hops behind the first can authenticate: the keys
-    /// themselves never leave this machine.
-    async fn load_keys(&mut self, chain: &[Hop]) {
-        let keys: Vec<PathBuf> = chain
-            .iter()
-            .flat_map(|h| ssh::key_files(h, &self.cfg.home))
-            .filter(|k| k.exists() && !self.agent_keys.contains(k))
-            .collect();
-        if keys.is_empty() {
+        if hop.method != "ssh" {
             return;
         }
-        if self.agent.is_none() {
-            let sock = self.agent_socket();
-            match Command::new("ssh-agent")
-                .arg("-D")
-                .arg("-a")
-                .arg(&sock)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-            {
-                Ok(child) => self.agent = Some(child),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot start ssh-agent; hops behind the first need one");
-                    return;
-                }
-            }
-            for _ in 0..100 {
-                if sock.exists() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        let home = &self.cfg.home;
+        let of = |h: &Hop| ssh::key_files(h, home, self.cfg.ssh_config.get(h).as_deref());
+        let own = of(hop);
+        let mut keys = own.clone();
+        if role == HopRole::Relay {
+            keys.extend(chain.iter().flat_map(of));
         }
-        for key in keys {
-            let ok = Command::new("ssh-add")
-                .arg("-q")
-                .arg(&key)
-                .env("SSH_AUTH_SOCK", self.agent_socket())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .await
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if !ok {
-                tracing::warn!(key = %key.display(), "ssh-add failed");
-            }
-            self.agent_keys.push(key);
+        self.hop_keys.insert(node, own);
+        if let Some(a) = &mut self.agent {
+            a.load(keys).await;
         }
     }
 
@@ -999,9 +1069,9 @@ impl Tree {
                 let child = self.links.remove(&link);
                 let node = self.local_nodes.remove(&link);
                 let label = node
-                    .and_then(|n| self.node_hop.get(&n))
-                    .map(|(_, l)| l.clone())
-                    .unwrap_or_default();
+                    .and_then(|n| self.hops.label_of(n))
+                    .unwrap_or_default()
+                    .to_string();
                 let why = match &child {
                     Some(c) => c.lost_why(&label, &status, &tail),
                     None => format!("{label}: {status}"),
@@ -1038,11 +1108,7 @@ impl Tree {
                         .filter(|v| v.is_object())
                         .unwrap_or_else(|| serde_json::json!({}));
                     // For -vvv: which hop this is and how long it took.
-                    let label = self
-                        .node_hop
-                        .get(&node)
-                        .map(|(_, l)| l.clone())
-                        .or_else(|| self.become_of.get(&node).map(|(_, l)| l.clone()));
+                    let label = self.label_of(node);
                     info["node"] = serde_json::json!(node.0);
                     if let Some(l) = label {
                         info["label"] = serde_json::json!(l);
@@ -1053,9 +1119,7 @@ impl Tree {
                     if let Ok(mut h) = self.hellos.lock() {
                         h.insert(node, info);
                     }
-                    if self.node_hop.contains_key(&node) {
-                        self.settle(node, Ok(node));
-                    }
+                    self.settle(node, Ok(()));
                     self.watch(node);
                 }
                 Event::NodeDown { node, reason } => self.node_lost(node, &reason),
@@ -1071,23 +1135,34 @@ impl Tree {
         }
     }
 
-    /// A node left the tree: its hop fails for later callers, and every
-    /// open stream to it gets an error now.
+    /// The label of a hop or become agent.
+    fn label_of(&self, node: NodeId) -> Option<String> {
+        self.hops
+            .label_of(node)
+            .map(str::to_string)
+            .or_else(|| self.become_of.get(&node).map(|(_, l)| l.clone()))
+    }
+
+    /// A node left the tree: its hop fails for the rest of the task that
+    /// last used it, every open stream to it gets an error now, and what
+    /// was kept about it goes.
     fn node_lost(&mut self, node: NodeId, why: &str) {
         self.watched.remove(&node);
+        self.started.remove(&node);
+        self.pins.remove(&node);
+        self.relay_parent.remove(&node);
+        self.node_parent.remove(&node);
         if let Ok(mut h) = self.hellos.lock() {
             h.remove(&node);
         }
-        let label = self
-            .node_hop
-            .get(&node)
-            .map(|(_, l)| l.clone())
-            .or_else(|| self.become_of.get(&node).map(|(_, l)| l.clone()));
-        let why = match &label {
-            Some(l) if !why.starts_with(l.as_str()) => format!("{l}: {why}"),
-            _ => why.to_string(),
+        let why = match self.label_of(node) {
+            Some(l) => hops::labelled(&l, why),
+            None => why.to_string(),
         };
-        self.settle(node, Err(why.clone()));
+        self.askpass.remove(&node);
+        let keys = self.hop_keys.remove(&node).unwrap_or_default();
+        let why = self.with_key_hint(why, &keys);
+        self.hops.lost(node, &why);
         self.become_settle(node, Err(why.clone()));
         let lost: Vec<NodeId> = self
             .becomes
@@ -1100,9 +1175,6 @@ impl Tree {
             if let Some((k, _)) = self.become_of.remove(&n) {
                 self.becomes.remove(&k);
             }
-        }
-        if let Some((key, _)) = self.node_hop.get(&node) {
-            self.hops.insert(key.clone(), HopState::Failed(why.clone()));
         }
         let lost: Vec<StreamId> = self
             .streams
@@ -1135,22 +1207,7 @@ impl Tree {
                 },
                 _ => Err(String::from_utf8_lossy(&frame.payload).into_owned()),
             };
-            let label = self
-                .node_hop
-                .get(&node)
-                .map(|(_, l)| l.clone())
-                .unwrap_or_default();
-            match outcome {
-                Ok(n) => self.settle(node, Ok(n)),
-                Err(why) => {
-                    let why = if why.starts_with(&label) {
-                        why
-                    } else {
-                        format!("{label}: {why}")
-                    };
-                    self.settle(node, Err(why));
-                }
-            }
+            self.settle(node, outcome.map(|_| ()));
             return;
         }
         if frame.kind == Kind::Credit {
@@ -1186,9 +1243,7 @@ impl Tree {
             .map(|(l, link)| (l, link.pid()))
             .collect();
         stop_children(pids, &mut self.inbox, KILL_GRACE).await;
-        if let Some(mut agent) = self.agent.take() {
-            let _ = agent.kill().await;
-        }
+        self.agent = None;
     }
 }
 

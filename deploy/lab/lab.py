@@ -78,6 +78,46 @@ PrintMotd no
 PrintLastLog no
 AcceptEnv LANG LC_*
 Subsystem sftp /usr/lib/openssh/sftp-server
+{extra}# The account of password logins (tests create it): passwords only.
+Match User {password_user}
+    PasswordAuthentication yes
+    PubkeyAuthentication no
+"""
+# The account that logs in with a password only, on every host.
+PASSWORD_USER = "arbpw"
+
+# A host's `shutdown` and `reboot` (Debian's are systemd's): a reboot in
+# the lab. They return at once; a second later every process of the host
+# is killed, /tmp is emptied, the boot id changes, and after REBOOT_DOWN_S
+# the host's sshd starts again. `shutdown -h`/`poweroff` stop the host for
+# good; `shutdown -c` cancels nothing.
+REBOOT_DOWN_S = 3
+SHUTDOWN = r"""#!/bin/sh
+mode=reboot
+for a in "$@"; do
+    case "$a" in -c) exit 0 ;; -h|-P|--halt|--poweroff) mode=halt ;; esac
+done
+case "${0##*/}" in poweroff|halt) mode=halt ;; esac
+# Run on a terminal (vanilla's ssh -tt), its end hangs up on us: the
+# helper ignores that, in a session of its own.
+trap '' HUP
+setsid -f /usr/sbin/arbor-lab-reboot "$mode" </dev/null >/dev/null 2>&1
+echo "arbor lab: $mode in 1 s"
+"""
+REBOOT = r"""#!/bin/sh
+# Runs detached: the host's last process while it is down.
+sleep 1
+# Every process of this host: those in its network namespace.
+me=$(readlink /proc/$$/ns/net)
+for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    [ "$p" != $$ ] && [ "$(readlink "$d/ns/net" 2>/dev/null)" = "$me" ] && kill -9 "$p" 2>/dev/null
+done
+[ "$1" = halt ] && exit 0
+find /tmp /var/tmp /dev/shm -mindepth 1 -delete 2>/dev/null
+cat /proc/sys/kernel/random/uuid > /proc/sys/kernel/random/boot_id
+sleep {down_s}
+exec /usr/sbin/sshd -D -f /etc/ssh/sshd_config
 """
 
 # Runs inside the host's namespaces (after `ip netns exec` and `unshare`).
@@ -85,12 +125,31 @@ HOST_INIT = r"""
 set -eu
 exec >>"$HD/sshd.log" 2>&1
 hostname "$NAME"
+# This machine's other Pythons (pyenv's builds, under /root), read-only,
+# at their own paths.
+pythons=0
+if [ -d "$PYENV_VERSIONS" ] && [ "$NOPYTHON" != 1 ]; then
+    mount -o bind,ro "$PYENV_VERSIONS" "$HD/pythons"
+    pythons=1
+fi
 mount --bind "$HD/home" /root
+if [ $pythons = 1 ]; then
+    mkdir -p "$PYENV_VERSIONS"
+    mount --bind "$HD/pythons" "$PYENV_VERSIONS"
+fi
 mount --bind "$HD/etc-ssh" /etc/ssh
 mount -t tmpfs -o mode=1777,size=2g tmpfs /tmp
 mount -t tmpfs -o mode=1777,size=256m tmpfs /var/tmp
 # Its own /dev/shm too: the controller's (shared) must not show as the host's.
 mount -t tmpfs -o mode=1777,size=256m tmpfs /dev/shm
+# Its own boot id, which its reboot changes.
+cat /proc/sys/kernel/random/uuid > "$HD/boot_id"
+mount --bind "$HD/boot_id" /proc/sys/kernel/random/boot_id
+# Its own shutdown and reboot (see SHUTDOWN), over Debian's.
+mount -t tmpfs -o size=1m tmpfs "$HD/sbin"
+mkdir "$HD/sbin/upper" "$HD/sbin/work"
+cp "$HD/sbin-files/"* "$HD/sbin/upper/"
+mount -t overlay overlay -o "lowerdir=/usr/sbin,upperdir=$HD/sbin/upper,workdir=$HD/sbin/work" /usr/sbin
 if [ "$NOPYTHON" = 1 ]; then
     # Whiteouts in an overlay make every python binary truly absent.
     mount -t tmpfs -o size=1m tmpfs "$HD/ovl"
@@ -582,11 +641,13 @@ def make_keys_and_configs(hosts, args):
                 shutil.copy2(entry, etc / entry.name)
         hk = etc / "ssh_host_ed25519_key"
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", h.name, "-f", hk)
-        config = SSHD_CONFIG.format(name=h.name, addr=h.addr)
+        extra = ""
         if h.role == "chost":
             # Sessions on the container host use its lab Docker engine (so
             # vanilla's `docker -H ssh://chost1` reaches it too).
-            config += f"SetEnv DOCKER_HOST=unix://{DOCKER_DIR / h.name / 'docker.sock'}\n"
+            extra = f"SetEnv DOCKER_HOST=unix://{DOCKER_DIR / h.name / 'docker.sock'}\n"
+        config = SSHD_CONFIG.format(name=h.name, addr=h.addr, password_user=PASSWORD_USER,
+                                    extra=extra)
         (etc / "sshd_config").write_text(config)
         kind, blob = (Path(str(hk) + ".pub").read_text().split()[:2])
         known.append(f"{h.name},{h.addr} {kind} {blob}\n")
@@ -607,13 +668,29 @@ def make_keys_and_configs(hosts, args):
         for f in (home / ".ssh").iterdir():
             f.chmod(0o600)
         (h.dir / "ovl").mkdir()
+        (h.dir / "pythons").mkdir()
+        (h.dir / "sbin").mkdir()
+        files = h.dir / "sbin-files"
+        files.mkdir()
+        for name in ("shutdown", "reboot", "poweroff", "halt"):
+            (files / name).write_text(SHUTDOWN)
+        (files / "arbor-lab-reboot").write_text(REBOOT.replace("{down_s}", str(REBOOT_DOWN_S)))
+        for f in files.iterdir():
+            f.chmod(0o755)
+
+
+def pyenv_versions():
+    """Where this machine's pyenv keeps its Python builds, if it has any."""
+    root = os.environ.get("PYENV_ROOT") or str(Path.home() / ".pyenv")
+    return Path(root) / "versions"
 
 
 def start_host(h, cg_kind, cg_root):
     h.cgroup = cg_root / h.name
     h.cgroup.mkdir()
     env = dict(os.environ, CGROUP=str(h.cgroup), HD=str(h.dir), NAME=h.name,
-               RUN=str(RUN_DIR), NOPYTHON="0" if h.python3 else "1")
+               RUN=str(RUN_DIR), NOPYTHON="0" if h.python3 else "1",
+               PYENV_VERSIONS=str(pyenv_versions()))
     # Join the cgroup first: `ip netns exec` remounts /sys without the cgroup mounts.
     h.proc = subprocess.Popen(
         ["sh", "-c", JOIN_CGROUP, str(h.cgroup),

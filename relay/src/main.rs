@@ -12,7 +12,7 @@
 //! /proc/<relay>/fd/<n> (ssh closes inherited descriptors, so a path it is).
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,9 @@ use arbor_io::{
     mono_ms, signal, spawn_reader, spawn_writer, start_child_link, stop_children, ChildLink,
     LinkEvent as Input, LinkTx,
 };
-use arbor_wire::control::{self, Reply, Request, Spawn, KNOWN_HOSTS_TOKEN, PINS_MAX};
+use arbor_wire::control::{
+    self, Reply, Request, Spawn, AUTH_SOCK_TOKEN, KNOWN_HOSTS_TOKEN, PINS_MAX,
+};
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
 use tokio::process::Command;
 use tokio::sync::mpsc;
@@ -42,9 +44,15 @@ struct Child {
     pending: Option<(NodeId, StreamId, Instant)>,
     /// Its known_hosts, in RAM, open until the child is gone.
     _known_hosts: Option<OwnedFd>,
+    /// Its ssh password, in RAM, open until it has joined (or is gone).
+    askpass: Option<OwnedFd>,
 }
 
 fn main() {
+    // Started again by a child ssh as its SSH_ASKPASS program.
+    if let Some(code) = arbor_io::askpass::answer_from_env() {
+        std::process::exit(code);
+    }
     let mut args = std::env::args().skip(1);
     let mut node = None;
     while let Some(a) = args.next() {
@@ -255,6 +263,8 @@ impl Relay {
                             ));
                         }
                         if c.node == node {
+                            // Joined: its password is of no more use.
+                            c.askpass = None;
                             if let Some((src, stream, _)) = c.pending.take() {
                                 let pid = c.link.pid();
                                 self.reply(src, stream, &Reply::Spawned { node, pid });
@@ -475,21 +485,39 @@ impl Relay {
         // inherited descriptors at start).
         let known_hosts = match &known_hosts {
             Some(hosts) => Some(
-                ram_file("arbor-known-hosts", hosts).map_err(|e| format!("known_hosts: {e}"))?,
+                arbor_io::askpass::ram_file("arbor-known-hosts", hosts)
+                    .map_err(|e| format!("known_hosts: {e}"))?,
             ),
             None => None,
+        };
+        let (askpass, askpass_env) = match &spec.password {
+            Some(pw) => {
+                let (fd, env) = arbor_io::askpass::for_ssh(&pw.0)
+                    .map_err(|e| format!("password file in RAM: {e}"))?;
+                (Some(fd), env)
+            }
+            None => (None, Vec::new()),
         };
         let kh_path = known_hosts
             .as_ref()
             .map(|fd| format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()))
             .unwrap_or_else(|| "/dev/null".into());
+        // Only a plain path goes into the child's (quoted) command line.
+        let auth_sock = std::env::var("SSH_AUTH_SOCK")
+            .ok()
+            .filter(|s| !s.contains(['\'', '\n']))
+            .unwrap_or_default();
         let mut cmd = Command::new(program);
-        cmd.args(args.iter().map(|a| a.replace(KNOWN_HOSTS_TOKEN, &kh_path)))
-            .envs(spec.env.iter().cloned())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        cmd.args(args.iter().map(|a| {
+            a.replace(KNOWN_HOSTS_TOKEN, &kh_path)
+                .replace(AUTH_SOCK_TOKEN, &auth_sock)
+        }))
+        .envs(spec.env.iter().cloned())
+        .envs(askpass_env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot run {program}: {e}"))?;
@@ -516,6 +544,7 @@ impl Relay {
                 link: child_link,
                 pending: Some((src, stream, deadline)),
                 _known_hosts: known_hosts,
+                askpass,
             },
         );
         Ok(())
@@ -578,20 +607,4 @@ async fn recv_signal(s: &mut Option<tokio::signal::unix::Signal>) {
         }
         None => std::future::pending().await,
     }
-}
-
-/// An anonymous in-RAM file holding `data`, positioned at its start.
-fn ram_file(name: &str, data: &[u8]) -> std::io::Result<OwnedFd> {
-    let cname = std::ffi::CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-    // SAFETY: a valid C string; the fd is owned at once.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut file = std::fs::File::from(fd);
-    std::io::Write::write_all(&mut file, data)?;
-    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))?;
-    Ok(OwnedFd::from(file))
 }

@@ -337,26 +337,33 @@ def test_stat_answers_as_the_stat_module(link, tmp_path):
 
 
 def test_temp_dirs_are_private_and_removed_when_the_agent_exits(link, tmp_path):
+    """A task's temp dir is where Ansible puts it (remote_tmp/ansible-tmp-...,
+    as -vvv shows it) and made as Ansible's shell command makes it (umask
+    077); removed by rmtree, or when the agent ends."""
     base = tmp_path / "rt" / "tmp"
     res, _ = link.call({"op": "mkdtemp", "base": str(base), "name": "ansible-tmp-1-2-3"})
-    own = base / ("arbor-%d" % link.proc.pid)
-    assert res["path"] == str(own / "ansible-tmp-1-2-3")
-    for d in (base, own, own / "ansible-tmp-1-2-3"):
+    assert res["path"] == str(base / "ansible-tmp-1-2-3")
+    for d in (base, base / "ansible-tmp-1-2-3"):
         assert d.is_dir() and (d.stat().st_mode & 0o777) == 0o700, d
     res, _ = link.call({"op": "mkdtemp", "base": str(base), "name": "../escape"})
     assert "bad temp dir name" in res["error"]
-    (own / "ansible-tmp-1-2-3" / "x").write_text("x")
-    res, _ = link.call({"op": "rmtree", "path": str(own / "ansible-tmp-1-2-3")})
-    assert res == {} and not (own / "ansible-tmp-1-2-3").exists()
+    # A name that exists is not taken over.
+    res, _ = link.call({"op": "mkdtemp", "base": str(base), "name": "ansible-tmp-1-2-3"})
+    assert "exists" in res["error"], res
+    (base / "ansible-tmp-1-2-3" / "x").write_text("x")
+    res, _ = link.call({"op": "rmtree", "path": str(base / "ansible-tmp-1-2-3") + "/"})
+    assert res == {} and not (base / "ansible-tmp-1-2-3").exists()
     link.call({"op": "mkdtemp", "base": str(base), "name": "ansible-tmp-4"})
     assert link.close() == 0
-    assert not own.exists(), "the agent's own temp dir outlived it"
+    assert list(base.iterdir()) == [], "a temp dir outlived the agent"
 
 
 def test_temp_dirs_of_an_agent_killed_with_sigkill_are_removed(link, tmp_path):
     base = tmp_path / "rt"
     res, _ = link.call({"op": "mkdtemp", "base": str(base), "name": "ansible-tmp-9"})
     (Path(res["path"]) / "partial").write_bytes(b"x" * 1000)
+    res, _ = link.call({"op": "mkdtemp", "base": str(base), "name": "ansible-tmp-10"})
+    link.call({"op": "rmtree", "path": res["path"]})
     # A put in progress into a directory: its unnamed file goes with the agent.
     dest = tmp_path / "dest"
     dest.write_text("old")
@@ -366,20 +373,41 @@ def test_temp_dirs_of_an_agent_killed_with_sigkill_are_removed(link, tmp_path):
     link.proc.kill()
     link.proc.wait()
     deadline = time.monotonic() + 5
-    while (base / ("arbor-%d" % link.proc.pid)).exists() and time.monotonic() < deadline:
+    while list(base.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert list(base.iterdir()) == [], "the temp dir outlived the agent killed with SIGKILL"
     assert dest.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "rt"]
 
 
-def test_a_foreign_dir_in_the_agents_place_is_refused(link, tmp_path):
-    base = tmp_path / "rt"
-    own = base / ("arbor-%d" % link.proc.pid)
-    own.mkdir(parents=True, mode=0o755)
-    os.chmod(own, 0o755)
-    res, _ = link.call({"op": "mkdtemp", "base": str(base), "name": "t"})
-    assert "not this user's private directory" in res["error"]
+def test_a_modules_payload_dir_goes_when_the_agent_is_killed_mid_module(link, tmp_path):
+    """The AnsiballZ wrapper unpacks a module into /tmp/ansible_*_payload_*
+    and removes it when the module ends; killed with its agent (the relay
+    or the session gone), it cannot: the agent's sweeper does."""
+    script = (b"import json, os, sys, tempfile, time\n"
+              b"def _ansiballz_main(): pass\n"
+              b"d = tempfile.mkdtemp(prefix='ansible_ansible.legacy.command_payload_', dir='%s')\n"
+              b"open(os.path.join(d, 'payload.zip'), 'wb').write(b'z' * 4096)\n"
+              b"other = tempfile.mkdtemp(prefix='mine_', dir='%s')\n"
+              b"print(json.dumps([d, other]), flush=True)\n"
+              b"time.sleep(60)\n" % (str(tmp_path).encode(), str(tmp_path).encode()))
+    python = os.path.realpath(sys.executable)
+    link.stream += 1
+    link.send(A.REQUEST, A.msg({"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python}, script))
+    deadline = time.monotonic() + 10
+    while not list(tmp_path.glob("ansible_*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    payload = list(tmp_path.glob("ansible_*"))
+    assert payload and (payload[0] / "payload.zip").exists()
+    # The link gone (the relay or the session killed): the agent ends and
+    # kills the module, whose own cleanup never runs.
+    assert link.close() == 0
+    deadline = time.monotonic() + 5
+    while list(tmp_path.glob("ansible_*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob("ansible_*")) == [], "the module's payload dir outlived its agent"
+    # A temp dir a module makes for itself under another name is its own.
+    assert len(list(tmp_path.glob("mine_*"))) == 1
 
 
 def test_requests_not_awaited_report_failures_on_the_next_answer(link, tmp_path):

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 LAB = REPO / "deploy" / "lab"
 # ARBOR_TEST_VENV: another venv (e.g. an older ansible-core) to run Ansible from.
 VENV = Path(os.environ.get("ARBOR_TEST_VENV") or REPO / ".venv" / "bin")
-PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
+HERE = Path(__file__).resolve().parent
+PLAYBOOKS = HERE / "playbooks"
 GLUE = REPO / "ansible-glue" / "plugins" / "connection"
 ARBOR = REPO / "target" / "release" / "arbor"
 AGENT_MARK = b"exec(base64.b64decode("
@@ -57,6 +58,32 @@ def playbook(lab, mode, book, *extra, inventory=None, **kw):
     return subprocess.Popen([str(VENV / "ansible-playbook"), "-i", inv, str(PLAYBOOKS / book), *extra],
                             env=env_for(mode), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kw)
+
+
+def run_recorded(lab, mode, book, out_dir, *extra, inventory=None, env=None, timeout=600):
+    """Runs a playbook with the `record` callback: (rc, output, the task
+    results as dicts, in order)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = out_dir / "record.jsonl"
+    e = env_for(mode)
+    e.update(ARBOR_RECORD=str(record), ANSIBLE_CALLBACK_PLUGINS=str(HERE / "callback_plugins"),
+             ANSIBLE_CALLBACKS_ENABLED="record")
+    e.update(env or {})
+    inv = inventory or (lab["inventory"] if mode == "arbor" else lab["inventory_vanilla"])
+    res = subprocess.run([str(VENV / "ansible-playbook"), "-i", str(inv), str(PLAYBOOKS / book), *extra],
+                         env=e, capture_output=True, text=True, timeout=timeout)
+    out = res.stdout + res.stderr
+    (out_dir / "out.txt").write_text(out)
+    lines = [json.loads(x) for x in record.read_text().splitlines()] if record.exists() else []
+    return res.returncode, out, lines
+
+
+def outcomes(lines, keys=("status", "changed", "failed", "rc", "stdout")):
+    """(host, task) -> the compared fields of each of its results."""
+    out = {}
+    for line in lines:
+        out.setdefault((line["host"], line["task"]), []).append({k: line.get(k) for k in keys})
+    return out
 
 
 def recap(text):

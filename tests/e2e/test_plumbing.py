@@ -22,7 +22,15 @@ ARBOR = REPO / "target" / "release" / "arbor"
 sys.path.insert(0, str(REPO / "deploy" / "bench"))
 from connect import Api  # noqa: E402,F401 (the daemon's API client; test_fleet imports it from here)
 
-FAKE_SSH = "#!/bin/sh\n# runs the remote command (the last argument) here\nfor a; do last=$a; done\nexec /bin/sh -c \"$last\"\n"
+# `ssh -G` (the daemon reading the ssh configuration): what a config-less
+# ssh resolves.
+SSH_G = """for a; do last=$a; done
+if [ "$1" = -G ]; then
+    printf 'host %s\nhostname %s\nuser %s\nport 22\n' "$last" "$last" "$(id -un)"
+    exit 0
+fi
+"""
+FAKE_SSH = "#!/bin/sh\n# runs the remote command (the last argument) here\n" + SSH_G + "exec /bin/sh -c \"$last\"\n"
 
 
 def procs():
@@ -175,7 +183,7 @@ def test_a_foreign_uid_is_refused(daemon, tmp_path):
 
 
 SLOW_SSH = ("#!/bin/sh\n# takes a second to connect to a target, then runs the remote command here\n"
-            "for a; do last=$a; done\n"
+            + SSH_G +
             "case \"$last\" in *arbor-stage0*) ;; *) echo \"$(date +%s.%N) start\" >> \"$SSH_LOG\"; sleep 1 ;; esac\n"
             "exec /bin/sh -c \"$last\"\n")
 

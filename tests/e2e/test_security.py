@@ -138,10 +138,10 @@ def test_keys_stay_home_the_forwarded_agent_is_private_and_locked_when_idle(lab)
         # and signs nothing.
         listed = in_host(lab, "bastion1", "ssh-add", "-l", env=[f"SSH_AUTH_SOCK={sock}"])
         assert listed.returncode == 1 and "no identities" in listed.stdout + listed.stderr, listed
-        keys = in_host(lab, "bastion1", "sh", "-c", "grep -rl 'PRIVATE KEY' /tmp /root /var/tmp /dev/shm 2>/dev/null")
+        keys = in_host(lab, "bastion1", "sh", "-c", "grep -rl --exclude-dir=.pyenv 'PRIVATE KEY' /tmp /root /var/tmp /dev/shm 2>/dev/null")
         assert keys.stdout.strip() == "", keys.stdout
         for t in ("target1", "target2", "target3"):
-            dirs = ssh(lab, t, "stat -c '%a %U %n' ~/.ansible/tmp/arbor-*").stdout.split("\n")
+            dirs = ssh(lab, t, "stat -c '%a %U %n' ~/.ansible/tmp ~/.ansible/tmp/*").stdout.split("\n")
             dirs = [d for d in dirs if d]
             assert dirs and all(d.startswith("700 root ") for d in dirs), (t, dirs)
     finally:

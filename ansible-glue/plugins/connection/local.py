@@ -48,11 +48,14 @@ class Connection(_ArborSsh):
     def _enabled(self):
         return True
 
-    def _build_chain(self):
+    def _arbor_name(self):
         # The host the connection is for: for `delegate_to: localhost` that
         # is localhost, whatever inventory_hostname says.
-        name = to_text(getattr(self._play_context, "remote_addr", None)
+        return to_text(getattr(self._play_context, "remote_addr", None)
                        or self.get_option("arbor_inventory_hostname") or "localhost")
+
+    def _build_chain(self):
+        name = self._arbor_name()
         hop = {"name": name, "method": "local", "host": "localhost", "port": None, "user": None,
                "key_file": None, "ssh_args": [], "host_key_checking": True, "timeout_s": None}
         python = self.get_option("arbor_python")

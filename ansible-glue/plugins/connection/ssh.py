@@ -100,12 +100,12 @@ def _documentation():
 DOCUMENTATION = _documentation()
 
 _HOP_MAX = 16
+# `userdel` refusing because a process of the user runs (shadow-utils' words).
+_USER_BUSY = re.compile(rb"user \S+ is currently used by process (\d+)")
+# Interpreters of one user ended for one command, at most (and its sweeper).
+_RELEASE_TRIES_MAX = 4
 _PART_BYTES = 4 << 20
 _DAEMON_START_S = 15.0
-# Options whose value Ansible templates for the via host as for any host.
-_HOP_OPTIONS = ("host", "remote_user", "port", "private_key_file", "ssh_args",
-                "ssh_common_args", "ssh_extra_args", "host_key_checking", "timeout")
-
 
 # The container methods arbor carries as hops, by every connection name
 # that means them (Ansible's collections', Mitogen's).
@@ -188,6 +188,39 @@ def container_hop(name, method, get):
     python = first(("ansible_python_interpreter",))
     if python and not python.startswith("auto"):
         hop["python"] = python
+    return hop
+
+
+def _parse_via(value):
+    """(via host, become method, become user) from a via in Mitogen's form
+    `[[become_method:]become_user@]inventory_hostname` (`ssh:host` is
+    taken as the host)."""
+    value = to_text(value)
+    user, _, host = value.rpartition("@")
+    method, _, user = user.rpartition(":")
+    if ":" in host and host.split(":", 1)[0] == "ssh":
+        host = host.split(":", 1)[1]
+    return host, method or None, user or None
+
+
+def _via_become_hop(via_hop, hv, method, user):
+    """The hop that becomes `user` on a via host, as Mitogen's via spec
+    does: the method named, else the via host's become method, else sudo;
+    the via host's become password, executable and flags."""
+    method = to_text(method or hv.get("ansible_become_method") or "sudo")
+    if method not in ("sudo", "su", "doas"):
+        raise AnsibleConnectionFailure("%s@%s: become method %r cannot start a relay (sudo, su or doas)"
+                                       % (user, via_hop["name"], method))
+
+    def get(var):
+        if var in ("ansible_%s_pass" % method, "ansible_password"):
+            return (hv.get("ansible_become_pass") or hv.get("ansible_become_password")
+                    or hv.get("ansible_%s_pass" % method))
+        return hv.get(var)
+    hop = container_hop("%s@%s" % (user, via_hop["name"]), method, get)
+    hop["user"] = user
+    hop["host"] = via_hop["host"]
+    hop.pop("python", None)
     return hop
 
 
@@ -445,6 +478,9 @@ class Connection(_vanilla.Connection):
         self._arbor_capture = None
         self._arbor_canned = None
         self._arbor_become_real = None
+        # The task this connection serves (its uuid, the same for every
+        # loop item): a hop that failed during it fails again at once.
+        self._arbor_task = None
 
     def set_become_plugin(self, plugin):
         self._arbor_become_real = plugin
@@ -458,6 +494,13 @@ class Connection(_vanilla.Connection):
 
     def _hop_from(self, name, get):
         """One hop from a getter of the ssh plugin's options for that host."""
+        for opt, var in (("sftp_extra_args", "ansible_sftp_extra_args"),
+                         ("scp_extra_args", "ansible_scp_extra_args")):
+            if get(opt):
+                raise AnsibleConnectionFailure(
+                    "%s: %s is set, but arbor runs no sftp or scp: files travel in the host's own"
+                    " ssh session. Move ssh options to ansible_ssh_extra_args, or set"
+                    " arbor_disable: true for this host." % (name, var))
         args = []
         for opt in ("ssh_args", "ssh_common_args", "ssh_extra_args"):
             value = get(opt)
@@ -468,7 +511,10 @@ class Connection(_vanilla.Connection):
             host = name
         port = get("port")
         timeout = get("timeout")
-        return {
+        exe = get("ssh_executable")
+        # --ask-pass (-k) answers every host's ssh, as vanilla's does.
+        password = get("password") or getattr(self._play_context, "password", None)
+        hop = {
             "name": name,
             "method": "ssh",
             "host": to_text(host),
@@ -479,6 +525,11 @@ class Connection(_vanilla.Connection):
             "host_key_checking": bool(get("host_key_checking")) if get("host_key_checking") is not None else True,
             "timeout_s": int(timeout) if timeout not in (None, "") else None,
         }
+        if exe and to_text(exe) != "ssh":
+            hop["exe"] = os.path.expanduser(to_text(exe))
+        if password:
+            hop["password"] = to_text(password)
+        return hop
 
     def _via_hop(self, name, hostvars):
         if name not in hostvars:
@@ -511,8 +562,12 @@ class Connection(_vanilla.Connection):
             return None
         return via
 
+    def _arbor_name(self):
+        """The host's inventory name: the last hop of its chain."""
+        return to_text(self.get_option("arbor_inventory_hostname") or self.get_option("host"))
+
     def _build_chain(self):
-        name = to_text(self.get_option("arbor_inventory_hostname") or self.get_option("host"))
+        name = self._arbor_name()
         target = self._hop_from(name, self.get_option)
         python = self.get_option("arbor_python")
         if python and not to_text(python).startswith("auto"):
@@ -531,19 +586,16 @@ class Connection(_vanilla.Connection):
             via = self._rule_via(name, target, hostvars.get(name) or {})
         seen = [name]
         while via:
-            via = to_text(via)
-            user = None
-            if "@" in via:
-                user, via = via.rsplit("@", 1)
-            if ":" in via and via.split(":", 1)[0] in ("ssh",):
-                via = via.split(":", 1)[1]
+            via, become_method, become_user = _parse_via(via)
             if via in seen:
                 raise AnsibleConnectionFailure("%s: via cycle: %s" % (name, " -> ".join(seen + [via])))
             if len(chain) >= _HOP_MAX:
                 raise AnsibleConnectionFailure("%s: via chain longer than %d hops" % (name, _HOP_MAX))
             hop, hv = self._via_hop(via, hostvars)
-            if user:
-                hop["user"] = user
+            if become_user:
+                # Mitogen's `[method:]user@host`: become `user` on the via
+                # host (its become settings), and relay from there.
+                chain.insert(0, _via_become_hop(hop, hv, become_method, become_user))
             chain.insert(0, hop)
             seen.append(via)
             if "arbor_via" in hv or "mitogen_via" in hv:
@@ -607,7 +659,7 @@ class Connection(_vanilla.Connection):
             return self._arbor_roundtrip(lambda: self._arbor_send({"op": "info"}, sudo=True), True)[0]
         if self._arbor_hello is None:
             self._connect()
-            self._arbor.send({"op": "info", "chain": self._chain})
+            self._arbor.send(self._arbor_target({"op": "info"}))
             self._arbor_hello = self._arbor.recv()[0]
             if display.verbosity >= 3:
                 for hop in self._arbor_hello.get("hops", ()):
@@ -640,18 +692,32 @@ class Connection(_vanilla.Connection):
 
     # ---------------------------------------------------------------- become
 
+    def _arbor_become_spec(self):
+        """Which become interpreter: its settings, and the task's password,
+        which the daemon folds into the key (digested, never logged) so a
+        task with another password is checked by the become tool anew."""
+        spec = {"key": self._arbor_become_key()}
+        password = _become_opt(self._arbor_become_real, "become_pass")
+        if password:
+            spec["pass"] = password
+        return spec
+
     def _arbor_become_key(self):
         b = self._arbor_become_real
         parts = [b.name or type(b).__name__]
         parts += [_become_opt(b, opt) for opt in ("become_user", "become_exe", "become_flags")]
         return json.dumps(parts)
 
+    def _arbor_target(self, obj):
+        """`obj` addressed to this host: its chain, and the task asking."""
+        return dict(obj, chain=self._chain, task=self._arbor_task)
+
     def _arbor_send(self, obj, blob=b"", sudo=False):
         """Sends a request for the login interpreter, or with sudo for the
         become interpreter."""
-        obj = dict(obj, chain=self._chain)
+        obj = self._arbor_target(obj)
         if sudo:
-            obj["become"] = {"key": self._arbor_become_key()}
+            obj["become"] = self._arbor_become_spec()
         self._arbor.send(obj, blob)
 
     def _arbor_roundtrip(self, send, sudo):
@@ -673,7 +739,7 @@ class Connection(_vanilla.Connection):
         agent's start command, and its own checks read what that command
         prints: a password prompt gets `become_pass`, once."""
         b = self._arbor_become_real
-        key = self._arbor_become_key()
+        spec = self._arbor_become_spec()
         user = _become_opt(b, "become_user")
         host = self._chain[-1]["name"]
         flags = _become_opt(b, "become_flags")
@@ -688,9 +754,9 @@ class Connection(_vanilla.Connection):
         except (KeyError, TypeError, ValueError):  # the local plugin has no timeout
             timeout = 10
         display.vvv("ARBOR BECOME %s" % label, host=host)
-        self._arbor.send({"op": "become", "chain": self._chain, "become": {"key": key},
-                          "label": label, "cmd": cmd, "success": b.success,
-                          "timeout_s": timeout + 10})
+        self._arbor.send(self._arbor_target({"op": "become", "become": spec,
+                                             "label": label, "cmd": cmd, "success": b.success,
+                                             "timeout_s": timeout + 10}))
         output = b""
         verdict = None
         answered = False
@@ -756,9 +822,28 @@ class Connection(_vanilla.Connection):
                                    "isolation": self._arbor_isolation(), "cwd": self._arbor_cwd()},
                                   data, sudo=sudo)
         self._arbor_unacked = False
-        res, blob = self._arbor_gather(*self._arbor_roundtrip(send, sudo))
+        for _ in range(_RELEASE_TRIES_MAX):
+            res, blob = self._arbor_gather(*self._arbor_roundtrip(send, sudo))
+            if not (res["rc"] and self._arbor_released(blob)):
+                break
         n = res["stdout_len"]
         return res["rc"], blob[:n], blob[n:]
+
+    def _arbor_released(self, output):
+        """A command refused because one of arbor's become interpreters runs
+        as the user it deletes (`userdel: user X is currently used by
+        process N`, from userdel, deluser or the user module): that
+        interpreter is ended, and True says to run the command again (it
+        changed nothing). With vanilla, no process of the user is left."""
+        m = _USER_BUSY.search(output)
+        if m is None:
+            return False
+        self._arbor.send(self._arbor_target({"op": "release", "pid": int(m.group(1))}))
+        if not self._arbor.recv()[0].get("released"):
+            return False
+        display.vvv("ARBOR RELEASE ended the interpreter (pid %s) that kept the user busy" % m.group(1),
+                    host=self._chain[-1]["name"])
+        return True
 
     def _arbor_cwd(self):
         """Where commands and modules run: the login directory (the local
@@ -824,8 +909,8 @@ class Connection(_vanilla.Connection):
         with open(b_in, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             first = f.read(_PART_BYTES)
-            self._arbor.send({"op": "put", "chain": self._chain, "path": to_text(out_path),
-                              "size": size, "noreply": True}, first)
+            self._arbor.send(self._arbor_target({"op": "put", "path": to_text(out_path),
+                                                 "size": size, "noreply": True}), first)
             while True:
                 chunk = f.read(_PART_BYTES)
                 if not chunk:
@@ -838,7 +923,7 @@ class Connection(_vanilla.Connection):
             return super(Connection, self).fetch_file(in_path, out_path)
         self._connect()
         display.vvv("ARBOR FETCH %s TO %s" % (in_path, out_path), host=self._chain[-1]["name"])
-        self._arbor.send({"op": "fetch", "chain": self._chain, "path": to_text(in_path)})
+        self._arbor.send(self._arbor_target({"op": "fetch", "path": to_text(in_path)}))
         res, first = self._arbor.recv()
         b_out = to_bytes(out_path, errors="surrogate_or_strict")
         with open(b_out, "wb") as f:
@@ -859,14 +944,32 @@ class Connection(_vanilla.Connection):
                     display.warning("arbor: %s" % e, host=self._chain[-1]["name"])
             self._arbor.close()
             self._arbor = None
+        # The next connect asks again: after a reset, the host's agent is new.
+        self._arbor_hello = None
         self._connected = False
         if not self._enabled():
             return super(Connection, self).close()
 
     def reset(self):
+        """`meta: reset_connection`, and the reboot and wait_for_connection
+        actions between their attempts: the host's interpreters end (its
+        login agents and their become agents), and its next task connects
+        afresh. Without a daemon up, there is nothing to reset."""
         if not self._enabled():
             return super(Connection, self).reset()
         self.close()
+        name = self._arbor_name()
+        try:
+            client = _Client(os.path.join(_run_dir(), "sock"))
+        except OSError:
+            return
+        try:
+            client.host = name
+            client.send({"op": "reset", "host": name})
+            ended = client.recv()[0].get("ended", 0)
+        finally:
+            client.close()
+        display.vvv("ARBOR RESET %d interpreter%s ended" % (ended, "" if ended == 1 else "s"), host=name)
 
 
 # ------------------------------------------------------------ action fast paths
@@ -942,10 +1045,9 @@ def _make_tmp_path(self, remote_user=None):
     if base.startswith("~"):
         return _vanilla_action["_make_tmp_path"](self, remote_user)
     name = conn._shell._generate_temp_dir_name()
-    own = conn._shell.join_path(base, "arbor-%d" % conn.arbor_info()["pid"])
     conn.arbor_call({"op": "mkdtemp", "base": base, "name": name}, noreply=True)
     self._cleanup_remote_tmp = True
-    tmp = conn._shell.join_path(own, name, "")
+    tmp = conn._shell.join_path(base, name, "")
     conn._shell.tmpdir = tmp
     return tmp
 
@@ -1167,6 +1269,7 @@ def _action_init(self, *args, **kwargs):
     _vanilla_action_init(self, *args, **kwargs)
     conn = getattr(self, "_connection", None)
     if isinstance(conn, Connection):
+        conn._arbor_task = getattr(getattr(self, "_task", None), "_uuid", None)
         try:
             conn._arbor_hostvars = self._templar.available_variables.get("hostvars")
         except Exception:
@@ -1192,8 +1295,11 @@ class ContainerConnection(Connection):
     def is_pipelining_enabled(self, wrap_async=False):
         return not wrap_async
 
+    def _arbor_name(self):
+        return to_text(self.get_option("arbor_inventory_hostname"))
+
     def _build_chain(self):
-        name = to_text(self.get_option("arbor_inventory_hostname"))
+        name = self._arbor_name()
         hostvars = self._arbor_hostvars if self._arbor_hostvars is not None else {}
         own = hostvars.get(name) or {}
 

@@ -3,6 +3,8 @@
 //! encodes them, and a task that owns a child process until it exits.
 //! Each reports to the node's main loop as a [`LinkEvent`].
 
+pub mod askpass;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -439,14 +441,26 @@ pub async fn stop_children(
     }
 }
 
+/// Lines ssh prints that never say why a connection failed.
+const NOISE: [&str; 7] = [
+    "Warning: Permanently added",
+    "Pseudo-terminal will not be allocated",
+    "** WARNING: connection is not using a post-quantum",
+    "** This session may be vulnerable",
+    "** The server may need to be upgraded",
+    "debug",
+    "OpenSSH_",
+];
+
 /// A child's stderr tail as one line for an error message: banner lines
-/// of `@` dropped, each line trimmed of them, lines joined by spaces.
+/// of `@` dropped, each line trimmed of them, ssh's noise (known-hosts
+/// notices, debug lines) dropped, lines joined by spaces.
 pub fn tidy_tail(tail: &[u8]) -> String {
     let text = String::from_utf8_lossy(tail);
     let lines: Vec<&str> = text
         .lines()
         .map(|l| l.trim().trim_matches('@').trim())
-        .filter(|l| !l.is_empty())
+        .filter(|l| !l.is_empty() && !NOISE.iter().any(|n| l.starts_with(n)))
         .collect();
     lines.join(" ")
 }
@@ -542,5 +556,11 @@ IT IS POSSIBLE\nHost key verification failed.\n";
             "WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! IT IS POSSIBLE Host key verification failed."
         );
         assert_eq!(super::tidy_tail(b"\n \n"), "");
+        let tail = b"Warning: Permanently added '10.98.0.12' (ED25519) to the list of known hosts.\r\n\
+debug1: Authentications that can continue: publickey\nroot@10.98.0.12: Permission denied (publickey).\n";
+        assert_eq!(
+            super::tidy_tail(tail),
+            "root@10.98.0.12: Permission denied (publickey)."
+        );
     }
 }

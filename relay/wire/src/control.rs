@@ -85,10 +85,28 @@ pub struct Spawn {
     /// At most this many children of the relay connecting at once (0: no
     /// bound); the others wait, in order, for one to join or fail.
     pub max_connecting: u16,
+    /// The password that answers the child ssh's prompt (through
+    /// SSH_ASKPASS, from RAM).
+    pub password: Option<Password>,
+}
+
+/// A password: carried, never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<password>")
+    }
 }
 
 /// Stands in `Spawn::argv` for the path of the child's known_hosts file.
 pub const KNOWN_HOSTS_TOKEN: &str = "@ARBOR_KNOWN_HOSTS@";
+/// Stands in `Spawn::argv` for the relay's own `SSH_AUTH_SOCK` (the agent
+/// forwarded to it), for a child that changes the account (sudo, su, doas
+/// clear the environment) and still authenticates its own children with it.
+pub const AUTH_SOCK_TOKEN: &str = "@ARBOR_AUTH_SOCK@";
 
 /// A relay's reply.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,9 +149,14 @@ mod tests {
             max_connecting: 64,
             preamble_pinned: Some("pin:agent:00".into()),
             known_hosts_pinned: None,
+            password: Some(Password("pw".into())),
         });
         let bytes = encode(&req);
-        assert_eq!(decode::<Request>(&bytes), Ok(req));
+        assert_eq!(decode::<Request>(&bytes), Ok(req.clone()));
+        assert!(
+            !format!("{req:?}").contains("\"pw\""),
+            "a password is never printed"
+        );
     }
 
     #[test]

@@ -1,0 +1,20 @@
+# arbor: Mitogen's strategy name `mitogen_linear`, for an ansible.cfg that
+# still names it (`strategy = mitogen_linear`). arbor needs no strategy of its
+# own: this is Ansible's own `linear`, under Mitogen's name. Put this directory
+# on `strategy_plugins` in place of Mitogen's.
+from __future__ import annotations
+
+from ansible.plugins.strategy.linear import StrategyModule as _Builtin
+
+DOCUMENTATION = """
+name: mitogen_linear
+short_description: Ansible's own linear strategy, under Mitogen's name (arbor)
+description:
+  - arbor works through connection plugins under Ansible's own strategies; this
+    name lets an ansible.cfg written for Mitogen run unchanged.
+author: arbor
+"""
+
+
+class StrategyModule(_Builtin):
+    pass
