@@ -974,6 +974,7 @@ class InProcess(object):
         self.path = sys.path
         self.path_items = list(sys.path)
         self.argv = sys.argv
+        self.executable = sys.executable
         self.meta_path = list(sys.meta_path)
         self.importers = set(sys.path_importer_cache)
         self.stdio = (sys.stdin, sys.stdout, sys.stderr)
@@ -987,10 +988,13 @@ class InProcess(object):
         self.out = io.BytesIO()
         self.err = io.BytesIO()
 
-    def start(self, codes, source, env, finder, warm, done):
+    def start(self, codes, source, env, finder, warm, done, executable=None):
         """Runs `codes` in a thread, which writes a byte to `done` (a pipe
-        the agent's loop owns and closes) when the module has ended."""
+        the agent's loop owns and closes) when the module has ended;
+        `sys.executable` is `executable` meanwhile."""
         self.done = done
+        if executable:
+            sys.executable = executable
         if warm in sys.meta_path:
             sys.meta_path.remove(warm)
         sys.meta_path.insert(0, finder)
@@ -1051,6 +1055,7 @@ class InProcess(object):
         sys.stdin.close()
         sys.stdin, sys.stdout, sys.stderr = self.stdio
         sys.argv = self.argv
+        sys.executable = self.executable
         sys.path = self.path
         sys.path[:] = self.path_items
         sys.meta_path[:] = self.meta_path
@@ -1242,7 +1247,8 @@ class Agent(object):
 
     def hello(self):
         info = {"pid": os.getpid(), "python": sys.version.split()[0],
-                "uid": os.getuid(), "executable": sys.executable, "sweeper": self.sweeper_pid}
+                "uid": os.getuid(), "executable": sys.executable, "sweeper": self.sweeper_pid,
+                "ppid": os.getppid()}
         try:
             pw = pwd.getpwuid(os.getuid())
             info.update(user=pw.pw_name, home=pw.pw_dir)
@@ -1812,6 +1818,9 @@ class Agent(object):
         cmd = req["cmd"]
         m = PIPELINED.match(cmd)
         if m and b"_ansiballz_main(" in script and self.same_python(m.group("python")):
+            # The module sees the interpreter its command names, as it would
+            # run under it (a symlink's name, not the agent's).
+            req = dict(req, executable=self.which_python(m.group("python")))
             return self.start_module(src, stream, req, script, mz, at, extra)
         stdin = script if mz is None else script[:at] + mz.literal + script[at:]
         # Its own process group, so the whole command can be stopped.
@@ -1848,14 +1857,17 @@ class Agent(object):
             tail = compile(source[i:], "<stdin>", "exec", dont_inherit=True)
         return [code, tail]
 
-    def same_python(self, path):
+    def which_python(self, path):
+        """The interpreter a command names, found as the shell would find it."""
         if "/" not in path:
             for d in os.environ.get("PATH", "").split(os.pathsep):
                 cand = os.path.join(d, path)
                 if os.access(cand, os.X_OK):
-                    path = cand
-                    break
-        return os.path.realpath(path) == self.python
+                    return cand
+        return path
+
+    def same_python(self, path):
+        return os.path.realpath(self.which_python(path)) == self.python
 
     def start_module(self, src, stream, req, script, mz, at, extra):
         """Runs a pipelined module in-process if it is on the list and not
@@ -1869,8 +1881,9 @@ class Agent(object):
         fqn = MODULE_FQN.search(script, max(0, script.rfind(WRAPPER_CALL)))
         if (req.get("isolation") != "fork" and fqn is not None
                 and fqn.group(1).decode() in INPROCESS_MODULES):
-            return self.run_inprocess(src, stream, script, mz, at, extra, req.get("cwd"))
-        return self.run_forked(src, stream, script, mz, at, extra, req.get("cwd"))
+            return self.run_inprocess(src, stream, script, mz, at, extra, req.get("cwd"),
+                                      req.get("executable"))
+        return self.run_forked(src, stream, script, mz, at, extra, req.get("cwd"), req.get("executable"))
 
     def start_waiting(self):
         """Starts the modules that waited, in order, until one runs
@@ -1914,7 +1927,7 @@ class Agent(object):
         self.warm.add_files(files)
         return env, source, files, self.script_code(source)
 
-    def run_inprocess(self, src, stream, script, mz=None, at=None, extra=None, cwd=None):
+    def run_inprocess(self, src, stream, script, mz=None, at=None, extra=None, cwd=None, executable=None):
         """Runs a pipelined module in a thread of this interpreter (see
         InProcess), in `cwd` if given (the local connection runs modules in
         the playbook's directory); answered as `python3 < script` would be."""
@@ -1925,7 +1938,7 @@ class Agent(object):
         try:
             if cwd:
                 os.chdir(cwd)
-            ip.start(codes, source, env, zipmods, self.warm, w_done)
+            ip.start(codes, source, env, zipmods, self.warm, w_done, executable)
         except BaseException:
             self.inproc = None
             ip.end()
@@ -1942,7 +1955,7 @@ class Agent(object):
             self.start_waiting()
         self.jobs.append(ThreadJob(None, [os.fdopen(r_done, "rb", 0)], None, b"", finish))
 
-    def run_forked(self, src, stream, script, mz=None, at=None, extra=None, cwd=None):
+    def run_forked(self, src, stream, script, mz=None, at=None, extra=None, cwd=None, executable=None):
         """Runs a pipelined module in a fork of this warm interpreter, as
         `python3 < script` would: same stdout, stderr and exit status."""
         env, source, files, codes = self.module_parts(script, mz, at)
@@ -1996,6 +2009,8 @@ class Agent(object):
                         os.close(fd)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_DFL)
+                if executable:
+                    sys.executable = executable
                 sys.stdin = open(0, "r", closefd=False)
                 sys.stdout = open(1, "w", closefd=False)
                 sys.stderr = open(2, "w", closefd=False)

@@ -42,7 +42,8 @@ enum Cmd {
         done: oneshot::Sender<Result<NodeId, String>>,
     },
     /// Forgets the become agent under `parent` whose process (or its
-    /// sweeper's) is `pid`; answers its node, for the caller to end.
+    /// sweeper's, or its parent shell's) is `pid`; answers its node, for
+    /// the caller to end.
     ReleasePid {
         parent: NodeId,
         pid: u64,
@@ -734,7 +735,9 @@ impl Tree {
         let hellos = self.hellos.lock().ok()?;
         let of_pid = |n: &NodeId| {
             hellos.get(n).is_some_and(|h| {
-                ["pid", "sweeper"]
+                // The agent, its sweeper, and the shell a become command
+                // may have left between it and the become tool.
+                ["pid", "sweeper", "ppid"]
                     .iter()
                     .any(|k| h.get(*k).and_then(serde_json::Value::as_u64) == Some(pid))
             })

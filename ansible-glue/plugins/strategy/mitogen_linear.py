@@ -5,6 +5,9 @@
 from __future__ import annotations
 
 from ansible.plugins.strategy.linear import StrategyModule as _Builtin
+from ansible.utils.display import Display
+
+display = Display()
 
 DOCUMENTATION = """
 name: mitogen_linear
@@ -17,4 +20,6 @@ author: arbor
 
 
 class StrategyModule(_Builtin):
-    pass
+    def __init__(self, *args, **kwargs):
+        super(StrategyModule, self).__init__(*args, **kwargs)
+        display.vvv("arbor: strategy mitogen_linear is Ansible's own linear")
