@@ -18,8 +18,12 @@ pub const KNOWN_HOSTS_BYTES_MAX: usize = 4 << 20;
 pub const CONNECT_TIMEOUT_S_DEFAULT: u32 = 10;
 /// Default of `ARBOR_KEEPALIVE_SECS`: a hop that answers nothing for this
 /// long is declared dead (ssh's ServerAlive probes, a third of it apart,
-/// two unanswered).
-pub const KEEPALIVE_S_DEFAULT: u32 = 30;
+/// two unanswered). Long enough to ride out a minute's outage of a
+/// cellular or satellite link: TCP's own retransmissions, backing off,
+/// may resend the first time after the link is back up to about a minute
+/// later (102 s after a 60 s stall began, at a 200 ms timeout; 127 s at
+/// 500 ms), and the hop must still be alive then. Mitogen's is 300 s.
+pub const KEEPALIVE_S_DEFAULT: u32 = 180;
 
 /// The dead-hop bound of this run: `ARBOR_KEEPALIVE_SECS`, at least 3.
 pub fn keepalive_secs() -> u32 {
