@@ -10,26 +10,15 @@ import json
 import os
 import select
 import socket
-import struct
 import sys
 import threading
 
+from arbor_glue import wire
+
 
 def send(sock, lock, obj, blob=b""):
-    j = json.dumps(obj).encode()
-    body = struct.pack("<I", len(j)) + j + blob
     with lock:
-        sock.sendall(struct.pack("<I", len(body)) + body)
-
-
-def exact(sock, n):
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            return None
-        buf.extend(chunk)
-    return bytes(buf)
+        wire.send(sock, obj, blob)
 
 
 def main(argv):
@@ -65,13 +54,11 @@ def main(argv):
             pass
     threading.Thread(target=feed, daemon=True).start()
     while True:
-        head = exact(sock, 4)
-        if head is None:
+        got = wire.recv(sock)
+        if got is None:
             sys.stderr.write("arbor rsh: the controller daemon closed the connection\n")
             return 255
-        body = exact(sock, struct.unpack("<I", head)[0])
-        (jn,) = struct.unpack_from("<I", body)
-        obj, blob = json.loads(body[4:4 + jn]), body[4 + jn:]
+        obj, blob = got
         if "error" in obj:
             sys.stderr.write("arbor rsh: %s\n" % obj["error"])
             return 255

@@ -6,14 +6,18 @@
 //! - `main.rs`: CLI and the daemon's life (socket, peer check, teardown).
 //! - `tree.rs`: the tree task (router node 0, ssh links, hop states).
 //! - `api.rs`: the glue's requests (exec, put, fetch).
+//! - `ansiballz.rs`: the zip inside an AnsiballZ script (key, members).
 //! - `hops.rs`: which hop is which node; connect failures and resets.
+//! - `becomes.rs`: the become agents of each login agent (LRU bound).
 //! - `ssh.rs`: ssh command lines, known_hosts, key files.
 //! - `sshconfig.rs`: what the controller's ssh config makes of a hop.
 //! - `sshagent.rs`: the ssh-agent socket the tree's ssh use and forward.
 //!
 //! Exit codes: 0 success; 1 runtime error; 64 usage error.
 
+mod ansiballz;
 mod api;
+mod becomes;
 mod hops;
 mod methods;
 mod ssh;

@@ -31,6 +31,8 @@ const CMD_QUEUE: usize = 1024;
 pub const REPLY_QUEUE_FRAMES: usize = 64;
 const KILL_GRACE: Duration = Duration::from_secs(2);
 
+pub use crate::becomes::BecomeSlot;
+use crate::becomes::{Becomes, Decision};
 pub use crate::hops::HopRole;
 use crate::hops::{self, Hops};
 
@@ -100,27 +102,6 @@ pub struct Config {
 pub const INTERPRETERS_MAX_DEFAULT: usize = 20;
 /// Default of [`Config::connecting_max`].
 pub const CONNECTING_MAX_DEFAULT: u16 = 64;
-
-/// A nested (become) agent, as asked for by [`TreeHandle::become_slot`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BecomeSlot {
-    /// It is up.
-    Ready(NodeId),
-    /// Nobody has started it: the caller starts it as this node on the
-    /// parent agent, then reports with [`TreeHandle::become_done`].
-    Start(NodeId),
-}
-
-enum BecomeState {
-    Starting(Vec<oneshot::Sender<Result<Option<BecomeSlot>, String>>>),
-    Up,
-}
-
-struct BecomeAgent {
-    node: NodeId,
-    state: BecomeState,
-    last_used: u64,
-}
 
 /// What each node said when it joined the tree (an agent's hello: its pid,
 /// user, home, Python), shared with the API without a trip to the tree task.
@@ -383,12 +364,10 @@ pub struct Tree {
     /// ssh passwords of connecting first hops, in RAM (SSH_ASKPASS).
     askpass: HashMap<NodeId, OwnedFd>,
     hellos: Hellos,
-    /// Become agents by (parent agent, key), and each one's key and label.
-    becomes: HashMap<(NodeId, String), BecomeAgent>,
+    /// Become agents by (parent agent, key).
+    becomes: Becomes,
     /// When each node still connecting was started.
     started: HashMap<NodeId, Instant>,
-    become_of: HashMap<NodeId, ((NodeId, String), String)>,
-    use_clock: u64,
     /// What each relay holds pinned (see [`Tree::pin`]), and each relay's
     /// parent relay.
     pins: HashMap<NodeId, HashSet<String>>,
@@ -417,6 +396,7 @@ impl Tree {
         let (inbox_tx, inbox) = mpsc::channel(INBOX_FRAMES);
         let hellos = Hellos::default();
         let ssh_config = cfg.ssh_config.clone();
+        let interpreters_max = cfg.interpreters_max;
         let tree = Tree {
             cfg,
             // Strict: a node is routed only where it was started.
@@ -436,10 +416,8 @@ impl Tree {
             hop_keys: HashMap::new(),
             askpass: HashMap::new(),
             hellos: hellos.clone(),
-            becomes: HashMap::new(),
+            becomes: Becomes::new(interpreters_max),
             started: HashMap::new(),
-            become_of: HashMap::new(),
-            use_clock: 0,
             pins: HashMap::new(),
             relay_parent: HashMap::new(),
             node_parent: HashMap::new(),
@@ -551,86 +529,37 @@ impl Tree {
         start: bool,
         done: oneshot::Sender<Result<Option<BecomeSlot>, String>>,
     ) {
-        self.use_clock += 1;
-        let clock = self.use_clock;
-        let k = (parent, key);
-        if let Some(b) = self.becomes.get_mut(&k) {
-            match &mut b.state {
-                BecomeState::Up => {
-                    b.last_used = clock;
-                    let _ = done.send(Ok(Some(BecomeSlot::Ready(b.node))));
-                }
-                BecomeState::Starting(waiters) if start => waiters.push(done),
-                BecomeState::Starting(_) => {
-                    let _ = done.send(Ok(None));
-                }
-            }
+        let next = &mut self.next_node;
+        let new_node = || {
+            let n = NodeId(*next);
+            *next += 1;
+            n
+        };
+        let Decision::Start { node, evict } =
+            self.becomes.slot(parent, key, label, start, new_node, done)
+        else {
             return;
+        };
+        if let Some(old) = evict {
+            tracing::debug!(node = %old, "evicting the least recently used interpreter");
+            let stream = self.stream_id();
+            let req = serde_json::json!({"op": "unbecome", "node": old.0, "noreply": true});
+            let payload = arbor_wire::msg::encode(req.to_string().as_bytes(), b"");
+            let f = Frame::new(Kind::Request, parent, NodeId::CONTROLLER, stream, payload);
+            self.core.send(Instant::now(), f);
         }
-        if !start {
-            let _ = done.send(Ok(None));
-            return;
-        }
-        // Room for one more: the login agent counts as one interpreter.
-        let siblings = self.becomes.keys().filter(|(p, _)| *p == parent).count();
-        if siblings + 2 > self.cfg.interpreters_max.max(2) {
-            let lru = self
-                .becomes
-                .iter()
-                .filter(|((p, _), b)| *p == parent && matches!(b.state, BecomeState::Up))
-                .min_by_key(|(_, b)| b.last_used)
-                .map(|(k, b)| (k.clone(), b.node));
-            if let Some((old_key, old)) = lru {
-                tracing::debug!(node = %old, key = %old_key.1, "evicting the least recently used interpreter");
-                self.becomes.remove(&old_key);
-                self.become_of.remove(&old);
-                let stream = self.stream_id();
-                let req = serde_json::json!({"op": "unbecome", "node": old.0, "noreply": true});
-                let payload = arbor_wire::msg::encode(req.to_string().as_bytes(), b"");
-                let f = Frame::new(Kind::Request, parent, NodeId::CONTROLLER, stream, payload);
-                self.core.send(Instant::now(), f);
-            }
-        }
-        let node = NodeId(self.next_node);
-        self.next_node += 1;
-        self.becomes.insert(
-            k.clone(),
-            BecomeAgent {
-                node,
-                state: BecomeState::Starting(Vec::new()),
-                last_used: clock,
-            },
-        );
-        self.become_of.insert(node, (k, label));
         self.started.insert(node, Instant::now());
         // Every relay above the agent that starts it takes its
         // announcement only from that agent's link.
         self.expect_above(node, parent, self.node_parent.get(&parent).copied());
-        let _ = done.send(Ok(Some(BecomeSlot::Start(node))));
     }
 
-    /// A become agent started, or failed to: waiters learn which. A failed
-    /// one is forgotten, so a later task (say with the right password) tries
-    /// again.
+    /// A become agent started, or failed to: its waiters learn which.
     fn become_settle(&mut self, node: NodeId, outcome: Result<(), String>) {
-        let Some((k, _)) = self.become_of.get(&node).cloned() else {
-            return;
-        };
-        let waiters = match self.becomes.get_mut(&k) {
-            Some(b) if b.node == node => match std::mem::replace(&mut b.state, BecomeState::Up) {
-                BecomeState::Starting(w) => w,
-                BecomeState::Up => Vec::new(),
-            },
-            _ => return,
-        };
         if outcome.is_err() {
-            self.becomes.remove(&k);
-            self.become_of.remove(&node);
             self.started.remove(&node);
         }
-        for w in waiters {
-            let _ = w.send(outcome.clone().map(|_| Some(BecomeSlot::Ready(node))));
-        }
+        self.becomes.settle(node, outcome);
     }
 
     fn stream_id(&mut self) -> StreamId {
@@ -733,24 +662,15 @@ impl Tree {
 
     fn release_pid(&mut self, parent: NodeId, pid: u64) -> Option<NodeId> {
         let hellos = self.hellos.lock().ok()?;
-        let of_pid = |n: &NodeId| {
-            hellos.get(n).is_some_and(|h| {
+        self.becomes.release(parent, |n| {
+            hellos.get(&n).is_some_and(|h| {
                 // The agent, its sweeper, and the shell a become command
                 // may have left between it and the become tool.
                 ["pid", "sweeper", "ppid"]
                     .iter()
                     .any(|k| h.get(*k).and_then(serde_json::Value::as_u64) == Some(pid))
             })
-        };
-        let (key, node) = self
-            .becomes
-            .iter()
-            .find(|((p, _), b)| *p == parent && of_pid(&b.node))
-            .map(|(k, b)| (k.clone(), b.node))?;
-        drop(hellos);
-        self.becomes.remove(&key);
-        self.become_of.remove(&node);
-        Some(node)
+        })
     }
 
     /// Ends the login agents of `host` (their become agents end with them)
@@ -1143,7 +1063,7 @@ impl Tree {
         self.hops
             .label_of(node)
             .map(str::to_string)
-            .or_else(|| self.become_of.get(&node).map(|(_, l)| l.clone()))
+            .or_else(|| self.becomes.label_of(node).map(str::to_string))
     }
 
     /// A node left the tree: its hop fails for the rest of the task that
@@ -1166,19 +1086,7 @@ impl Tree {
         let keys = self.hop_keys.remove(&node).unwrap_or_default();
         let why = self.with_key_hint(why, &keys);
         self.hops.lost(node, &why);
-        self.become_settle(node, Err(why.clone()));
-        let lost: Vec<NodeId> = self
-            .becomes
-            .iter()
-            .filter(|((p, _), b)| *p == node || b.node == node)
-            .map(|(_, b)| b.node)
-            .collect();
-        for n in lost {
-            self.become_settle(n, Err(why.clone()));
-            if let Some((k, _)) = self.become_of.remove(&n) {
-                self.becomes.remove(&k);
-            }
-        }
+        self.becomes.lost(node, &why);
         let lost: Vec<StreamId> = self
             .streams
             .iter()

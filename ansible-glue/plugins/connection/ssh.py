@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import fcntl
 import importlib.util
-import ipaddress
 import json
 import multiprocessing
 import os
@@ -24,7 +23,6 @@ import shlex
 import shutil
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import time
@@ -40,6 +38,14 @@ from ansible.utils.display import Display
 from ansible.utils.shlex import shlex_split
 
 display = Display()
+
+# What the glue's plugins share lives beside them, not as plugins.
+_GLUE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _GLUE not in sys.path:
+    sys.path.insert(0, _GLUE)
+from arbor_glue import wire  # noqa: E402
+from arbor_glue.chain import (CONTAINER_CONNECTIONS, container_hop, parse_via, parse_via_rules,  # noqa: E402,F401
+                              via_become_hop, via_for)
 
 
 def load_builtin(name):
@@ -107,123 +113,6 @@ _RELEASE_TRIES_MAX = 4
 _PART_BYTES = 4 << 20
 _DAEMON_START_S = 15.0
 
-# The container methods arbor carries as hops, by every connection name
-# that means them (Ansible's collections', Mitogen's).
-CONTAINER_CONNECTIONS = {}
-for _m, _names in {
-    "docker": ("community.docker.docker",),
-    "podman": ("containers.podman.podman",),
-    "buildah": ("containers.podman.buildah",),
-    "lxc": ("community.general.lxc",),
-    "lxd": ("community.general.lxd",),
-    "incus": ("community.general.incus",),
-    "setns": (),
-    "kubectl": ("kubernetes.core.kubectl",),
-    "machinectl": ("community.general.machinectl",),
-    "jail": ("community.general.jail",),
-}.items():
-    for _n in (_m, "mitogen_" + _m) + _names:
-        CONTAINER_CONNECTIONS[_n] = _m
-# Become tools as hops (Mitogen's connections of these names).
-for _m in ("sudo", "su", "doas"):
-    CONTAINER_CONNECTIONS["mitogen_" + _m] = _m
-
-# Per method: the variables that name its program, and its extra arguments
-# (the collections' plugins' and Mitogen's names; the first set wins).
-_EXE_VARS = {
-    "docker": ("mitogen_docker_path", "ansible_docker_path"),
-    "podman": ("mitogen_podman_path", "ansible_podman_executable"),
-    "buildah": ("mitogen_buildah_path",),
-    "lxc": ("mitogen_lxc_attach_path",),
-    "lxd": ("mitogen_lxc_path", "ansible_lxd_executable"),
-    "incus": ("ansible_incus_executable",),
-    "setns": ("mitogen_nsenter_path",),
-    "kubectl": ("mitogen_kubectl_path", "ansible_kubectl_path"),
-    "machinectl": ("mitogen_machinectl_path",),
-    "jail": (),
-    "sudo": ("ansible_sudo_exe", "ansible_become_exe"),
-    "su": ("ansible_su_exe", "ansible_become_exe"),
-    "doas": ("ansible_doas_exe", "ansible_become_exe"),
-}
-_EXTRA_VARS = {
-    "docker": ("ansible_docker_extra_args",),
-    "podman": ("ansible_podman_extra_args",),
-    "kubectl": ("ansible_kubectl_extra_args",),
-    "sudo": ("sudo_flags", "ansible_sudo_flags"),
-    "su": ("su_flags", "ansible_su_flags"),
-}
-
-
-def container_hop(name, method, get):
-    """A container hop from a getter of its host's variables."""
-    def first(names):
-        for n in names:
-            v = get(n)
-            if v not in (None, ""):
-                return to_text(v)
-        return None
-    hop = {
-        "name": name,
-        "method": method,
-        "host": first(("ansible_%s_host" % method, "ansible_host")) or name,
-        "port": None,
-        "user": first(("ansible_%s_user" % method, "ansible_user")),
-        "key_file": None,
-        "ssh_args": [],
-        "host_key_checking": True,
-        "timeout_s": None,
-        "exe": first(_EXE_VARS.get(method, ())),
-        "extra_args": shlex_split(first(_EXTRA_VARS.get(method, ())) or ""),
-        "kind": first(("arbor_kind", "mitogen_kind")),
-    }
-    if method == "kubectl":
-        for var, flag in (("ansible_kubectl_namespace", "-n"), ("ansible_kubectl_container", "-c")):
-            if get(var):
-                hop["extra_args"] += [flag, to_text(get(var))]
-    if method in ("sudo", "su", "doas"):
-        pw = first(("ansible_%s_pass" % method, "ansible_password", "ansible_become_pass",
-                    "ansible_become_password"))
-        if pw:
-            hop["password"] = pw
-    python = first(("ansible_python_interpreter",))
-    if python and not python.startswith("auto"):
-        hop["python"] = python
-    return hop
-
-
-def _parse_via(value):
-    """(via host, become method, become user) from a via in Mitogen's form
-    `[[become_method:]become_user@]inventory_hostname` (`ssh:host` is
-    taken as the host)."""
-    value = to_text(value)
-    user, _, host = value.rpartition("@")
-    method, _, user = user.rpartition(":")
-    if ":" in host and host.split(":", 1)[0] == "ssh":
-        host = host.split(":", 1)[1]
-    return host, method or None, user or None
-
-
-def _via_become_hop(via_hop, hv, method, user):
-    """The hop that becomes `user` on a via host, as Mitogen's via spec
-    does: the method named, else the via host's become method, else sudo;
-    the via host's become password, executable and flags."""
-    method = to_text(method or hv.get("ansible_become_method") or "sudo")
-    if method not in ("sudo", "su", "doas"):
-        raise AnsibleConnectionFailure("%s@%s: become method %r cannot start a relay (sudo, su or doas)"
-                                       % (user, via_hop["name"], method))
-
-    def get(var):
-        if var in ("ansible_%s_pass" % method, "ansible_password"):
-            return (hv.get("ansible_become_pass") or hv.get("ansible_become_password")
-                    or hv.get("ansible_%s_pass" % method))
-        return hv.get(var)
-    hop = container_hop("%s@%s" % (user, via_hop["name"]), method, get)
-    hop["user"] = user
-    hop["host"] = via_hop["host"]
-    hop.pop("python", None)
-    return hop
-
-
 def container_documentation(method):
     """Options of arbor's plugin for a container method: the host and user,
     and arbor's own options."""
@@ -248,43 +137,6 @@ def container_documentation(method):
     doc["options"]["timeout"] = {"description": "Seconds a become prompt may take.", "type": "int",
                                  "default": 10, "vars": [{"name": "ansible_timeout"}]}
     return yaml.safe_dump(doc, sort_keys=False)
-
-
-def parse_via_rules(value):
-    """[(network, via)] from `arbor_via_rules`: a mapping of CIDR to via host,
-    or a list of such mappings (topology's `parse_rules`, same golden cases)."""
-    if value in (None, ""):
-        return []
-    maps = value if isinstance(value, list) else [value]
-    rules = []
-    for m in maps:
-        if not isinstance(m, dict):
-            raise ValueError("must be a mapping of CIDR to via host, not %r" % (m,))
-        for cidr, via in m.items():
-            try:
-                net = ipaddress.ip_network(to_text(cidr).strip(), strict=False)
-            except ValueError:
-                raise ValueError("%r is not a CIDR network (like 10.1.0.0/16)" % (cidr,))
-            if not isinstance(via, str) or not via.strip():
-                raise ValueError("%s: the via host must be a name, not %r" % (cidr, via))
-            if any(n == net for n, _ in rules):
-                raise ValueError("%s appears twice" % net)
-            rules.append((net, via.strip()))
-    return rules
-
-
-def via_for(address, rules):
-    """The via of the most specific rule whose network holds `address` (an
-    IP address; names never match), or None."""
-    try:
-        ip = ipaddress.ip_address(to_text(address).strip())
-    except ValueError:
-        return None
-    best = None
-    for net, via in rules:
-        if ip.version == net.version and ip in net and (best is None or net.prefixlen > best[0].prefixlen):
-            best = (net, via)
-    return best[1] if best else None
 
 
 def _arbor_bin():
@@ -332,24 +184,13 @@ class _Client(object):
         self.sock.connect(path)
 
     def send(self, obj, blob=b""):
-        j = json.dumps(obj).encode()
-        body = struct.pack("<I", len(j)) + j + blob
-        self.sock.sendall(struct.pack("<I", len(body)) + body)
-
-    def _exact(self, n):
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(min(n - len(buf), 1 << 20))
-            if not chunk:
-                raise AnsibleConnectionFailure("arbor: the controller daemon closed the connection")
-            buf.extend(chunk)
-        return bytes(buf)
+        wire.send(self.sock, obj, blob)
 
     def recv(self):
-        (n,) = struct.unpack("<I", self._exact(4))
-        body = self._exact(n)
-        (jn,) = struct.unpack_from("<I", body)
-        obj = json.loads(body[4:4 + jn])
+        got = wire.recv(self.sock)
+        if got is None:
+            raise AnsibleConnectionFailure("arbor: the controller daemon closed the connection")
+        obj, blob = got
         # What the agent logged: forwarded target-side logging, at -vvv.
         for line in obj.pop("log", None) or ():
             display.vvv("ARBOR LOG %s" % line, host=self.host)
@@ -359,7 +200,7 @@ class _Client(object):
             if obj.get("become_needed"):
                 raise _BecomeNeeded(obj["error"])
             raise AnsibleError("arbor: %s" % obj["error"])
-        return obj, body[4 + jn:]
+        return obj, blob
 
     def close(self):
         self.sock.close()
@@ -586,7 +427,7 @@ class Connection(_vanilla.Connection):
             via = self._rule_via(name, target, hostvars.get(name) or {})
         seen = [name]
         while via:
-            via, become_method, become_user = _parse_via(via)
+            via, become_method, become_user = parse_via(via)
             if via in seen:
                 raise AnsibleConnectionFailure("%s: via cycle: %s" % (name, " -> ".join(seen + [via])))
             if len(chain) >= _HOP_MAX:
@@ -595,7 +436,7 @@ class Connection(_vanilla.Connection):
             if become_user:
                 # Mitogen's `[method:]user@host`: become `user` on the via
                 # host (its become settings), and relay from there.
-                chain.insert(0, _via_become_hop(hop, hv, become_method, become_user))
+                chain.insert(0, via_become_hop(hop, hv, become_method, become_user))
             chain.insert(0, hop)
             seen.append(via)
             if "arbor_via" in hv or "mitogen_via" in hv:
@@ -703,9 +544,18 @@ class Connection(_vanilla.Connection):
         return spec
 
     def _arbor_become_key(self):
+        """Everything that makes a become interpreter what it is: the plugin
+        and all its options (the prompt it waits for, sudo's chdir, ...);
+        the password apart (see _arbor_become_spec). A task whose become
+        differs in any of them gets an interpreter of its own, started as
+        vanilla would start its command."""
         b = self._arbor_become_real
         parts = [b.name or type(b).__name__]
         parts += [_become_opt(b, opt) for opt in ("become_user", "become_exe", "become_flags")]
+        others = getattr(b, "_options", None) or {}
+        parts.append(sorted((k, to_text(v)) for k, v in others.items()
+                            if k not in ("become_pass", "become_user", "become_exe", "become_flags")
+                            and v not in (None, "")))
         return json.dumps(parts)
 
     def _arbor_target(self, obj):
@@ -796,6 +646,11 @@ class Connection(_vanilla.Connection):
                     verdict = "Missing %s password" % b.name
             if verdict is not None:
                 raise AnsibleError("%s: %s" % (label, verdict))
+            if "no become prompt or success within" in to_text(e):
+                # As vanilla's ssh says it: the host did not answer as the
+                # become plugin expects (a prompt it does not know, a hang).
+                raise AnsibleConnectionFailure("%s: Timeout (%ds) waiting for privilege escalation prompt: %s"
+                                               % (label, timeout, to_text(output, errors="replace")))
             raise e
 
     def exec_command(self, cmd, in_data=None, sudoable=True):
