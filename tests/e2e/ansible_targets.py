@@ -36,6 +36,8 @@ GLUE = REPO / "ansible-glue" / "plugins" / "connection"
 ARBOR = REPO / "target" / "release" / "arbor"
 VENV = Path(os.environ.get("ARBOR_TEST_VENV") or REPO / ".venv" / "bin")
 TARGET_TIMEOUT_S = 900
+# The accounts the targets run here make for their tests.
+TARGET_USERS = ("tmptest", "fetcher", "ansibletest0", "ansibletest1")
 
 
 def shlex_split(s):
@@ -192,6 +194,11 @@ def clean(lab, output_dir):
                     "find /root -mindepth 1 -maxdepth 1 ! -name '.*' -exec rm -rf {} +; rm -rf /root/.ansible "
                     f"/tmp/* /tmp/.[!.]* /var/tmp/*; mkdir -p {shlex.quote(str(output_dir))}"],
                    capture_output=True, timeout=60)
+    # Users the targets make (the lab's hosts share /etc and /home with the
+    # controller): a home left by an earlier run would be reused as is.
+    for user in TARGET_USERS:
+        subprocess.run(["userdel", "--remove", user], capture_output=True)
+        shutil.rmtree(Path("/home") / user, ignore_errors=True)
     for p in Path("/tmp").glob("ansible-test-*"):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
