@@ -55,7 +55,7 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use crate::ansiballz::{hex, zip_key, zip_members, zip_span};
-use crate::tree::{BecomeSlot, HopRole, TreeHandle};
+use crate::tree::{BecomeSlot, Hellos, HopRole, TreeHandle};
 
 /// Largest API message; bigger data is split into data messages.
 pub const MESSAGE_BYTES_MAX: usize = 8 << 20;
@@ -96,7 +96,7 @@ impl ApiError {
 /// Module zips each agent holds, for this run: a module's zip (the large,
 /// per-run constant part of an AnsiballZ script) crosses to an agent once;
 /// later calls send the rest of the script and the zip's key.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ZipCache(
     Arc<Mutex<HashMap<NodeId, HashSet<String>>>>,
     /// Per relay: held while a request that fills and injects from its
@@ -105,6 +105,9 @@ pub struct ZipCache(
     /// Per relay: a mirror of its content cache, fed the same puts in the
     /// same order, so it tells exactly which keys the relay holds.
     Arc<Mutex<HashMap<NodeId, Fifo<()>>>>,
+    /// The nodes in the tree: what is kept for a node that left (a hop
+    /// reconnected comes back as a new node) goes when a new one comes.
+    Hellos,
 );
 
 /// Keys remembered per agent before the set starts afresh.
@@ -113,6 +116,17 @@ const ZIP_KEYS_PER_AGENT_MAX: usize = 4096;
 pub const RELAY_CACHE_BYTES_DEFAULT: u64 = 64 << 20;
 
 impl ZipCache {
+    pub fn new(nodes: Hellos) -> Self {
+        ZipCache(Arc::default(), Arc::default(), Arc::default(), nodes)
+    }
+
+    /// Drops from `m` the nodes no longer in the tree.
+    fn forget_gone<V>(&self, m: &mut HashMap<NodeId, V>) {
+        if let Ok(up) = self.3.lock() {
+            m.retain(|n, _| up.contains_key(n));
+        }
+    }
+
     fn has(&self, node: NodeId, key: &str) -> bool {
         self.0
             .lock()
@@ -147,10 +161,16 @@ impl ZipCache {
     /// Records a put into `relay`'s cache, as the relay will do it.
     fn relay_put(&self, relay: NodeId, key: &str, weight: usize, max: u64) -> bool {
         let max = usize::try_from(max).unwrap_or(usize::MAX);
-        self.2
-            .lock()
-            .map(|mut m| m.entry(relay).or_default().put(key, (), weight, max))
-            .unwrap_or(false)
+        let Ok(mut m) = self.2.lock() else {
+            return false;
+        };
+        if !m.contains_key(&relay) {
+            self.forget_gone(&mut m);
+            if let Ok(mut locks) = self.1.lock() {
+                self.forget_gone(&mut locks);
+            }
+        }
+        m.entry(relay).or_default().put(key, (), weight, max)
     }
 
     /// Starts the mirrors of `relays` afresh (a relay missed an entry the
@@ -165,6 +185,9 @@ impl ZipCache {
 
     fn set(&self, node: NodeId, key: &str) {
         if let Ok(mut m) = self.0.lock() {
+            if !m.contains_key(&node) {
+                self.forget_gone(&mut m);
+            }
             let keys = m.entry(node).or_default();
             if keys.len() >= ZIP_KEYS_PER_AGENT_MAX {
                 keys.clear();

@@ -323,7 +323,7 @@ async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
         connecting_max: connecting_max(),
     });
     let tree_task = tokio::spawn(tree.run());
-    let zips = api::ZipCache::default();
+    let zips = api::ZipCache::new(handle.hellos());
     tracing::info!(socket = %sock.display(), ?parent, relay_bytes = RELAY.len(), "arbor daemon serving");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

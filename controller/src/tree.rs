@@ -313,6 +313,11 @@ impl TreeHandle {
         let _ = self.tx.send(Cmd::BecomeDone { node, outcome }).await;
     }
 
+    /// Every node up, with its hello.
+    pub fn hellos(&self) -> Hellos {
+        self.hellos.clone()
+    }
+
     /// The hello `node` sent when it joined, if it is up.
     pub fn hello(&self, node: NodeId) -> Option<serde_json::Value> {
         self.hellos.lock().ok()?.get(&node).cloned()
