@@ -97,3 +97,25 @@ def state_is_zombie(pid):
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_a_killed_runs_dir_is_swept_and_live_runs_are_kept(tmp_path):
+    """A run killed outright (SIGKILL, a reboot) cannot remove its run dir;
+    the next run does, and leaves alone the dirs of runs still going."""
+    base = Path(f"/tmp/arbor-{os.getuid()}")
+    base.mkdir(mode=0o700, exist_ok=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "120"])
+    stale, running = base / str(dead.pid), base / str(live.pid)
+    try:
+        for d in (stale, running):
+            d.mkdir(mode=0o700)
+            (d / "daemon.log").write_text("x\n")
+        run("arbor", tmp_path)
+        assert not stale.exists()
+        assert (running / "daemon.log").read_text() == "x\n"
+    finally:
+        live.kill()
+        live.wait()
+        subprocess.run(["rm", "-rf", str(stale), str(running)])

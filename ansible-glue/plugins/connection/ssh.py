@@ -210,6 +210,36 @@ def _run_dir():
     return os.path.join(os.environ.get("TMPDIR", "/tmp"), "arbor-%d" % os.getuid(), str(_run_pid()))
 
 
+def _sweep_stale_runs(base, mine):
+    """Removes the run dirs of runs that were killed outright (SIGKILL, a
+    reboot): no process of that PID and nothing listening on its socket.
+    A live run's dir is never touched; a reused PID keeps its dir."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        if not name.isdigit() or name == mine:
+            continue
+        try:
+            os.kill(int(name), 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        path = os.path.join(base, name)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(os.path.join(path, "sock"))
+            continue
+        except OSError:
+            pass
+        finally:
+            probe.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _connect_daemon():
     """Connects to this run's daemon, starting it if it is not up yet."""
     base = os.path.dirname(_run_dir())
@@ -220,6 +250,7 @@ def _connect_daemon():
         return _Client(sock)
     except OSError:
         pass
+    _sweep_stale_runs(base, os.path.basename(run_dir))
     _private_dir(run_dir)
     with open(os.path.join(run_dir, "lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
