@@ -149,6 +149,11 @@ STDLIB_NEVER_WARM = frozenset((
 # The command Ansible sends for a pipelined module: the interpreter reads the
 # AnsiballZ script from stdin.
 PIPELINED = re.compile(r"^/bin/sh -c '(?P<python>/[^' ]+|python3?) && sleep 0'$")
+# How Ansible runs a module it has put in the task's temp dir.
+MODULE_FILE = re.compile(r"^/bin/sh -c '(?P<python>/[^' ]+|python3?) "
+                         r"(?P<path>/[^' ]+/AnsiballZ_[\w.]+\.py) && sleep 0'$")
+# Largest module script run from a file in this interpreter.
+MODULE_FILE_BYTES_MAX = 64 * 1024 * 1024
 
 
 class WireError(Exception):
@@ -988,10 +993,11 @@ class InProcess(object):
         self.out = io.BytesIO()
         self.err = io.BytesIO()
 
-    def start(self, codes, source, env, finder, warm, done, executable=None):
+    def start(self, codes, source, env, finder, warm, done, executable=None, path=None):
         """Runs `codes` in a thread, which writes a byte to `done` (a pipe
         the agent's loop owns and closes) when the module has ended;
-        `sys.executable` is `executable` meanwhile."""
+        `sys.executable` is `executable` meanwhile, and `sys.argv` the
+        script's path if it ran from a file."""
         self.done = done
         if executable:
             sys.executable = executable
@@ -1006,13 +1012,13 @@ class InProcess(object):
         sys.stdin = open(os.devnull, "r")
         sys.stdout = text(self.out, real, getattr(sys.__stdout__, "errors", None) or "strict")
         sys.stderr = text(self.err, real, "backslashreplace")
-        sys.argv = [""]
+        sys.argv = [path or ""]
         atexit.register = self.on_exit
         atexit.unregister = self.no_exit
 
         def body():
             try:
-                self.rc = run_module_code(codes, source, env)
+                self.rc = run_module_code(codes, source, env, path)
                 for func, args, kwargs in reversed(self.exits):
                     try:
                         func(*args, **kwargs)
@@ -1082,11 +1088,11 @@ class InProcess(object):
         return self.rc, out, err, names
 
 
-def run_module_code(codes, source, env):
+def run_module_code(codes, source, env, path=None):
     """Runs a module's compiled script as python3 would; its exit status."""
     try:
         for code in codes:
-            exec(code if code is not None else compile(source, "<stdin>", "exec", dont_inherit=True), env)
+            exec(code if code is not None else compile(source, path or "<stdin>", "exec", dont_inherit=True), env)
         return 0
     except SystemExit as e:
         if e.code is None:
@@ -1746,6 +1752,24 @@ class Agent(object):
 
     # ------------------------------------------------------------ exec
 
+    def module_file(self, path):
+        """(script, ModuleZip, offset of its literal) of an AnsiballZ script
+        on disk, its zip kept as a pipelined module's is; None if the file
+        cannot be read or is not one."""
+        try:
+            with open(path, "rb") as f:
+                script = f.read(MODULE_FILE_BYTES_MAX + 1)
+        except OSError:
+            return None
+        if len(script) > MODULE_FILE_BYTES_MAX or b"_ansiballz_main(" not in script:
+            return None
+        m = ZIP_DATA.search(script)
+        if m is None:
+            return script, None, None
+        a, b = m.span(1)
+        key = "file:" + hashlib.sha1(script[a:b]).hexdigest()
+        return self.with_zip({"zip_key": key, "zip_span": [a, b]}, script)
+
     def with_zip(self, req, stdin):
         """(script, ModuleZip or None, offset of its literal in script): the
         module's zip is cut out of its script and kept for later calls, or
@@ -1822,6 +1846,15 @@ class Agent(object):
             # run under it (a symlink's name, not the agent's).
             req = dict(req, executable=self.which_python(m.group("python")))
             return self.start_module(src, stream, req, script, mz, at, extra)
+        m = MODULE_FILE.match(cmd)
+        if m and not script and self.same_python(m.group("python")):
+            # Pipelining off: Ansible put the module's script in the task's
+            # temp dir and runs `python3 PATH`. It runs in this warm
+            # interpreter all the same, from the file, as python3 runs it.
+            found = self.module_file(m.group("path"))
+            if found is not None:
+                req = dict(req, executable=self.which_python(m.group("python")), script_path=m.group("path"))
+                return self.start_module(src, stream, req, *found, extra=extra)
         stdin = script if mz is None else script[:at] + mz.literal + script[at:]
         # Its own process group, so the whole command can be stopped.
         proc = self.popen([self.shell, "-c", cmd], stdin=subprocess.PIPE,
@@ -1881,9 +1914,8 @@ class Agent(object):
         fqn = MODULE_FQN.search(script, max(0, script.rfind(WRAPPER_CALL)))
         if (req.get("isolation") != "fork" and fqn is not None
                 and fqn.group(1).decode() in INPROCESS_MODULES):
-            return self.run_inprocess(src, stream, script, mz, at, extra, req.get("cwd"),
-                                      req.get("executable"))
-        return self.run_forked(src, stream, script, mz, at, extra, req.get("cwd"), req.get("executable"))
+            return self.run_inprocess(src, stream, script, mz, at, extra, req)
+        return self.run_forked(src, stream, script, mz, at, extra, req)
 
     def start_waiting(self):
         """Starts the modules that waited, in order, until one runs
@@ -1911,11 +1943,14 @@ class Agent(object):
                 kw["umask"] = ip.umask
         return subprocess.Popen(argv, **kw)
 
-    def module_parts(self, script, mz, at):
+    def module_parts(self, script, mz, at, path=None):
         """(globals, source, the zip's files, compiled code) of a module's
-        script. With its zip kept here, the zip literal is not compiled
-        again and the zip's modules come from memory (ZipModules)."""
+        script (run from the file `path`, or from stdin). With its zip kept
+        here, the zip literal is not compiled again and the zip's modules
+        come from memory (ZipModules)."""
         env = {"__name__": "__main__", "__builtins__": __builtins__}
+        if path:
+            env["__file__"] = path
         if mz is None:
             m = ZIP_DATA.search(script)
             mz = ModuleZip(m.group(1)) if m else None
@@ -1925,20 +1960,25 @@ class Agent(object):
             source = script[:at] + ZIP_NAME + script[at:]
         files = mz.files() if mz is not None else {}
         self.warm.add_files(files)
-        return env, source, files, self.script_code(source)
+        # A script run from a file is compiled under its name, as python3
+        # names it; only stdin's wrapper is the same for every module.
+        return env, source, files, [None] if path else self.script_code(source)
 
-    def run_inprocess(self, src, stream, script, mz=None, at=None, extra=None, cwd=None, executable=None):
-        """Runs a pipelined module in a thread of this interpreter (see
-        InProcess), in `cwd` if given (the local connection runs modules in
-        the playbook's directory); answered as `python3 < script` would be."""
-        env, source, files, codes = self.module_parts(script, mz, at)
+    def run_inprocess(self, src, stream, script, mz=None, at=None, extra=None, req=None):
+        """Runs a module in a thread of this interpreter (see InProcess), in
+        the request's `cwd` if given (the local connection runs modules in
+        the playbook's directory); answered as `python3 < script` (or
+        `python3 SCRIPT_PATH`) would be."""
+        req = req or {}
+        cwd, executable, path = req.get("cwd"), req.get("executable"), req.get("script_path")
+        env, source, files, codes = self.module_parts(script, mz, at, path)
         zipmods = ZipModules(files, self.codes)
         r_done, w_done = os.pipe()
         ip = self.inproc = InProcess(self)
         try:
             if cwd:
                 os.chdir(cwd)
-            ip.start(codes, source, env, zipmods, self.warm, w_done, executable)
+            ip.start(codes, source, env, zipmods, self.warm, w_done, executable, path)
         except BaseException:
             self.inproc = None
             ip.end()
@@ -1955,10 +1995,13 @@ class Agent(object):
             self.start_waiting()
         self.jobs.append(ThreadJob(None, [os.fdopen(r_done, "rb", 0)], None, b"", finish))
 
-    def run_forked(self, src, stream, script, mz=None, at=None, extra=None, cwd=None, executable=None):
-        """Runs a pipelined module in a fork of this warm interpreter, as
-        `python3 < script` would: same stdout, stderr and exit status."""
-        env, source, files, codes = self.module_parts(script, mz, at)
+    def run_forked(self, src, stream, script, mz=None, at=None, extra=None, req=None):
+        """Runs a module in a fork of this warm interpreter, as
+        `python3 < script` (or `python3 SCRIPT_PATH`) would: same stdout,
+        stderr and exit status."""
+        req = req or {}
+        cwd, executable, path = req.get("cwd"), req.get("executable"), req.get("script_path")
+        env, source, files, codes = self.module_parts(script, mz, at, path)
         zipmods = ZipModules(files, self.codes)
         assert self.inproc is None, "no fork while a module runs in-process"
         r_out, w_out = os.pipe()
@@ -2014,8 +2057,8 @@ class Agent(object):
                 sys.stdin = open(0, "r", closefd=False)
                 sys.stdout = open(1, "w", closefd=False)
                 sys.stderr = open(2, "w", closefd=False)
-                sys.argv = [""]
-                rc = run_module_code(codes, source, env)
+                sys.argv = [path or ""]
+                rc = run_module_code(codes, source, env, path)
             except BaseException:
                 traceback.print_exc()
                 rc = 1

@@ -137,6 +137,35 @@ def test_pipelined_module_runs_in_a_fork_of_the_warm_interpreter(link):
     assert res["rc"] == 1 and b"ValueError: boom" in blob
 
 
+def test_a_module_put_then_run_from_its_file_runs_in_the_warm_interpreter(link, tmp_path):
+    """Pipelining off: Ansible puts the module's script in the task's temp
+    dir and runs `python3 PATH`. The agent runs it in a fork of itself, as
+    python3 would run the file: the same output, exit status, argv and
+    __file__ as a fresh interpreter gives."""
+    path = tmp_path / "AnsiballZ_probe.py"
+    path.write_bytes(b"import json, os, sys\n"
+                     b"def _ansiballz_main(): pass\n"
+                     b"print(json.dumps({'ppid': os.getppid(), 'argv': sys.argv, 'file': __file__,"
+                     b" 'exe': sys.executable}))\n"
+                     b"sys.stderr.write('warn\\n')\n"
+                     b"sys.exit(3)\n")
+    python = os.path.realpath(sys.executable)
+    cmd = "/bin/sh -c '%s %s && sleep 0'" % (python, path)
+    res, blob = link.call({"op": "exec", "cmd": cmd})
+    out = json.loads(blob[:res["stdout_len"]])
+    assert res["rc"] == 3 and blob[res["stdout_len"]:] == b"warn\n"
+    assert out["ppid"] == link.proc.pid, "forked from the agent, not a new interpreter"
+    fresh = subprocess.run(["/bin/sh", "-c", "%s %s && sleep 0" % (python, path)], capture_output=True)
+    want = json.loads(fresh.stdout)
+    assert fresh.returncode == 3 and fresh.stderr == b"warn\n"
+    assert (out["argv"], out["file"], out["exe"]) == (want["argv"], want["file"], want["exe"])
+    # Not a module: run by the shell as any command.
+    other = tmp_path / "AnsiballZ_plain.py"
+    other.write_bytes(b"import os; print(os.getppid())\n")
+    res, blob = link.call({"op": "exec", "cmd": "/bin/sh -c '%s %s && sleep 0'" % (python, other)})
+    assert res["rc"] == 0 and int(blob[:res["stdout_len"]]) != link.proc.pid
+
+
 def test_put_is_atomic_keeps_mode_and_streams(link, tmp_path):
     dest = tmp_path / "conf"
     dest.write_text("old")
