@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import sys
 
-import yaml
-
 from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.loader import connection_loader
 
@@ -22,12 +20,12 @@ _builtin_local = sys.modules[_ArborSsh.__module__].load_builtin("local")
 
 
 def _documentation():
-    doc = yaml.safe_load(_builtin_local.DOCUMENTATION)
+    glue = sys.modules[_ArborSsh.__module__]
+    doc = glue.yaml_load(_builtin_local.DOCUMENTATION)
     doc["short_description"] = "run on the controller in a persistent arbor agent"
-    ours = yaml.safe_load(_ArborSsh._arbor_documentation)["options"]
     for name in ("arbor_inventory_hostname", "arbor_python", "arbor_task_isolation"):
-        doc["options"][name] = ours[name]
-    return yaml.safe_dump(doc)
+        doc["options"][name] = glue.ARBOR_OPTIONS[name]
+    return glue.yaml_dump(doc)
 
 
 DOCUMENTATION = _documentation()

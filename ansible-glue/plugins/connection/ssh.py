@@ -64,43 +64,61 @@ def load_builtin(name):
 _vanilla = load_builtin("ssh")
 
 
+# libyaml's loader and dumper where PyYAML has them: Ansible loads every
+# plugin in this directory, and each builds its documentation at import.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def yaml_load(text):
+    return yaml.load(text, Loader=_YAML_LOADER)
+
+
+def yaml_dump(doc):
+    return yaml.dump(doc, Dumper=_YAML_DUMPER, sort_keys=False)
+
+
 def _documentation():
     """The builtin ssh plugin's options, plus arbor's."""
-    doc = yaml.safe_load(_vanilla.DOCUMENTATION)
+    doc = yaml_load(_vanilla.DOCUMENTATION)
     doc["short_description"] = "connect via ssh through arbor's relay tree"
-    doc["options"].update({
-        "arbor_via": {
-            "description": "The host to reach this one through (Mitogen's spelling is honoured).",
-            "type": "str",
-            "vars": [{"name": "arbor_via"}, {"name": "mitogen_via"}],
-        },
-        "arbor_inventory_hostname": {
-            "description": "The host's inventory name, for messages and via cycles.",
-            "type": "str",
-            "vars": [{"name": "inventory_hostname"}],
-        },
-        "arbor_python": {
-            "description": "The interpreter that runs arbor's agent on the target.",
-            "type": "str",
-            "vars": [{"name": "ansible_python_interpreter"}],
-        },
-        "arbor_task_isolation": {
-            "description": "C(fork) runs every module of the task in a fork of the target's"
-                           " interpreter; by default the builtin modules known to keep to"
-                           " themselves run in the persistent interpreter and the rest fork."
-                           " (Mitogen's spelling is honoured.)",
-            "type": "str",
-            "vars": [{"name": "arbor_task_isolation"}, {"name": "mitogen_task_isolation"}],
-        },
-        "arbor_disable": {
-            "description": "Use Ansible's own ssh for this host.",
-            "type": "bool",
-            "default": False,
-            "vars": [{"name": "arbor_disable"}],
-            "env": [{"name": "ARBOR_DISABLE"}],
-        },
-    })
-    return yaml.safe_dump(doc, sort_keys=False)
+    doc["options"].update(ARBOR_OPTIONS)
+    return yaml_dump(doc)
+
+
+# arbor's own options, beside the builtin ssh plugin's.
+ARBOR_OPTIONS = {
+    "arbor_via": {
+        "description": "The host to reach this one through (Mitogen's spelling is honoured).",
+        "type": "str",
+        "vars": [{"name": "arbor_via"}, {"name": "mitogen_via"}],
+    },
+    "arbor_inventory_hostname": {
+        "description": "The host's inventory name, for messages and via cycles.",
+        "type": "str",
+        "vars": [{"name": "inventory_hostname"}],
+    },
+    "arbor_python": {
+        "description": "The interpreter that runs arbor's agent on the target.",
+        "type": "str",
+        "vars": [{"name": "ansible_python_interpreter"}],
+    },
+    "arbor_task_isolation": {
+        "description": "C(fork) runs every module of the task in a fork of the target's"
+                       " interpreter; by default the builtin modules known to keep to"
+                       " themselves run in the persistent interpreter and the rest fork."
+                       " (Mitogen's spelling is honoured.)",
+        "type": "str",
+        "vars": [{"name": "arbor_task_isolation"}, {"name": "mitogen_task_isolation"}],
+    },
+    "arbor_disable": {
+        "description": "Use Ansible's own ssh for this host.",
+        "type": "bool",
+        "default": False,
+        "vars": [{"name": "arbor_disable"}],
+        "env": [{"name": "ARBOR_DISABLE"}],
+    },
+}
 
 
 DOCUMENTATION = _documentation()
@@ -116,7 +134,7 @@ _DAEMON_START_S = 15.0
 def container_documentation(method):
     """Options of arbor's plugin for a container method: the host and user,
     and arbor's own options."""
-    ours = yaml.safe_load(DOCUMENTATION)["options"]
+    ours = ARBOR_OPTIONS
     doc = {
         "name": method,
         "short_description": "run in a %s container, through arbor's relay on its host" % method,
@@ -136,7 +154,7 @@ def container_documentation(method):
         doc["options"][name] = ours[name]
     doc["options"]["timeout"] = {"description": "Seconds a become prompt may take.", "type": "int",
                                  "default": 10, "vars": [{"name": "ansible_timeout"}]}
-    return yaml.safe_dump(doc, sort_keys=False)
+    return yaml_dump(doc)
 
 
 def _arbor_bin():
@@ -332,8 +350,6 @@ class Connection(_vanilla.Connection):
     """Ansible's ssh plugin, carried by arbor's tree unless disabled."""
 
     has_pipelining = True
-    # For arbor's local plugin, which takes its arbor options from here.
-    _arbor_documentation = DOCUMENTATION
 
     def __init__(self, *args, **kwargs):
         super(Connection, self).__init__(*args, **kwargs)
