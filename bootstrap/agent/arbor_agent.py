@@ -132,7 +132,11 @@ ZIP_CACHE_BYTES_MAX = 64 * 1024 * 1024
 MEMBER_BYTES_MAX = 64 * 1024 * 1024
 # Most bytes of module source whose compiled code is kept.
 CODE_CACHE_BYTES_MAX = 64 * 1024 * 1024
-ZIP_DATA = re.compile(rb"^zip_data=(.*),$", re.M)
+# An AnsiballZ script's zip literal: ansible-core 2.19 and later pass it to
+# their wrapper's call (`zip_data='…',`); 2.17 and 2.18 assign it in the
+# wrapper (`    ZIPDATA = '…'`). A script with neither is a format arbor does
+# not know: it runs as Ansible would run it, by a new interpreter.
+ZIP_DATA = re.compile(rb"^(?:zip_data=|    ZIPDATA = )('[A-Za-z0-9+/=]*'),?$", re.M)
 # What stands for the zip literal in a module's script while it runs here.
 ZIP_NAME = b"__arbor_zip_data__"
 # Where an AnsiballZ script's constant wrapper ends and its call begins.
@@ -147,11 +151,12 @@ STDLIB_NEVER_WARM = frozenset((
     "sitecustomize", "usercustomize", "getpass", "tty", "pty", "webbrowser"))
 
 # The command Ansible sends for a pipelined module: the interpreter reads the
-# AnsiballZ script from stdin.
-PIPELINED = re.compile(r"^/bin/sh -c '(?P<python>/[^' ]+|python3?) && sleep 0'$")
+# AnsiballZ script from stdin (ansible-core up to 2.20 appends `&& sleep 0`,
+# 2.21 does not).
+PIPELINED = re.compile(r"^/bin/sh -c '(?P<python>/[^' ]+|python3?)(?: && sleep 0)?'$")
 # How Ansible runs a module it has put in the task's temp dir.
 MODULE_FILE = re.compile(r"^/bin/sh -c '(?P<python>/[^' ]+|python3?) "
-                         r"(?P<path>/[^' ]+/AnsiballZ_[\w.]+\.py) && sleep 0'$")
+                         r"(?P<path>/[^' ]+/AnsiballZ_[\w.]+\.py)(?: && sleep 0)?'$")
 # Largest module script run from a file in this interpreter.
 MODULE_FILE_BYTES_MAX = 64 * 1024 * 1024
 
@@ -463,8 +468,9 @@ INPROCESS_MODULES = frozenset("ansible.modules." + m for m in (
 # Modules waiting for the in-process one to end (the agent never forks while
 # a module's thread runs: the fork would inherit locks the thread holds).
 MODULES_WAITING_MAX = 256
-# The module an AnsiballZ script of ansible-core 2.19 runs (in its call).
-MODULE_FQN = re.compile(rb"^module_fqn='([\w.]+)',$", re.M)
+# The module an AnsiballZ script runs: in the call of 2.19 and later, in the
+# wrapper's runpy call in 2.17 and 2.18.
+MODULE_FQN = re.compile(rb"^(?:module_fqn=|        runpy\.run_module\(mod_name=)'([\w.]+)'", re.M)
 
 
 def warmable_stdlib(name):
@@ -1841,7 +1847,8 @@ class Agent(object):
                 self.log("%s changed: %s" % (f.path, " ".join(changed)))
         cmd = req["cmd"]
         m = PIPELINED.match(cmd)
-        if m and b"_ansiballz_main(" in script and self.same_python(m.group("python")):
+        if (m and b"_ansiballz_main(" in script and self.same_python(m.group("python"))
+                and self.known_format(script, mz)):
             # The module sees the interpreter its command names, as it would
             # run under it (a symlink's name, not the agent's).
             req = dict(req, executable=self.which_python(m.group("python")))
@@ -1852,7 +1859,7 @@ class Agent(object):
             # temp dir and runs `python3 PATH`. It runs in this warm
             # interpreter all the same, from the file, as python3 runs it.
             found = self.module_file(m.group("path"))
-            if found is not None:
+            if found is not None and self.known_format(found[0], found[1]):
                 req = dict(req, executable=self.which_python(m.group("python")), script_path=m.group("path"))
                 return self.start_module(src, stream, req, *found, extra=extra)
         stdin = script if mz is None else script[:at] + mz.literal + script[at:]
@@ -1866,6 +1873,17 @@ class Agent(object):
             rc = proc.wait()
             self.reply(src, stream, dict(extra or {}, rc=rc, stdout_len=len(out)), out + err)
         self.jobs.append(Job(proc.pid, [proc.stdout, proc.stderr], proc.stdin, stdin, finish))
+
+    def known_format(self, script, mz):
+        """Whether a module script is an AnsiballZ this agent can run warm
+        (its zip literal found); if not, says so at -vvv: it then runs as
+        Ansible runs it, by a new interpreter."""
+        if mz is not None or ZIP_DATA.search(script) is not None:
+            return True
+        self.log("warning: a module script in an AnsiballZ format arbor does not know "
+                 "(no zip_data= or ZIPDATA = literal): it runs in a new interpreter, "
+                 "without arbor's module cache")
+        return False
 
     def script_code(self, source):
         """Compiled parts of a module script: its AnsiballZ wrapper, the same

@@ -7,13 +7,18 @@ use sha2::{Digest, Sha256};
 /// Literals shorter than this are sent inline.
 pub const ZIP_LITERAL_BYTES_MIN: usize = 4096;
 
-/// Where an AnsiballZ script's zip literal (`zip_data='…'`) is, if it has one.
+/// Where an AnsiballZ script's zip literal is, if it has one: an argument
+/// of its wrapper's call (`zip_data='…',`, ansible-core 2.19 and later) or
+/// assigned in its wrapper (`    ZIPDATA = '…'`, 2.17 and 2.18).
 pub fn zip_span(script: &[u8]) -> Option<(usize, usize)> {
-    const MARK: &[u8] = b"\nzip_data=";
+    const FORMS: [(&[u8], &[u8]); 2] = [(b"\nzip_data='", b"',\n"), (b"\n    ZIPDATA = '", b"'\n")];
     find(script, b"_ansiballz_main(")?;
-    let start = find(script, MARK)? + MARK.len();
-    let end = start + find(&script[start..], b",\n")?;
-    (end - start >= ZIP_LITERAL_BYTES_MIN).then_some((start, end))
+    FORMS.iter().find_map(|(mark, end)| {
+        // The span keeps the quotes, as the literal is written.
+        let start = find(script, mark)? + mark.len() - 1;
+        let stop = start + 1 + find(&script[start + 1..], end)? + 1;
+        (stop - start >= ZIP_LITERAL_BYTES_MIN).then_some((start, stop))
+    })
 }
 
 /// The key a module's zip is cached under: a hash of its members' names,
@@ -293,5 +298,11 @@ mod tests {
         assert_eq!(zip_span(b"echo zip_data='x',\n"), None);
         let small = "def _ansiballz_main(): pass\nzip_data='AAAA',\n";
         assert_eq!(zip_span(small.as_bytes()), None);
+        // ansible-core 2.17 and 2.18: assigned in the wrapper.
+        let old = format!(
+            "def _ansiballz_main():\n    import os\n    ZIPDATA = '{zip}'\n\n    def x(): pass\n"
+        );
+        let (a, b) = zip_span(old.as_bytes()).expect("found");
+        assert_eq!(&old[a..b], format!("'{zip}'"));
     }
 }

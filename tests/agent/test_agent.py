@@ -116,7 +116,7 @@ def test_exec_returns_rc_stdout_stderr(link):
 
 def test_pipelined_module_runs_in_a_fork_of_the_warm_interpreter(link):
     script = (b"import json, os, sys\n"
-              b"def _ansiballz_main(): pass\n"
+              b"def _ansiballz_main(): pass\nzip_data='UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA=='\n"
               b"print(json.dumps({'ppid': os.getppid(), 'argv': sys.argv, 'name': __name__}))\n"
               b"sys.stderr.write('warn\\n')\n"
               b"sys.exit(2)\n")
@@ -133,7 +133,7 @@ def test_pipelined_module_runs_in_a_fork_of_the_warm_interpreter(link):
     assert json.loads(fresh.stdout)["argv"] == [""]
     # An exception gives a traceback and rc 1, as python3 does.
     res, blob = link.call({"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python},
-                          b"def _ansiballz_main(): pass\nraise ValueError('boom')\n")
+                          b"def _ansiballz_main(): pass\nzip_data='UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA=='\nraise ValueError('boom')\n")
     assert res["rc"] == 1 and b"ValueError: boom" in blob
 
 
@@ -144,7 +144,7 @@ def test_a_module_put_then_run_from_its_file_runs_in_the_warm_interpreter(link, 
     __file__ as a fresh interpreter gives."""
     path = tmp_path / "AnsiballZ_probe.py"
     path.write_bytes(b"import json, os, sys\n"
-                     b"def _ansiballz_main(): pass\n"
+                     b"def _ansiballz_main(): pass\nzip_data='UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA=='\n"
                      b"print(json.dumps({'ppid': os.getppid(), 'argv': sys.argv, 'file': __file__,"
                      b" 'exe': sys.executable}))\n"
                      b"sys.stderr.write('warn\\n')\n"
@@ -164,6 +164,37 @@ def test_a_module_put_then_run_from_its_file_runs_in_the_warm_interpreter(link, 
     other.write_bytes(b"import os; print(os.getppid())\n")
     res, blob = link.call({"op": "exec", "cmd": "/bin/sh -c '%s %s && sleep 0'" % (python, other)})
     assert res["rc"] == 0 and int(blob[:res["stdout_len"]]) != link.proc.pid
+
+
+def test_ansible_2_17_scripts_run_warm_and_unknown_formats_run_as_ansible_runs_them(link, tmp_path):
+    """ansible-core 2.17 and 2.18 assign their zip in the wrapper
+    (`    ZIPDATA = '…'`), and name the module in a runpy call: such a script
+    runs in the warm interpreter. A script with no zip literal is an
+    AnsiballZ format the agent does not know: it runs in a new interpreter,
+    with a warning at -vvv, and answers as python3 does."""
+    python = os.path.realpath(sys.executable)
+    cmd = {"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python}
+    old = (b"import json, os, sys\n"
+           b"def _ansiballz_main():\n"
+           b"    ZIPDATA = " + EMPTY_ZIP + b"\n"
+           b"    print(json.dumps({'ppid': os.getppid(), 'zip': len(ZIPDATA)}))\n"
+           b"    if False:\n"
+           b"        runpy.run_module(mod_name='ansible.modules.command', init_globals=None)\n"
+           b"    sys.exit(5)\n"
+           b"\nif __name__ == '__main__':\n    _ansiballz_main()\n")
+    res, blob = link.call(cmd, old)
+    assert res["rc"] == 5 and not res.get("log"), (res, blob)
+    out = json.loads(blob[:res["stdout_len"]])
+    assert out == {"ppid": link.proc.pid, "zip": len(EMPTY_ZIP) - 2}
+    unknown = (b"import json, os, sys\n"
+               b"def _ansiballz_main(payload): print(json.dumps({'ppid': os.getppid(), 'p': payload}))\n"
+               b"_ansiballz_main(payload='UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA==')\n")
+    res, blob = link.call(cmd, unknown)
+    out = json.loads(blob[:res["stdout_len"]])
+    assert res["rc"] == 0 and out["ppid"] != link.proc.pid, "a new interpreter"
+    fresh = subprocess.run(["/bin/sh", "-c", "%s && sleep 0" % python], input=unknown, capture_output=True)
+    assert json.loads(fresh.stdout)["p"] == out["p"]
+    assert any("AnsiballZ format arbor does not know" in line for line in res["log"]), res
 
 
 def test_put_is_atomic_keeps_mode_and_streams(link, tmp_path):
@@ -322,7 +353,7 @@ def test_module_utils_stay_warm_between_modules(link, ansiballz):
             out.pop(volatile, None)
         results.append(out)
     assert results[0] == results[1] and results[0]["stdout"] == "hi"
-    probe = (b"import sys\ndef _ansiballz_main(): pass\n"
+    probe = (b"import sys\ndef _ansiballz_main(): pass\nzip_data='UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA=='\n"
              b"print('ansible.module_utils.basic' in sys.modules)\n")
     res, blob = link.call(cmd, probe)
     assert blob[:res["stdout_len"]] == b"True\n"
@@ -414,7 +445,7 @@ def test_a_modules_payload_dir_goes_when_the_agent_is_killed_mid_module(link, tm
     and removes it when the module ends; killed with its agent (the relay
     or the session gone), it cannot: the agent's sweeper does."""
     script = (b"import json, os, sys, tempfile, time\n"
-              b"def _ansiballz_main(): pass\n"
+              b"def _ansiballz_main(): pass\nzip_data='UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA=='\n"
               b"d = tempfile.mkdtemp(prefix='ansible_ansible.legacy.command_payload_', dir='%s')\n"
               b"open(os.path.join(d, 'payload.zip'), 'wb').write(b'z' * 4096)\n"
               b"other = tempfile.mkdtemp(prefix='mine_', dir='%s')\n"
@@ -490,7 +521,7 @@ def test_a_modules_zip_is_served_from_memory_with_zip_paths(link, ansiballz):
     res, blob = link.call({"op": "exec", "cmd": cmd, "zip_key": "kz", "zip_at": start}, short)
     out = json.loads(blob[:res["stdout_len"]])
     assert res["rc"] == 0 and out["stdout"] == "hi"
-    probe = (b"import sys\ndef _ansiballz_main(): pass\n"
+    probe = (b"import sys\ndef _ansiballz_main(): pass\nzip_data='UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA=='\n"
              b"print(sys.meta_path[0].__class__.__name__)\n")
     res, blob = link.call({"op": "exec", "cmd": cmd}, probe)
     assert blob[:res["stdout_len"]] == b"ZipModules\n"
@@ -523,7 +554,7 @@ def test_a_forked_modules_exit_handlers_run(link, tmp_path):
     module runs its handlers as python3 would, and not the agent's."""
     mark = tmp_path / "atexit-ran"
     python = os.path.realpath(sys.executable)
-    script = (b"import atexit, sys\ndef _ansiballz_main(): pass\n"
+    script = (b"import atexit, sys\ndef _ansiballz_main(): pass\nzip_data='UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA=='\n"
               b"atexit.register(lambda: open(%r, 'w').write('yes'))\n"
               b"sys.exit(3)\n" % str(mark).encode())
     res, _ = link.call({"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python}, script)
@@ -700,6 +731,11 @@ def test_pipe_streams_stdin_and_output_both_ways(link):
     assert got == [({"fd": 2}, b"got two\n"), ({"rc": 4}, b"")], got
 
 
+# The literal of an empty zip: fake AnsiballZ scripts carry one, as real
+# ones carry their zip (a script without is a format the agent does not know).
+EMPTY_ZIP = b"'UEsFBgAAAAAAAAAAAAAAAAAAAAAAAA=='"
+
+
 def fake_ansiballz(body, fqn="ansible.modules.ping"):
     """A script shaped as ansible-core 2.19's AnsiballZ (its call names the
     module), whose `_ansiballz_main` runs `body`."""
@@ -707,7 +743,7 @@ def fake_ansiballz(body, fqn="ansible.modules.ping"):
             b"def _ansiballz_main(**kw):\n"
             + b"".join(b"    " + line + b"\n" for line in body.splitlines())
             + b'\nif __name__ == "__main__":\n    _ansiballz_main(\n'
-            + b"module_fqn='" + fqn.encode() + b"',\n)\n")
+            + b"module_fqn='" + fqn.encode() + b"',\n" + b"zip_data=" + EMPTY_ZIP + b",\n)\n")
 
 
 PROBE = (b"print(json.dumps({'pid': os.getpid(), 'cwd': os.getcwd(), 'umask': os.umask(0),\n"
