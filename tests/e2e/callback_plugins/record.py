@@ -19,7 +19,8 @@ description: [Task results as JSON lines in $ARBOR_RECORD.]
 KEPT = ("changed", "failed", "skipped", "rc", "stdout", "stderr", "msg", "content", "checksum",
         "md5sum", "dest", "mode", "size", "state", "greeting", "style", "said", "echo", "args_bytes",
         "finished", "diff", "censored", "ping", "path", "uid", "gid", "owner",
-        "group", "results", "environment_seen", "exists", "executable", "version", "real")
+        "group", "results", "environment_seen", "exists", "executable", "version", "real",
+        "probe")
 
 
 class CallbackModule(CallbackBase):
