@@ -24,6 +24,12 @@ Modes:
   arbor    arbor, switched on by one variable (ANSIBLE_CONNECTION_PLUGINS),
            targets via mitogen_via in the same inventory as mitogen; the
            controller daemon and its ssh processes count as controller CPU
+
+Every mode runs with a tuned ansible.cfg (pipelining, ControlPersist) unless
+--ansible-defaults is given, which leaves both at Ansible's defaults (the
+ansible.cfg sets only forks, and the strategy for Mitogen). A mode written
+MODE:defaults or MODE:tuned picks its own, so one run can hold both.
+--venv names another virtualenv's ansible-core (and Mitogen, if installed).
 """
 
 import argparse
@@ -47,6 +53,7 @@ sys.path.insert(0, str(REPO / "deploy" / "lab"))
 import lab  # noqa: E402  (deploy/lab/lab.py)
 
 VENV = REPO / ".venv"
+CFG_STYLES = ("tuned", "defaults")
 RUN_TIMEOUT_S_DEFAULT = 1800
 PAYLOAD_BYTES = 3 * 1024 * 1024
 METRICS = ["wall_s", "cpu_controller_s", "cpu_bastions_s", "cpu_racks_s", "cpu_targets_s",
@@ -93,24 +100,37 @@ def make_payload(out):
 # ---------------------------------------------------------------- modes
 
 
-def site_packages():
-    return next((VENV / "lib").glob("python3*/site-packages"))
+def split_mode(mode, default_style):
+    """'arbor:defaults' -> ('arbor', 'defaults'); 'arbor' -> ('arbor', default_style)."""
+    base, _, style = mode.partition(":")
+    style = style or default_style
+    if base not in ALL_MODES:
+        raise BenchError(f"unknown mode {base!r}; known: {', '.join(ALL_MODES)}")
+    if style not in CFG_STYLES:
+        raise BenchError(f"mode {mode!r}: the style after ':' is {' or '.join(CFG_STYLES)}")
+    return base, style
 
 
-def ansible_cfg(mode, forks):
-    lines = [
-        "[defaults]",
-        f"forks = {forks}",
-        "host_key_checking = True",
-        "retry_files_enabled = False",
-        "deprecation_warnings = False",
-        "timeout = 30",
-    ]
-    if mode.startswith("mitogen"):
-        lines += [f"strategy_plugins = {site_packages() / 'ansible_mitogen/plugins/strategy'}",
+def site_packages(venv):
+    return next((venv / "lib").glob("python3*/site-packages"))
+
+
+def ansible_cfg(base, style, forks, venv):
+    lines = ["[defaults]", f"forks = {forks}"]
+    if style == "tuned":
+        lines += [
+            "host_key_checking = True",
+            "retry_files_enabled = False",
+            "deprecation_warnings = False",
+            "timeout = 30",
+        ]
+    if base.startswith("mitogen"):
+        lines += [f"strategy_plugins = {site_packages(venv) / 'ansible_mitogen/plugins/strategy'}",
                   "strategy = mitogen_linear"]
-    if mode == "floor":
+    if base == "floor":
         lines.append(f"connection_plugins = {HERE / 'plugins/connection'}")
+    if style == "defaults":
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         "[connection]",
@@ -123,11 +143,11 @@ def ansible_cfg(mode, forks):
     return "\n".join(lines) + "\n"
 
 
-def mode_setup(mode, labinfo, out, forks, agent_sock):
+def mode_setup(mode, style, labinfo, out, forks, agent_sock, venv):
     """(ansible.cfg path, inventory, extra args, extra env) for one mode."""
-    cfg = out / "cfg" / f"{mode}.cfg"
+    cfg = out / "cfg" / f"{mode}-{style}.cfg"
     cfg.parent.mkdir(exist_ok=True)
-    cfg.write_text(ansible_cfg(mode, forks))
+    cfg.write_text(ansible_cfg(mode, style, forks, venv))
     if mode == "vanilla":
         return cfg, labinfo["inventory_vanilla"], [], {}
     if mode == "floor":
@@ -211,17 +231,18 @@ def controller_cgroup():
 def run_once(mode, rep, order, ctx):
     labinfo, out = ctx["lab"], ctx["out"]
     cfg, inventory, extra, env_extra = ctx["modes"][mode]
-    run_id = f"{rep:02d}-{order}-{mode}"
+    venv = ctx["venv"]
+    run_id = f"{rep:02d}-{order}-{mode.replace(':', '-')}"
     logfile = out / "logs" / f"{run_id}.log"
     cp_dir = Path(tempfile.mkdtemp(prefix="abcp-"))
     cg = controller_cgroup()
     cg.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ANSIBLE_CONFIG=str(cfg), ANSIBLE_SSH_CONTROL_PATH_DIR=str(cp_dir),
-               ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", PATH=f"{VENV / 'bin'}:{os.environ['PATH']}",
+               ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", PATH=f"{venv / 'bin'}:{os.environ['PATH']}",
                **env_extra)
     if "SSH_AUTH_SOCK" not in env_extra:
         env.pop("SSH_AUTH_SOCK", None)  # only the modes that ask for an agent get one
-    cmd = [str(VENV / "bin" / "ansible-playbook"), "-i", inventory, str(ctx["playbook"]),
+    cmd = [str(venv / "bin" / "ansible-playbook"), "-i", inventory, str(ctx["playbook"]),
            *[a for k, v in ctx["extra_vars"].items() for a in ("-e", f"{k}={v}")], *extra]
 
     wan_ctl(labinfo, "reset")
@@ -283,8 +304,8 @@ def summarize(runs, config):
                 entry[m] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
         modes[mode] = entry
     ratios = {}
-    for base in ("vanilla", "mitogen", "mitogen-agent"):
-        if "wall_s" not in modes.get(base, {}):
+    for base in modes:
+        if "wall_s" not in modes[base]:
             continue
         for mode, entry in modes.items():
             if mode == base or "wall_s" not in entry:
@@ -302,8 +323,19 @@ def human_bytes(n):
     return f"{n:.0f} B"
 
 
+def ratio_bases(modes):
+    """The modes others are compared with: vanilla's and Mitogen's, and
+    arbor's tuned run when arbor also runs with Ansible's defaults."""
+    bases = [m for m in modes if m.partition(":")[0] in ("vanilla", "mitogen")]
+    arbors = [m for m in modes if m.partition(":")[0] == "arbor"]
+    if len(arbors) > 1:
+        bases += [m for m in arbors if m.endswith(":tuned")]
+    return bases
+
+
 def markdown(summary):
     c = summary["config"]
+    bases = ratio_bases(list(summary["modes"]))
     lines = [
         (f"### {c['workload']} — localhost (ansible_connection=local; target work counts as controller CPU)"
          if c.get("local") else
@@ -313,11 +345,15 @@ def markdown(summary):
         + f", forks={c['forks']}",
         "",
         f"{c['reps']} interleaved reps per mode; median (min–max). "
-        f"ansible-core {c['versions']['ansible_core']}, mitogen {c['versions']['mitogen']}, {c['date']}.",
+        f"ansible-core {c['versions']['ansible_core']} (Python {c['versions'].get('python', '?')}), "
+        f"mitogen {c['versions']['mitogen']}, {c['date']}. "
+        + ("ansible.cfg: Ansible's defaults (no pipelining) unless a mode says :tuned."
+           if c.get("ansible_defaults") else
+           "ansible.cfg: pipelining and ControlPersist on unless a mode says :defaults."),
         "",
         "| mode | ok runs | wall s | controller CPU s | bastion CPU s | target CPU s "
-        "| WAN up | WAN down | wall vs vanilla | wall vs mitogen |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| WAN up | WAN down |" + "".join(f" vs {b} (wall, ctl CPU) |" for b in bases),
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(bases),
     ]
     for mode, e in summary["modes"].items():
         def cell(m, fmt=lambda v: f"{v:.2f}"):
@@ -326,14 +362,19 @@ def markdown(summary):
             v = e[m]
             return f"{fmt(v['median'])} ({fmt(v['min'])}–{fmt(v['max'])})"
         def ratio(base):
-            r = summary["ratios"].get(f"{mode}/{base}", {}).get("wall_s")
-            return f"{r:.2f}×" if r is not None else ("1×" if mode == base and "wall_s" in e else "–")
+            if mode == base:
+                return "1×" if "wall_s" in e else "–"
+            r = summary["ratios"].get(f"{mode}/{base}", {})
+            if "wall_s" not in r:
+                return "–"
+            cpu = r.get("cpu_controller_s")
+            return f"{r['wall_s']:.2f}×" + (f" ({cpu:.2f}×)" if cpu is not None else "")
         lines.append(
             f"| {mode} | {e['runs_ok']}/{e['runs_ok'] + e['runs_failed']} | {cell('wall_s')} "
             f"| {cell('cpu_controller_s')} | {cell('cpu_bastions_s')} | {cell('cpu_targets_s')} "
             f"| {human_bytes(e['wan_up_bytes']['median']) if 'wan_up_bytes' in e else '–'} "
             f"| {human_bytes(e['wan_down_bytes']['median']) if 'wan_down_bytes' in e else '–'} "
-            f"| {ratio('vanilla')} | {ratio('mitogen')} |")
+            f"|" + "".join(f" {ratio(b)} |" for b in bases))
     errors = [(m, e["errors"]) for m, e in summary["modes"].items() if e["errors"]]
     for mode, errs in errors:
         lines.append(f"\nFailed {mode} runs: {'; '.join(errs)}")
@@ -381,18 +422,23 @@ def chart(summary, path):
 # ---------------------------------------------------------------- main
 
 
-def versions():
-    def pkg(name):
-        try:
-            from importlib.metadata import version
-            return version(name)
-        except Exception:
-            return None
+def versions(venv):
+    probe = ("import importlib.metadata as m, sys, json\n"
+             "def v(n):\n"
+             "    try:\n        return m.version(n)\n"
+             "    except Exception:\n        return None\n"
+             "print(json.dumps({'ansible_core': v('ansible-core'), 'mitogen': v('mitogen'),"
+             " 'python': sys.version.split()[0]}))")
+    got = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True)
+    if got.returncode != 0:
+        raise BenchError(f"{venv}: not a virtualenv with Python: {got.stderr.strip()}")
+    found = json.loads(got.stdout)
+    if not found["ansible_core"]:
+        raise BenchError(f"{venv}: ansible-core is not installed there")
     ssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
     rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True).stdout.strip()
-    return {"ansible_core": pkg("ansible-core"), "mitogen": pkg("mitogen"), "openssh": ssh,
-            "kernel": os.uname().release, "arbor_git": rev}
+    return dict(found, openssh=ssh, kernel=os.uname().release, arbor_git=rev)
 
 
 def main(argv=None):
@@ -412,15 +458,21 @@ def main(argv=None):
                    help="run against the lab that is up now, as it is (implies --keep-lab)")
     p.add_argument("--local", action="store_true",
                    help="run on localhost with ansible_connection=local (the lab is not used)")
+    p.add_argument("--ansible-defaults", action="store_true",
+                   help="ansible.cfg at Ansible's defaults (no pipelining, no ssh_args) for every "
+                        "mode not written MODE:tuned")
+    p.add_argument("--venv", type=Path, default=VENV,
+                   help="the virtualenv whose ansible-playbook runs (default: the repo's .venv)")
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
 
     try:
         name, playbook, extra_vars = parse_workload(args.workload)
+        style = "defaults" if args.ansible_defaults else "tuned"
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        for m in modes:
-            if m not in ALL_MODES:
-                raise BenchError(f"unknown mode {m!r}; known: {', '.join(ALL_MODES)}")
+        styled = {m: split_mode(m, style) for m in modes}
+        venv = args.venv.resolve()
+        found = versions(venv)
         if args.reps < 1:
             raise BenchError("--reps must be at least 1")
         targets = args.targets if args.targets is not None else (1 if name == "seed" else 10)
@@ -443,7 +495,7 @@ def main(argv=None):
                 [str(REPO / "deploy/lab/up"), "--bastions", str(args.bastions),
                  "--targets", str(targets), "--wan-delay-ms", str(args.wan_delay_ms),
                  "--wan-rate-mbit", str(args.wan_rate_mbit),
-                 *(["--key-on-bastions"] if "mitogen" in modes else [])],
+                 *(["--key-on-bastions"] if any(b == "mitogen" for b, _ in styled.values()) else [])],
                 capture_output=True, text=True)
             if up.returncode != 0:
                 raise BenchError(f"lab up failed: {up.stderr.strip()}")
@@ -465,13 +517,16 @@ def main(argv=None):
                 "workload_spec": args.workload, "run_timeout_s": args.run_timeout_s,
                 "targets": (["localhost"] if args.local else
                             [h for h, v in labinfo["hosts"].items() if v["role"] == "target"]),
-                "modes": {m: mode_setup(m, labinfo, out, forks, agent_sock) for m in modes},
+                "venv": venv,
+                "modes": {m: mode_setup(*styled[m], labinfo, out, forks, agent_sock, venv)
+                          for m in modes},
             }
             config = {
                 "workload": args.workload, "modes": modes, "reps": args.reps, "targets": targets,
                 "bastions": args.bastions, "wan_delay_ms": args.wan_delay_ms,
                 "wan_rate_mbit": args.wan_rate_mbit, "forks": forks, "local": args.local,
-                "date": datetime.date.today().isoformat(), "versions": versions(),
+                "date": datetime.date.today().isoformat(), "versions": found,
+                "ansible_defaults": args.ansible_defaults,
                 "command": "deploy/bench/run " + " ".join(argv if argv is not None else sys.argv[1:]),
             }
             runs = []
