@@ -304,6 +304,22 @@ fn connecting_max() -> u16 {
         .max(1)
 }
 
+/// Whether process `pid` is gone or a zombie (it ended; its parent has not
+/// reaped it yet, as a profiler or a stopped shell may leave it).
+fn process_ended(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
 async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
     let sock = run_dir.join("sock");
     let _ = std::fs::remove_file(&sock);
@@ -345,10 +361,7 @@ async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
             }
             _ = poll.tick() => {
                 if let Some(pid) = parent {
-                    // SAFETY: signal 0 only checks that the process exists.
-                    if unsafe { libc::kill(pid, 0) } != 0
-                        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
-                    {
+                    if process_ended(pid) {
                         tracing::info!(pid, "the Ansible run ended; tearing the tree down");
                         break;
                     }

@@ -64,6 +64,8 @@ def test_without_pipelining_modules_run_in_the_warm_interpreter_as_vanilla(lab, 
     assert rc_v == 0, out_v[-3000:]
     assert rc_a == 0, out_a[-3000:]
     assert "ARBOR HOP" in out_a and "ARBOR" not in out_v
+    # copy in one round trip, pipelining or not: 2 copy tasks on 3 targets.
+    assert out_a.count("ARBOR CHOOSE /tmp/arbor-e2e/a.conf") == 6, out_a[-3000:]
 
     # Ansible's non-pipelined path was taken in both: the script put in the
     # task's temp dir, then run from it.

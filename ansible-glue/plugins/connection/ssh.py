@@ -1084,7 +1084,7 @@ def _patch_copy(copy_action):
                 or not boolean(args.get("force", "yes"), strict=False)
                 or boolean(args.get("raw", "no"), strict=False) or follow or args.get("checksum")
                 or conn._shell.path_has_trailing_slash(dest) or not conn._shell.tmpdir
-                or not self._is_pipelining_enabled("new")):
+                or C.DEFAULT_KEEP_REMOTE_FILES):
             return vanilla()
         decrypt = boolean(args.get("decrypt", True), strict=False)
         try:
@@ -1125,6 +1125,10 @@ def _patch_copy(copy_action):
                                        task_vars=task_vars)
             return built[key]
         self._configure_module = configure_once
+        # The modules go up with the request whether pipelining is on or
+        # not (with it off, Ansible would put each in the temp dir first):
+        # arbor's agent runs them as Ansible would run either.
+        self._is_pipelining_enabled = lambda module_style, wrap_async=False: module_style == "new"
         try:
             same = _capture(conn, lambda: self._execute_module(
                 module_name="ansible.legacy.file", module_args=dict(file_args), task_vars=task_vars))
@@ -1145,6 +1149,7 @@ def _patch_copy(copy_action):
         finally:
             conn._arbor_canned = None
             self.__dict__.pop("_configure_module", None)
+            self.__dict__.pop("_is_pipelining_enabled", None)
         if branch is None:
             # A directory: Ansible's own path (it stats again).
             self._loader.cleanup_tmp_file(real)
