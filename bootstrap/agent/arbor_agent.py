@@ -157,6 +157,8 @@ PIPELINED = re.compile(r"^/bin/sh -c '(?P<python>/[^' ]+|python3?)(?: && sleep 0
 # How Ansible runs a module it has put in the task's temp dir.
 MODULE_FILE = re.compile(r"^/bin/sh -c '(?P<python>/[^' ]+|python3?) "
                          r"(?P<path>/[^' ]+/AnsiballZ_[\w.]+\.py)(?: && sleep 0)?'$")
+# Most module scripts remembered as not written (their zip was gone).
+PUT_MISSED_MAX = 256
 # Largest module script run from a file in this interpreter.
 MODULE_FILE_BYTES_MAX = 64 * 1024 * 1024
 
@@ -598,11 +600,14 @@ class EnvFile(object):
 
 
 class Put(object):
-    """A file being written atomically: temp file, fsync, chmod, rename."""
+    """A file being written atomically: temp file, fsync, chmod, rename.
+    Not `durable`: no fsync (a file in a task's temp dir, which goes with
+    the task and which nothing reads after a crash)."""
 
-    def __init__(self, path, size, mode):
+    def __init__(self, path, size, mode, durable=True):
         self.path = path
         self.size = size
+        self.durable = durable
         self.done = 0
         try:
             old = os.stat(path)
@@ -648,18 +653,20 @@ class Put(object):
         if self.done != self.size:
             raise ValueError("%s: got %d of %d bytes" % (self.path, self.done, self.size))
         try:
-            os.fsync(self.fd)
+            if self.durable:
+                os.fsync(self.fd)
             os.fchmod(self.fd, self.mode)
             if self.tmp is None:
                 self.tmp = self.link_unnamed()
             os.close(self.fd)
             self.fd = None
             os.rename(self.tmp, self.path)
-            dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            if self.durable:
+                dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
         except OSError as e:
             raise self.error(e)
 
@@ -1190,6 +1197,7 @@ class Agent(object):
         self.shell = login_shell()
         self.python = os.path.realpath(sys.executable)
         self.zips = {}  # zip_key -> ModuleZip
+        self.put_missed = set()  # module scripts not written: their zip was gone
         self.members = MemberStore()
         self.codes = CodeCache()
         self.wrappers = {}  # digest -> compiled AnsiballZ wrapper
@@ -1489,7 +1497,7 @@ class Agent(object):
             # A whole frame with a bad message: answered, the link stays.
             self.reply(src, stream, {"error": "malformed request: %s" % e})
             return
-        if req.get("streamed") and req.get("op") != "put":
+        if req.get("streamed") and (req.get("op") != "put" or "zip_key" in req):
             self.bodies[stream] = (src, req, [blob], len(blob))
             return
         self.handle(src, stream, req, blob)
@@ -1509,7 +1517,16 @@ class Agent(object):
             self.reply(src, stream, {"error": "; ".join(errors)})
             return
         try:
-            if op == "exec":
+            if op == "exec" and self.put_missed:
+                m = MODULE_FILE.match(req.get("cmd") or "")
+                if m and m.group("path") in self.put_missed:
+                    self.put_missed.discard(m.group("path"))
+                    self.reply(src, stream, {"error": "module script %s not written: its zip was not "
+                                                      "cached" % m.group("path"), "zip_miss": True})
+                    return
+            if op == "put" and "zip_key" in req:
+                self.put_module(src, stream, req, blob)
+            elif op == "exec":
                 script = self.with_zip(req, blob)
                 if script is None:
                     self.reply(src, stream, {"error": "module zip not cached", "zip_miss": True})
@@ -2113,10 +2130,34 @@ class Agent(object):
 
     # ------------------------------------------------------------ files
 
+    def put_module(self, src, stream, req, blob):
+        """A module's AnsiballZ script put in a task's temp dir, sent as a
+        pipelined module's script is (without the zip this agent holds, or
+        with the zip's members it lacks): written with its zip put back, the
+        same members (names, CRCs, bytes as stored; a zip rebuilt from
+        members is dated 1980, as in the pipelined path). If the zip is
+        gone, nothing is written, and the command that runs the file answers
+        zip_miss (the controller then puts it again whole)."""
+        path = req["path"]
+        got = self.with_zip(req, blob)
+        if got is None:
+            if len(self.put_missed) >= PUT_MISSED_MAX:
+                self.put_missed.clear()
+            self.put_missed.add(path)
+            if not req.get("noreply"):
+                self.reply(src, stream, {"error": "module zip not cached", "zip_miss": True})
+            return
+        script, mz, at = got
+        data = script if mz is None else bytes(script[:at]) + mz.literal + bytes(script[at:])
+        self.put_missed.discard(path)
+        self.put_start(src, stream, dict(req, size=len(data), streamed=False), data)
+
     def put_start(self, src, stream, req, blob):
         size = int(req["size"])
+        # A module's script or copy's source in a task's temp dir: no fsync.
+        durable = os.path.normpath(os.path.dirname(req["path"])) not in self.tmpdirs
         try:
-            p = Put(req["path"], size, req.get("mode"))
+            p = Put(req["path"], size, req.get("mode"), durable)
         except Exception:
             self.drop_stream(src, stream, req)
             raise

@@ -55,6 +55,8 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use crate::ansiballz::{hex, zip_key, zip_members, zip_span};
+
+mod modput;
 use crate::tree::{BecomeSlot, Hellos, HopRole, TreeHandle};
 
 /// Largest API message; bigger data is split into data messages.
@@ -259,6 +261,7 @@ pub async fn serve(conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
 }
 
 async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
+    let mut last_put = None;
     loop {
         let (req, blob) = match read_message(&mut conn).await {
             Ok(Some(m)) => m,
@@ -293,7 +296,23 @@ async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
             )
             .await
             .map_err(|e| ApiError::failed(e.to_string())),
-            "exec" => exec(&mut conn, &tree, &zips, &req, blob).await,
+            "exec" => match exec(&mut conn, &tree, &zips, &req, blob).await {
+                Err(e) if e.zip_miss && modput::put_again(&tree, &req, &last_put).await => {
+                    exec(&mut conn, &tree, &zips, &req, Vec::new()).await
+                }
+                other => other,
+            },
+            "put" if modput::is_module_put(&req) => {
+                let done =
+                    modput::put_module(&mut conn, &tree, &zips, &req, blob, &mut last_put).await;
+                match done {
+                    Err(e) if noreply(&req) => {
+                        tracing::debug!(error = %e.message, "module put without reply failed");
+                        Ok(())
+                    }
+                    other => other,
+                }
+            }
             "put" if noreply(&req) => {
                 if let Err(e) = put(&mut conn, &tree, &zips, &req, blob).await {
                     tracing::debug!(error = %e.message, "put without reply failed");

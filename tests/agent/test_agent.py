@@ -339,6 +339,37 @@ def ansiballz(tmp_path_factory):
     return next(d.glob("*/AnsiballZ_command.py")).read_bytes()
 
 
+def test_a_module_script_put_without_its_kept_zip_is_written_whole(link, ansiballz, tmp_path):
+    """Pipelining off, the controller puts a module's script without the
+    zip the agent holds: the agent writes it with its zip put back, the same
+    bytes as Ansible made them, and runs it warm. If the zip is gone, nothing
+    is written, and the command that runs the file answers zip_miss."""
+    python = os.path.realpath(sys.executable)
+    start = ansiballz.index(b"\nzip_data=") + len(b"\nzip_data=")
+    end = ansiballz.index(b",\n", start)
+    first, second = tmp_path / "AnsiballZ_command.py", tmp_path / "d2" / "AnsiballZ_command.py"
+    second.parent.mkdir()
+    res, _ = link.call({"op": "put", "path": str(first), "size": len(ansiballz), "zip_key": "kp",
+                        "zip_span": [start, end]}, ansiballz)
+    assert "error" not in res, res
+    assert first.read_bytes() == ansiballz
+    short = ansiballz[:start] + ansiballz[end:]
+    res, _ = link.call({"op": "put", "path": str(second), "size": len(ansiballz), "zip_key": "kp",
+                        "zip_at": start}, short)
+    assert "error" not in res, res
+    assert second.read_bytes() == ansiballz
+    res, blob = link.call({"op": "exec", "cmd": "/bin/sh -c '%s %s'" % (python, second)})
+    assert res["rc"] == 0 and json.loads(blob[:res["stdout_len"]])["stdout"] == "hi", blob
+    # A zip the agent does not hold: nothing written; running it says so.
+    gone = tmp_path / "d3" / "AnsiballZ_command.py"
+    gone.parent.mkdir()
+    res, _ = link.call({"op": "put", "path": str(gone), "size": len(ansiballz), "zip_key": "nope",
+                        "zip_at": start}, short)
+    assert res.get("zip_miss") and not gone.exists(), res
+    res, _ = link.call({"op": "exec", "cmd": "/bin/sh -c '%s %s && sleep 0'" % (python, gone)})
+    assert res.get("zip_miss") and str(gone) in res["error"], res
+
+
 def test_module_utils_stay_warm_between_modules(link, ansiballz):
     """The second module finds ansible.module_utils already imported in the
     agent it forks from, and answers as the first did."""

@@ -811,8 +811,12 @@ class Connection(_vanilla.Connection):
         with open(b_in, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             first = f.read(_PART_BYTES)
-            self._arbor.send(self._arbor_target({"op": "put", "path": to_text(out_path),
-                                                 "size": size, "noreply": True}), first)
+            # keep_remote_files: the user reads the module's script as
+            # Ansible made it, byte for byte (else arbor may send it as a
+            # pipelined module's, without the zip the agent holds).
+            self._arbor.send(self._arbor_target({"op": "put", "path": to_text(out_path), "size": size,
+                                                 "noreply": True, "exact": C.DEFAULT_KEEP_REMOTE_FILES}),
+                             first)
             while True:
                 chunk = f.read(_PART_BYTES)
                 if not chunk:

@@ -1,0 +1,125 @@
+//! A module's AnsiballZ script put in a task's temp dir (Ansible's path
+//! with pipelining off: put `AnsiballZ_x.py`, then run `python3 FILE`).
+//! It goes to the agent in the form a pipelined module's script takes
+//! (`zip_form`): without the zip the agent already holds, or with only the
+//! zip members it lacks. The agent writes the file byte for byte as it was.
+//!
+//! If the agent no longer holds what it was told it does, it writes
+//! nothing and the `exec` of that file answers `zip_miss`; the lane then
+//! puts the script again whole (kept here until the next put) and runs
+//! the command once more.
+
+use std::collections::HashSet;
+
+use serde_json::{json, Value};
+use tokio::net::UnixStream;
+
+use super::{
+    agent_for, first_reply, noreply, read_body, relays_of, send_body, send_request, write_message,
+    zip_form, ApiError, ZipCache,
+};
+use crate::tree::TreeHandle;
+
+/// Largest script sent so; a bigger one is put as any file.
+const MODULE_PUT_BYTES_MAX: u64 = 16 << 20;
+
+/// The last module script this lane put, for a put again after a miss.
+pub struct LastPut {
+    path: String,
+    req: Value,
+    script: Vec<u8>,
+}
+
+/// Whether a put is a module's script: `…/AnsiballZ_*.py`, not too big,
+/// and not to be kept byte for byte (`exact`: keep_remote_files).
+pub fn is_module_put(req: &Value) -> bool {
+    let Some(path) = req.get("path").and_then(Value::as_str) else {
+        return false;
+    };
+    let name = path.rsplit('/').next().unwrap_or("");
+    let size = req.get("size").and_then(Value::as_u64).unwrap_or(u64::MAX);
+    let exact = req.get("exact").and_then(Value::as_bool) == Some(true);
+    !exact
+        && name.starts_with("AnsiballZ_")
+        && name.ends_with(".py")
+        && size <= MODULE_PUT_BYTES_MAX
+}
+
+/// Puts a module's script (see the module's header).
+pub async fn put_module(
+    conn: &mut UnixStream,
+    tree: &TreeHandle,
+    zips: &ZipCache,
+    req: &Value,
+    first: Vec<u8>,
+    last: &mut Option<LastPut>,
+) -> Result<(), ApiError> {
+    let size = req.get("size").and_then(Value::as_u64).unwrap_or(0) as usize;
+    let script = read_body(conn, first, size).await?;
+    let path = req
+        .get("path")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let node = agent_for(tree, req).await?;
+    let relays = relays_of(tree, req).await;
+    let (fields, body, keys) = zip_form(
+        zips,
+        node,
+        !relays.is_empty(),
+        &script,
+        false,
+        &mut HashSet::new(),
+    );
+    let posted = noreply(req);
+    let mut agent_req = json!({"op": "put", "path": path, "size": size, "noreply": posted});
+    if let Some(mode) = req.get("mode") {
+        agent_req["mode"] = mode.clone();
+    }
+    for (k, v) in fields {
+        agent_req[k] = v;
+    }
+    *last = Some(LastPut {
+        path,
+        req: req.clone(),
+        script,
+    });
+    let (stream, mut rx) = send_body(tree, zips, node, &relays, agent_req, body).await?;
+    // The agent keeps what it was sent even if its put fails later.
+    for k in &keys {
+        zips.set(node, k);
+    }
+    if posted {
+        tree.forget(stream).await;
+        return Ok(());
+    }
+    let (v, _) = first_reply(&mut rx).await?;
+    write_message(conn, &v, b"")
+        .await
+        .map_err(|e| ApiError::failed(e.to_string()))
+}
+
+/// After an `exec` answered `zip_miss`: if it runs the script this lane put
+/// last, puts it again whole (the agent writes it as any file) and says to
+/// run the command again.
+pub async fn put_again(tree: &TreeHandle, exec_req: &Value, last: &Option<LastPut>) -> bool {
+    let Some(last) = last else {
+        return false;
+    };
+    let cmd = exec_req.get("cmd").and_then(Value::as_str).unwrap_or("");
+    if last.path.is_empty() || !cmd.contains(&last.path) {
+        return false;
+    }
+    let Ok(node) = agent_for(tree, &last.req).await else {
+        return false;
+    };
+    let req = json!({"op": "put", "path": last.path, "size": last.script.len(), "noreply": true});
+    match send_request(tree, node, req, &last.script).await {
+        Ok((stream, _rx)) => {
+            tree.forget(stream).await;
+            tracing::debug!(path = %last.path, "a module script put again whole after a miss");
+            true
+        }
+        Err(_) => false,
+    }
+}
