@@ -151,9 +151,10 @@ STDLIB_NEVER_WARM = frozenset((
     "sitecustomize", "usercustomize", "getpass", "tty", "pty", "webbrowser"))
 
 # The command Ansible sends for a pipelined module: the interpreter reads the
-# AnsiballZ script from stdin (ansible-core up to 2.20 appends `&& sleep 0`,
-# 2.21 does not).
-PIPELINED = re.compile(r"^/bin/sh -c '(?P<python>/[^' ]+|python3?)(?: && sleep 0)?'$")
+# AnsiballZ script from stdin. Up to 2.20: `/bin/sh -c 'python3 && sleep 0'`;
+# 2.21 leaves out `&& sleep 0`, and quotes only what needs it.
+PIPELINED = re.compile(r"^/bin/sh -c (?:'(?P<python>/[^' ]+|python3?)(?: && sleep 0)?'"
+                       r"|(?P<bare>/[^' ]+|python3?))$")
 # How Ansible runs a module it has put in the task's temp dir.
 MODULE_FILE = re.compile(r"^/bin/sh -c '(?P<python>/[^' ]+|python3?) "
                          r"(?P<path>/[^' ]+/AnsiballZ_[\w.]+\.py)(?: && sleep 0)?'$")
@@ -1864,11 +1865,12 @@ class Agent(object):
                 self.log("%s changed: %s" % (f.path, " ".join(changed)))
         cmd = req["cmd"]
         m = PIPELINED.match(cmd)
-        if (m and b"_ansiballz_main(" in script and self.same_python(m.group("python"))
+        python = m and (m.group("python") or m.group("bare"))
+        if (m and b"_ansiballz_main(" in script and self.same_python(python)
                 and self.known_format(script, mz)):
             # The module sees the interpreter its command names, as it would
             # run under it (a symlink's name, not the agent's).
-            req = dict(req, executable=self.which_python(m.group("python")))
+            req = dict(req, executable=self.which_python(python))
             return self.start_module(src, stream, req, script, mz, at, extra)
         m = MODULE_FILE.match(cmd)
         if m and not script and self.same_python(m.group("python")):

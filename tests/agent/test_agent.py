@@ -197,6 +197,22 @@ def test_ansible_2_17_scripts_run_warm_and_unknown_formats_run_as_ansible_runs_t
     assert any("AnsiballZ format arbor does not know" in line for line in res["log"]), res
 
 
+def test_ansible_2_21_commands_without_sleep_0_run_warm(link, tmp_path):
+    """ansible-core 2.21 runs modules with `/bin/sh -c python3` (quoted
+    only if need be) and `/bin/sh -c 'python3 FILE'`, without `&& sleep 0`:
+    both run in the agent."""
+    python = os.path.realpath(sys.executable)
+    script = (b"import os\ndef _ansiballz_main(): pass\nzip_data=" + EMPTY_ZIP + b"\n"
+              b"print(os.getppid())\n")
+    for cmd in ("/bin/sh -c '%s'" % python, "/bin/sh -c %s" % python):
+        res, blob = link.call({"op": "exec", "cmd": cmd}, script)
+        assert res["rc"] == 0 and int(blob[:res["stdout_len"]]) == link.proc.pid, cmd
+    path = tmp_path / "AnsiballZ_ping.py"
+    path.write_bytes(script)
+    res, blob = link.call({"op": "exec", "cmd": "/bin/sh -c '%s %s'" % (python, path)})
+    assert res["rc"] == 0 and int(blob[:res["stdout_len"]]) == link.proc.pid
+
+
 def test_put_is_atomic_keeps_mode_and_streams(link, tmp_path):
     dest = tmp_path / "conf"
     dest.write_text("old")

@@ -100,19 +100,28 @@ def test_without_pipelining_modules_run_in_the_warm_interpreter_as_vanilla(lab, 
         assert res.stdout.strip() == "", (t, res.stdout)
 
 
-def test_a_running_probe_is_a_fork_of_the_agent(lab, tmp_path):
-    """While arbor's run is up, the probe's parent is the agent process on
-    the target (its command line carries the agent's bootstrap)."""
-    venv = VENVS["2.19"]
+@pytest.mark.parametrize("version,pipelining", [(v, p) for v in sorted(VENVS) for p in ("off", "on")])
+def test_a_module_is_a_fork_of_the_agent(lab, tmp_path, version, pipelining):
+    """Each module runs as a fork of the target's agent (its own command
+    line is the agent's, which carries the agent's bootstrap; a fresh
+    interpreter's is `python3 …`), with pipelining off (Ansible's default)
+    and on, on each ansible-core."""
+    venv = VENVS[version]
     book = tmp_path / "pp.yml"
     book.write_text("- hosts: target1\n  gather_facts: false\n  tasks:\n"
                     "    - arbor_probe:\n      register: p\n"
-                    "    - shell: tr '\\0' ' ' < /proc/{{ p.probe.ppid }}/cmdline\n      register: c\n"
-                    "    - copy: {content: '{{ c.stdout }}', dest: '" + str(tmp_path) + "/cmd'}\n"
+                    "    - copy: {content: '{{ p.probe.cmdline }}', dest: '" + str(tmp_path) + "/cmd'}\n"
                     "      delegate_to: localhost\n")
     (tmp_path / "library").symlink_to(PLAYBOOKS / "library")
-    env = defaults_env("arbor", venv, tmp_path)
-    res = subprocess.run([str(venv / "ansible-playbook"), "-i", lab["inventory"], str(book)],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:]
-    assert AGENT_MARK.decode() in (tmp_path / "cmd").read_text()
+    for mode in ("vanilla", "arbor"):
+        env = defaults_env(mode, venv, tmp_path)
+        if pipelining == "on":
+            env["ANSIBLE_PIPELINING"] = "True"
+        inv = lab["inventory"] if mode == "arbor" else lab["inventory_vanilla"]
+        res = subprocess.run([str(venv / "ansible-playbook"), "-i", inv, str(book), "-vvv"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-3000:]
+        assert ("AnsiballZ_arbor_probe.py" in res.stdout) == (pipelining == "off"), res.stdout[-3000:]
+        cmdline = (tmp_path / "cmd").read_text()
+        assert (AGENT_MARK.decode() in cmdline) == (mode == "arbor"), (mode, cmdline)
+
