@@ -16,6 +16,8 @@ def main(root):
         parts.append((summary.parent / "summary.md").read_text())
         parts.append(f"Command: `{s['config']['command']}`  ")
         parts.append(f"Chart: [{summary.parent.name}/chart.png]({summary.parent.name}/chart.png)\n")
+    for startup in sorted(root.glob("startup*.md")):
+        parts.append(startup.read_text())
     print("\n".join(parts))
 
 
