@@ -24,7 +24,7 @@ def _documentation():
     doc = glue.yaml_load(_builtin_local.DOCUMENTATION)
     doc["short_description"] = "run on the controller in a persistent arbor agent"
     for name in ("arbor_inventory_hostname", "arbor_python", "arbor_task_isolation"):
-        doc["options"][name] = glue.ARBOR_OPTIONS[name]
+        doc.setdefault("options", {})[name] = glue.ARBOR_OPTIONS[name]
     return glue.yaml_dump(doc)
 
 
@@ -35,8 +35,10 @@ class Connection(_ArborSsh):
     """The controller itself, as a one-hop arbor tree (method `local`)."""
 
     transport = "local"
-    # The base class's test, not the ssh plugin's (which reads ssh options).
-    is_pipelining_enabled = _builtin_local.Connection.is_pipelining_enabled
+    # The base class's test, not the ssh plugin's (which reads ssh options);
+    # ansible-core 2.17 has none (its action plugins read the option).
+    if hasattr(_builtin_local.Connection, "is_pipelining_enabled"):
+        is_pipelining_enabled = _builtin_local.Connection.is_pipelining_enabled
 
     def __init__(self, *args, **kwargs):
         super(Connection, self).__init__(*args, **kwargs)
