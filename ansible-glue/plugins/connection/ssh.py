@@ -13,19 +13,13 @@
 from __future__ import annotations
 
 import base64
-import fcntl
 import importlib.util
 import json
-import multiprocessing
 import os
 import re
 import shlex
-import shutil
 import socket
-import stat
-import subprocess
 import sys
-import time
 
 import yaml
 
@@ -44,6 +38,7 @@ _GLUE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _GLUE not in sys.path:
     sys.path.insert(0, _GLUE)
 from arbor_glue import wire  # noqa: E402
+from arbor_glue.daemon import connect_daemon, run_dir as _run_dir  # noqa: E402
 from arbor_glue.chain import (CONTAINER_CONNECTIONS, container_hop, parse_via, parse_via_rules,  # noqa: E402,F401
                               via_become_hop, via_for)
 
@@ -129,7 +124,6 @@ _USER_BUSY = re.compile(rb"user \S+ is currently used by process (\d+)")
 # Interpreters of one user ended for one command, at most (and its sweeper).
 _RELEASE_TRIES_MAX = 4
 _PART_BYTES = 4 << 20
-_DAEMON_START_S = 15.0
 
 def container_documentation(method):
     """Options of arbor's plugin for a container method: the host and user,
@@ -155,34 +149,6 @@ def container_documentation(method):
     doc["options"]["timeout"] = {"description": "Seconds a become prompt may take.", "type": "int",
                                  "default": 10, "vars": [{"name": "ansible_timeout"}]}
     return yaml_dump(doc)
-
-
-def _arbor_bin():
-    env = os.environ.get("ARBOR_BIN")
-    if env:
-        return env
-    found = shutil.which("arbor")
-    if found:
-        return found
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    return os.path.join(repo, "target", "release", "arbor")
-
-
-def _run_pid():
-    """The ansible-playbook process this worker serves."""
-    if multiprocessing.current_process().name == "MainProcess":
-        return os.getpid()
-    return os.getppid()
-
-
-def _private_dir(path):
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise AnsibleConnectionFailure("arbor: %s is not a private directory of this user" % path)
 
 
 class _Captured(Exception):
@@ -222,86 +188,6 @@ class _Client(object):
 
     def close(self):
         self.sock.close()
-
-
-def _run_dir():
-    return os.path.join(os.environ.get("TMPDIR", "/tmp"), "arbor-%d" % os.getuid(), str(_run_pid()))
-
-
-def _sweep_stale_runs(base, mine):
-    """Removes the run dirs of runs that were killed outright (SIGKILL, a
-    reboot): no process of that PID and nothing listening on its socket.
-    A live run's dir is never touched; a reused PID keeps its dir."""
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return
-    for name in names:
-        if not name.isdigit() or name == mine:
-            continue
-        try:
-            os.kill(int(name), 0)
-            continue
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue
-        path = os.path.join(base, name)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(os.path.join(path, "sock"))
-            continue
-        except OSError:
-            pass
-        finally:
-            probe.close()
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _connect_daemon():
-    """Connects to this run's daemon, starting it if it is not up yet."""
-    base = os.path.dirname(_run_dir())
-    _private_dir(base)
-    run_dir = _run_dir()
-    sock = os.path.join(run_dir, "sock")
-    try:
-        return _Client(sock)
-    except OSError:
-        pass
-    _sweep_stale_runs(base, os.path.basename(run_dir))
-    _private_dir(run_dir)
-    with open(os.path.join(run_dir, "lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return _Client(sock)
-        except OSError:
-            pass
-        binary = _arbor_bin()
-        # ARBOR_LOG_FILE keeps the daemon's log past the run (the run dir
-        # goes with it); private to the user either way.
-        log_path = os.environ.get("ARBOR_LOG_FILE") or os.path.join(run_dir, "daemon.log")
-        try:
-            log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
-        except OSError as e:
-            raise AnsibleConnectionFailure("arbor: cannot open the daemon's log %s: %s" % (log_path, e))
-        try:
-            proc = subprocess.Popen([binary, "daemon", "--run-dir", run_dir,
-                                     "--parent-pid", str(_run_pid())],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=log, start_new_session=True, close_fds=True)
-        except OSError as e:
-            raise AnsibleConnectionFailure("arbor: cannot start %s: %s" % (binary, e))
-        finally:
-            log.close()
-        deadline = time.monotonic() + _DAEMON_START_S
-        while True:
-            try:
-                return _Client(sock)
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AnsibleConnectionFailure("arbor: the controller daemon did not start (exit %s); "
-                                                   "see %s" % (proc.poll(), log_path))
-                time.sleep(0.01)
 
 
 def _become_opt(plugin, name):
@@ -499,7 +385,7 @@ class Connection(_vanilla.Connection):
             return super(Connection, self)._connect()
         if self._arbor is None:
             self._chain = self._build_chain()
-            self._arbor = _connect_daemon()
+            self._arbor = connect_daemon(_Client)
             self._arbor.host = self._chain[-1]["name"]
             self._connected = True
             if display.verbosity >= 3:
