@@ -1238,11 +1238,23 @@ async fn put(
     tree.send_part(node, stream, Kind::End, Vec::new())
         .await
         .map_err(ApiError::failed)?;
+    put_answer(conn, tree, stream, &mut rx, posted).await
+}
+
+/// A put's end: nothing if the glue does not wait for it, else the agent's
+/// answer passed on.
+async fn put_answer(
+    conn: &mut UnixStream,
+    tree: &TreeHandle,
+    stream: StreamId,
+    rx: &mut mpsc::Receiver<Frame>,
+    posted: bool,
+) -> Result<(), ApiError> {
     if posted {
         tree.forget(stream).await;
         return Ok(());
     }
-    let (v, _) = first_reply(&mut rx).await?;
+    let (v, _) = first_reply(rx).await?;
     write_message(conn, &v, b"")
         .await
         .map_err(|e| ApiError::failed(e.to_string()))

@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 use tokio::net::UnixStream;
 
 use super::{
-    agent_for, first_reply, noreply, read_body, relays_of, send_body, send_request, write_message,
-    zip_form, ApiError, ZipCache,
+    agent_for, noreply, put_answer, read_body, relays_of, send_body, send_request, zip_form,
+    ApiError, ZipCache,
 };
 use crate::tree::TreeHandle;
 
@@ -89,14 +89,7 @@ pub async fn put_module(
     for k in &keys {
         zips.set(node, k);
     }
-    if posted {
-        tree.forget(stream).await;
-        return Ok(());
-    }
-    let (v, _) = first_reply(&mut rx).await?;
-    write_message(conn, &v, b"")
-        .await
-        .map_err(|e| ApiError::failed(e.to_string()))
+    put_answer(conn, tree, stream, &mut rx, posted).await
 }
 
 /// After an `exec` answered `zip_miss`: if it runs the script this lane put
