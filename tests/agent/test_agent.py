@@ -994,3 +994,49 @@ def test_an_agent_whose_link_takes_nothing_exits_within_the_keepalive(link, tmp_
     assert link.proc.wait(timeout=10) == 0
     assert time.monotonic() - t0 < 4
     assert b"took nothing" in link.proc.stderr.read()
+
+
+RACE = r'''
+import json, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+import arbor_agent
+if sys.argv[2] == "agent":
+    arbor_agent.skip_empty_select()
+from ansible.module_utils import basic
+basic._ANSIBLE_ARGS = json.dumps({"ANSIBLE_MODULE_ARGS": {}}).encode()
+basic._ANSIBLE_PROFILE = "legacy"
+module = basic.AnsibleModule(argument_spec={})
+real_poll = subprocess.Popen.poll
+polls = []
+
+def poll(self):
+    # The race: both pipes have ended, the first poll still finds the
+    # command running, the next finds it reaped.
+    polls.append(1)
+    if len(polls) == 1:
+        self.wait()
+        return None
+    return real_poll(self)
+
+subprocess.Popen.poll = poll
+start = time.monotonic()
+rc, out, err = module.run_command(["sh", "-c", "echo out; echo err >&2"])
+print(json.dumps({"rc": rc, "out": out, "err": err, "s": time.monotonic() - start}))
+'''
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "agent"])
+def test_run_command_does_not_sleep_on_no_pipes(mode):
+    """ansible-core's run_command loop, with its cmd.poll() racing the
+    command's exit as it does on a busy host: vanilla sleeps a second in a
+    select on no pipes; in the agent the same loop ends at once, with the
+    same result."""
+    p = subprocess.run([sys.executable, "-c", RACE, str(AGENT_DIR), mode],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert (r["rc"], r["out"], r["err"]) == (0, "out\n", "err\n")
+    if mode == "vanilla":
+        assert r["s"] >= 0.9, r
+    else:
+        assert r["s"] < 0.5, r
