@@ -41,6 +41,12 @@ from arbor_glue import wire  # noqa: E402
 from arbor_glue.daemon import connect_daemon, run_dir as _run_dir  # noqa: E402
 from arbor_glue.chain import (CONTAINER_CONNECTIONS, container_hop, parse_via, parse_via_rules,  # noqa: E402,F401
                               via_become_hop, via_for)
+from arbor_glue import scancache  # noqa: E402
+import ansible.executor.module_common as _module_common  # noqa: E402
+from ansible.release import __version__ as _ansible_version  # noqa: E402
+
+# A module_util's imports are found once per source, not once per run.
+scancache.install(_module_common, _ansible_version)
 
 
 def load_builtin(name):
