@@ -1,6 +1,9 @@
-# arbor stage-0: run over ssh as `sh -c <this> arbor-stage0 SIZE NODE`.
-# Reads exactly SIZE bytes (the relay binary) from stdin into an anonymous
-# in-RAM file and runs it from there; the frames that follow stay unread.
+# arbor stage-0: run over ssh as `sh -c <this> arbor-stage0 SIZE NODE MACHINE`.
+# Reads exactly SIZE bytes (the relay binary, built for MACHINE) from stdin
+# into an anonymous in-RAM file and runs it from there; the frames that
+# follow stay unread. If this host is another machine, it skips those
+# bytes, prints `ARBOR-STAGE0 MACHINE <its machine>` on stdout, and reads
+# a line with the size of its own machine's relay, then that relay.
 # Writes nothing to disk. Loaders, in order:
 #   1. memfd_create via perl (perl-base is Essential on Debian and Ubuntu)
 #   2. memfd_create via python3
@@ -10,17 +13,32 @@
 # ARBOR_STAGE0_VERBOSE is set; ARBOR_STAGE0_LOADER=perl|python|shm forces one.
 n=$1
 node=$2
-case $(uname -m) in
-    x86_64) nr=319 ;;
-    aarch64) nr=279 ;;
-    *) echo "arbor-stage0: unsupported machine $(uname -m)" >&2; exit 70 ;;
+sent=${3:-x86_64}
+machine=$(uname -m)
+case $machine in
+    x86_64|amd64) m=x86_64 ;;
+    aarch64|arm64) m=aarch64 ;;
+    *) echo "arbor-stage0: this host's machine is $machine; arbor's relays are built for x86_64 and aarch64" >&2; exit 70 ;;
 esac
+if [ "$m" != "$sent" ]; then
+    head -c "$n" >/dev/null || exit 70
+    echo "ARBOR-STAGE0 MACHINE $m"
+    n=
+    read -r n || true
+    case $n in
+        ''|*[!0-9]*) echo "arbor-stage0: no relay for $m came" >&2; exit 70 ;;
+    esac
+fi
 want=${ARBOR_STAGE0_LOADER:-any}
 if [ "$want" = any -o "$want" = perl ] && command -v perl >/dev/null 2>&1; then
     exec perl -e '
-        my ($n, $node, $nr) = @ARGV;
+        use Config;
+        my ($n, $node) = @ARGV;
         my $name = "arbor-relay";
-        my $fd = syscall($nr + 0, $name, 1);
+        # memfd_create, numbered for the machine perl itself runs as.
+        my $nr = $Config{archname} =~ /^(x86_64|amd64)/ ? 319
+               : $Config{archname} =~ /^aarch64/ ? 279 : -1;
+        my $fd = $nr < 0 ? -1 : syscall($nr, $name, 1);
         die "arbor-stage0: memfd_create: $!\n" if $fd < 0;
         open(my $out, ">&=", $fd) or die "arbor-stage0: fdopen: $!\n";
         my ($left, $buf) = ($n, "");
@@ -38,7 +56,7 @@ if [ "$want" = any -o "$want" = perl ] && command -v perl >/dev/null 2>&1; then
         print STDERR "arbor-stage0: loader=perl-memfd\n" if $ENV{ARBOR_STAGE0_VERBOSE};
         exec {"/proc/self/fd/$fd"} "arbor-relay", "--node", $node
             or die "arbor-stage0: exec: $!\n";
-    ' "$n" "$node" "$nr"
+    ' "$n" "$node"
 fi
 for py in python3 python; do
     if [ "$want" = any -o "$want" = python ] && command -v $py >/dev/null 2>&1; then

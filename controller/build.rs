@@ -1,33 +1,51 @@
-//! Builds the relay, static, and hands it to the controller to embed.
+//! Builds the relay, static, for each machine it can, and hands them to the
+//! controller to embed.
 //!
-//! musl (x86_64-unknown-linux-musl) when that target is installed; else
-//! glibc with `-C target-feature=+crt-static`. `ARBOR_RELAY_BIN` names a
-//! prebuilt relay instead. The relay is built by a nested cargo in its own
-//! target directory, with the size-oriented `relay` profile.
+//! x86_64: musl (x86_64-unknown-linux-musl) when that target is installed;
+//! else glibc with `-C target-feature=+crt-static`. aarch64: musl
+//! (aarch64-unknown-linux-musl, linked by rust-lld: no C cross toolchain)
+//! when that target is installed; else none, and the controller says so.
+//! `ARBOR_RELAY_BIN` / `ARBOR_RELAY_BIN_AARCH64` name prebuilt relays
+//! instead. Each is built by a nested cargo in its own target directory,
+//! with the size-oriented `relay` profile.
 
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const MUSL: &str = "x86_64-unknown-linux-musl";
-const GNU: &str = "x86_64-unknown-linux-gnu";
+struct Machine {
+    name: &'static str,
+    prebuilt_env: &'static str,
+    /// Targets to try in order, and the RUSTFLAGS each needs.
+    targets: &'static [(&'static str, &'static str)],
+}
+
+const MACHINES: [Machine; 2] = [
+    Machine {
+        name: "x86_64",
+        prebuilt_env: "ARBOR_RELAY_BIN",
+        targets: &[
+            ("x86_64-unknown-linux-musl", ""),
+            ("x86_64-unknown-linux-gnu", "-Ctarget-feature=+crt-static"),
+        ],
+    },
+    Machine {
+        name: "aarch64",
+        prebuilt_env: "ARBOR_RELAY_BIN_AARCH64",
+        targets: &[("aarch64-unknown-linux-musl", "")],
+    },
+];
 
 fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
-    let dest = out.join("arbor-relay");
-    println!("cargo:rerun-if-env-changed=ARBOR_RELAY_BIN");
-    if let Ok(prebuilt) = env::var("ARBOR_RELAY_BIN") {
-        println!("cargo:rerun-if-changed={prebuilt}");
-        std::fs::copy(&prebuilt, &dest).expect("copy ARBOR_RELAY_BIN");
-        println!("cargo:rustc-env=ARBOR_RELAY_BUILD=prebuilt");
-        return;
-    }
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("manifest dir")).join("..");
     for p in [
         "relay/src",
         "relay/Cargo.toml",
         "relay/core/src",
         "relay/core/Cargo.toml",
+        "relay/io/src",
+        "relay/io/Cargo.toml",
         "relay/wire/src",
         "relay/wire/Cargo.toml",
         "Cargo.toml",
@@ -35,7 +53,26 @@ fn main() {
     ] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
-    let target = if has_target(MUSL) { MUSL } else { GNU };
+    for m in &MACHINES {
+        let dest = out.join(format!("arbor-relay-{}", m.name));
+        let build = relay_for(m, &root, &out, &dest);
+        let var = format!("ARBOR_RELAY_BUILD_{}", m.name.to_uppercase());
+        println!("cargo:rustc-env={var}={build}");
+    }
+}
+
+/// Writes the relay for `m` to `dest` (empty if none) and says how it was built.
+fn relay_for(m: &Machine, root: &Path, out: &Path, dest: &Path) -> String {
+    println!("cargo:rerun-if-env-changed={}", m.prebuilt_env);
+    if let Ok(prebuilt) = env::var(m.prebuilt_env) {
+        println!("cargo:rerun-if-changed={prebuilt}");
+        std::fs::copy(&prebuilt, dest).expect("copy a prebuilt relay");
+        return "prebuilt".into();
+    }
+    let Some(&(target, flags)) = m.targets.iter().find(|(t, _)| has_target(t)) else {
+        std::fs::write(dest, b"").expect("write an empty relay");
+        return format!("not built ({} not installed)", m.targets[0].0);
+    };
     let target_dir = out.join("relay-target");
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -64,19 +101,22 @@ fn main() {
     ] {
         cmd.env_remove(v);
     }
-    if target == GNU {
-        cmd.env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-feature=+crt-static");
+    if !flags.is_empty() {
+        cmd.env("CARGO_ENCODED_RUSTFLAGS", flags);
+    }
+    if target.starts_with("aarch64") {
+        // Rust's musl targets carry their own C runtime: lld links them.
+        cmd.env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER", "rust-lld");
     }
     let status = cmd.status().expect("run cargo for the relay");
     assert!(status.success(), "building arbor-relay for {target} failed");
     let built = target_dir.join(target).join("relay").join("arbor-relay");
-    std::fs::copy(&built, &dest).expect("copy the relay");
-    let kind = if target == MUSL {
-        "musl static"
+    std::fs::copy(&built, dest).expect("copy the relay");
+    if target.ends_with("musl") {
+        "musl static".into()
     } else {
-        "glibc static (musl target not installed)"
-    };
-    println!("cargo:rustc-env=ARBOR_RELAY_BUILD={kind}");
+        "glibc static (musl target not installed)".into()
+    }
 }
 
 fn has_target(target: &str) -> bool {

@@ -88,13 +88,16 @@ pub fn agent_preamble_header(node: NodeId, len: usize) -> Vec<u8> {
 }
 
 /// The remote command that starts a relay for `node`; its stdin must then
-/// carry exactly `binary_len` bytes of the relay binary before any frame.
-pub fn relay_command(node: NodeId, binary_len: usize) -> String {
+/// carry exactly `binary_len` bytes of the relay binary built for
+/// `machine` (`x86_64`, `aarch64`) before any frame. A host of another
+/// machine asks for its own first (see stage0.sh and `arbor_io::stage0`).
+pub fn relay_command(node: NodeId, binary_len: usize, machine: &str) -> String {
     format!(
-        "exec /bin/sh -c {} arbor-stage0 {} {}",
+        "exec /bin/sh -c {} arbor-stage0 {} {} {}",
         sh_quote(STAGE0_SH),
         binary_len,
-        node.0
+        node.0,
+        sh_quote(machine)
     )
 }
 

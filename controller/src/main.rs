@@ -20,6 +20,7 @@ mod api;
 mod becomes;
 mod hops;
 mod methods;
+mod relays;
 mod ssh;
 mod sshagent;
 mod sshconfig;
@@ -32,9 +33,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tokio::net::UnixListener;
 
-/// The relay, built static for x86_64 Linux, carried inside this binary.
-static RELAY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/arbor-relay"));
-const RELAY_BUILD: &str = env!("ARBOR_RELAY_BUILD");
 /// How often the daemon checks that its Ansible run is still alive.
 const PARENT_POLL: Duration = Duration::from_millis(100);
 
@@ -60,8 +58,9 @@ USAGE:
         ansible-inventory (from PATH, or ARBOR_ANSIBLE_INVENTORY). Via
         cycles and via hosts missing from the inventory are errors.
     arbor plugin-path     print the connection_plugins directory
-    arbor relay-info      the embedded relay: size and build
-    arbor relay-write PATH    write the embedded relay to PATH (for inspection)
+    arbor relay-info      the embedded relays: machine, size and build
+    arbor relay-write PATH [MACHINE]
+        write the embedded relay for MACHINE (default x86_64) to PATH
     arbor version
     arbor --help
 
@@ -100,22 +99,38 @@ fn run(args: &[String]) -> Result<()> {
             Ok(())
         }
         Some("version" | "--version") => {
+            let carried: Vec<String> = relays::all()
+                .iter()
+                .map(|r| match r.bytes.len() {
+                    0 => format!("{}: {}", r.machine, r.build),
+                    n => format!("{}: {n} bytes, {}", r.machine, r.build),
+                })
+                .collect();
             println!(
-                "arbor {} (relay: {} bytes, {RELAY_BUILD})",
+                "arbor {} (relays: {})",
                 env!("CARGO_PKG_VERSION"),
-                RELAY.len()
+                carried.join("; ")
             );
             Ok(())
         }
         Some("relay-info") => {
-            println!("{{\"bytes\":{},\"build\":\"{RELAY_BUILD}\"}}", RELAY.len());
+            let info: Vec<serde_json::Value> = relays::all()
+                .iter()
+                .map(|r| {
+                    serde_json::json!({"machine": r.machine, "bytes": r.bytes.len(), "build": r.build})
+                })
+                .collect();
+            println!("{}", serde_json::Value::Array(info));
             Ok(())
         }
         Some("relay-write") => {
             let path = args
                 .get(1)
                 .ok_or_else(|| Usage("relay-write needs a PATH".into()))?;
-            std::fs::write(path, RELAY).with_context(|| format!("writing {path}"))?;
+            let machine = args.get(2).map(String::as_str).unwrap_or("x86_64");
+            let relay = relays::for_machine(machine)
+                .ok_or_else(|| Usage(format!("no relay for machine {machine}")))?;
+            std::fs::write(path, relay.bytes).with_context(|| format!("writing {path}"))?;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
             Ok(())
         }
@@ -330,7 +345,6 @@ async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| "/".into());
     let (tree, handle) = tree::Tree::new(tree::Config {
-        relay_binary: RELAY,
         run_dir: run_dir.to_path_buf(),
         ssh_config: sshconfig::SshConfig::new(home.clone()),
         user_agent: std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from),
@@ -340,7 +354,7 @@ async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
     });
     let tree_task = tokio::spawn(tree.run());
     let zips = api::ZipCache::new(handle.hellos());
-    tracing::info!(socket = %sock.display(), ?parent, relay_bytes = RELAY.len(), "arbor daemon serving");
+    tracing::info!(socket = %sock.display(), ?parent, "arbor daemon serving");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;

@@ -21,6 +21,7 @@ use arbor_wire::{Frame, Kind, NodeId, StreamId};
 use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::relays;
 use crate::ssh;
 use crate::sshagent::SshAgent;
 use crate::sshconfig::SshConfig;
@@ -84,7 +85,6 @@ type OpenStream = (NodeId, mpsc::Sender<Frame>, Option<watch::Sender<u64>>);
 
 /// Settings of the tree.
 pub struct Config {
-    pub relay_binary: &'static [u8],
     pub run_dir: PathBuf,
     pub home: PathBuf,
     /// Most interpreters per target (its login agent and its become
@@ -377,6 +377,9 @@ pub struct Tree {
     /// parent relay.
     pins: HashMap<NodeId, HashSet<String>>,
     relay_parent: HashMap<NodeId, NodeId>,
+    /// The machine each relay host said it was (its stage-0 gets that
+    /// machine's relay next time).
+    host_machine: HashMap<String, &'static str>,
     /// The relay that started each node behind the first hop.
     node_parent: HashMap<NodeId, NodeId>,
     /// Relays and first-hop agents, pinged so that they end by themselves
@@ -425,6 +428,7 @@ impl Tree {
             started: HashMap::new(),
             pins: HashMap::new(),
             relay_parent: HashMap::new(),
+            host_machine: HashMap::new(),
             node_parent: HashMap::new(),
             watched: HashSet::new(),
             pinged: Instant::now(),
@@ -604,6 +608,21 @@ impl Tree {
         }
         self.load_keys(&chain, role, node).await;
         let python = hop.python.as_deref().unwrap_or("python3");
+        let parent_key = (HopKey::of(&chain[..chain.len() - 1]), HopRole::Relay);
+        // The relay the stage-0 is sent: from here, the one for the
+        // machine this host had before (else this controller's); from a
+        // relay, that relay's own.
+        let relay = if chain.len() == 1 {
+            self.host_machine
+                .get(&hop.name)
+                .and_then(|m| relays::for_machine(m))
+                .unwrap_or_else(relays::default_relay)
+        } else {
+            self.hops
+                .up_node(&parent_key)
+                .and_then(|p| self.machine_of(p))
+                .unwrap_or_else(relays::default_relay)
+        };
         let remote_cmd = match role {
             // A relay under another account (`root@bastion` as a via):
             // its ssh children still sign with the agent forwarded to the
@@ -613,18 +632,19 @@ impl Tree {
                 format!(
                     "export SSH_AUTH_SOCK='{}'; {}",
                     control::AUTH_SOCK_TOKEN,
-                    arbor_bootstrap::relay_command(node, self.cfg.relay_binary.len())
+                    arbor_bootstrap::relay_command(node, relay.bytes.len(), relay.machine)
                 )
             }
-            HopRole::Relay => arbor_bootstrap::relay_command(node, self.cfg.relay_binary.len()),
+            HopRole::Relay => {
+                arbor_bootstrap::relay_command(node, relay.bytes.len(), relay.machine)
+            }
             // Over ssh, a wrapper says how the agent ended.
             HopRole::Agent if hop.method == "ssh" => arbor_bootstrap::agent_ssh_command(python),
             HopRole::Agent => arbor_bootstrap::agent_command(python),
         };
         let result = if chain.len() == 1 {
-            self.spawn_local(&hop, node, role, &remote_cmd, &label)
+            self.spawn_local(&hop, node, role, &remote_cmd, &label, relay)
         } else {
-            let parent_key = (HopKey::of(&chain[..chain.len() - 1]), HopRole::Relay);
             match self.hops.up_node(&parent_key) {
                 Some(parent) => self.spawn_remote(parent, &hop, node, role, &remote_cmd),
                 None => Err("its via host is not connected".to_string()),
@@ -699,6 +719,7 @@ impl Tree {
         role: HopRole,
         remote_cmd: &str,
         label: &str,
+        relay: &'static relays::Relay,
     ) -> Result<(), String> {
         // `local`: the agent runs here, as this user, with no ssh.
         let local = hop.method == "local" && role == HopRole::Agent;
@@ -721,7 +742,7 @@ impl Tree {
         };
         let mut preamble = crate::methods::stdin_prefix(hop)?;
         match role {
-            HopRole::Relay => preamble.extend_from_slice(self.cfg.relay_binary),
+            HopRole::Relay => preamble.extend_from_slice(relay.bytes),
             HopRole::Agent => preamble.extend(arbor_bootstrap::agent_preamble(node)),
         }
         let mut cmd = Command::new(&argv[0]);
@@ -746,11 +767,16 @@ impl Tree {
         self.next_link += 1;
         // Only a relay understands compressed frames.
         let compress = role == HopRole::Relay;
+        let relay_for: Option<arbor_io::stage0::RelayFor> = match role {
+            HopRole::Relay => Some(Box::new(|m: &str| relays::answer(m))),
+            HopRole::Agent => None,
+        };
         let child_link = start_child_link(
             child,
             &argv[0],
             preamble,
             compress,
+            relay_for,
             self.inbox_tx.clone(),
             link,
         )
@@ -1044,6 +1070,14 @@ impl Tree {
                     if let Some(t) = self.started.remove(&node) {
                         info["connect_ms"] = serde_json::json!(t.elapsed().as_millis() as u64);
                     }
+                    if let Some(m) = info.get("machine").and_then(|m| m.as_str()) {
+                        if let (Some(r), Some(host)) = (
+                            relays::for_machine(m),
+                            self.hops.of(node).map(|i| i.host.as_str()),
+                        ) {
+                            self.host_machine.insert(host.to_string(), r.machine);
+                        }
+                    }
                     if let Ok(mut h) = self.hellos.lock() {
                         h.insert(node, info);
                     }
@@ -1061,6 +1095,13 @@ impl Tree {
                 Event::ParentLost => {}
             }
         }
+    }
+
+    /// The relay a relay node runs (its machine, from its hello).
+    fn machine_of(&self, node: NodeId) -> Option<&'static relays::Relay> {
+        let hellos = self.hellos.lock().ok()?;
+        let m = hellos.get(&node)?.get("machine")?.as_str()?;
+        relays::for_machine(m)
     }
 
     /// The label of a hop or become agent.

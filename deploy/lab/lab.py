@@ -92,6 +92,10 @@ PASSWORD_USER = "arbpw"
 # the host's sshd starts again. `shutdown -h`/`poweroff` stop the host for
 # good; `shutdown -c` cancels nothing.
 REBOOT_DOWN_S = 3
+# An aarch64 `uname` (Debian's busybox-static:arm64, fetched by deploy/setup)
+# and the binfmt_misc entry that runs it (Debian's qemu-user-static).
+AARCH64_UNAME = Path("/var/cache/arbor-lab/busybox-aarch64")
+QEMU_AARCH64 = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
 SHUTDOWN = r"""#!/bin/sh
 mode=reboot
 for a in "$@"; do
@@ -150,14 +154,20 @@ mount -t tmpfs -o size=1m tmpfs "$HD/sbin"
 mkdir "$HD/sbin/upper" "$HD/sbin/work"
 cp "$HD/sbin-files/"* "$HD/sbin/upper/"
 mount -t overlay overlay -o "lowerdir=/usr/sbin,upperdir=$HD/sbin/upper,workdir=$HD/sbin/work" /usr/sbin
-if [ "$NOPYTHON" = 1 ]; then
-    # Whiteouts in an overlay make every python binary truly absent.
-    mount -t tmpfs -o size=1m tmpfs "$HD/ovl"
+if [ "$NOPYTHON" = 1 ] || [ -n "$UNAME_BIN" ]; then
+    mount -t tmpfs -o size=8m tmpfs "$HD/ovl"
     mkdir "$HD/ovl/upper" "$HD/ovl/work"
-    for f in /usr/bin/python* /usr/bin/pydoc* /usr/bin/*-python3*; do
-        [ -e "$f" ] || [ -L "$f" ] || continue
-        mknod "$HD/ovl/upper/${f##*/}" c 0 0
-    done
+    if [ "$NOPYTHON" = 1 ]; then
+        # Whiteouts in an overlay make every python binary truly absent.
+        for f in /usr/bin/python* /usr/bin/pydoc* /usr/bin/*-python3*; do
+            [ -e "$f" ] || [ -L "$f" ] || continue
+            mknod "$HD/ovl/upper/${f##*/}" c 0 0
+        done
+    fi
+    # Another machine's `uname` (an aarch64 busybox, run by qemu-user
+    # through binfmt_misc): the host says it is that machine, and gets
+    # that machine's relay, which runs the same way.
+    [ -n "$UNAME_BIN" ] && cp "$UNAME_BIN" "$HD/ovl/upper/uname"
     mount -t overlay overlay \
         -o "lowerdir=/usr/bin,upperdir=$HD/ovl/upper,workdir=$HD/ovl/work" /usr/bin
 fi
@@ -390,8 +400,9 @@ def leftovers():
 
 
 class Host:
-    def __init__(self, name, role, addr, via, lan_bridge_ns, python3):
+    def __init__(self, name, role, addr, via, lan_bridge_ns, python3, machine=None):
         self.name = name
+        self.machine = machine  # another machine's uname (see HOST_INIT), or None
         self.role = role
         self.addr = addr
         self.via = via
@@ -414,7 +425,8 @@ def plan(args):
     target_no = 0
     for b in range(1, args.bastions + 1):
         bastion = Host(f"bastion{b}", "bastion", f"{WAN_NET}.{10 + b}", None, None,
-                       python3=not args.no_python_bastion)
+                       python3=not args.no_python_bastion,
+                       machine="aarch64" if args.aarch64_bastion else None)
         bastion.lan = BASTION_LAN.format(b=b)
         hosts.append(bastion)
         parents = [bastion]
@@ -453,6 +465,14 @@ def check_args(args):
         raise LabError(f"--racks × --bastions must be 1..{RACKS_MAX}")
     if args.wan_delay_ms < 0 or args.wan_rate_mbit < 0 or not 0 <= args.wan_loss_pct <= 100:
         raise LabError("WAN settings must be non-negative, loss at most 100")
+    if args.aarch64_bastion:
+        if not AARCH64_UNAME.exists():
+            raise LabError(f"--aarch64-bastion needs {AARCH64_UNAME}: run deploy/setup")
+        entry = QEMU_AARCH64.read_text() if QEMU_AARCH64.exists() else ""
+        flags = next((x.split()[1] for x in entry.splitlines() if x.startswith("flags:")), "")
+        if not entry.startswith("enabled") or "O" not in flags or "F" not in flags:
+            raise LabError(f"--aarch64-bastion needs qemu-user through binfmt_misc ({QEMU_AARCH64}, "
+                           "flags O and F): run deploy/setup")
     for tool in ("ip", "ssh-keygen", "ethtool", "unshare"):
         if not shutil.which(tool):
             raise LabError(f"{tool} not found: run deploy/setup first")
@@ -610,6 +630,7 @@ def start_host(h, cg_kind, cg_root):
     h.cgroup.mkdir()
     env = dict(os.environ, CGROUP=str(h.cgroup), HD=str(h.dir), NAME=h.name,
                RUN=str(RUN_DIR), NOPYTHON="0" if h.python3 else "1",
+               UNAME_BIN=str(AARCH64_UNAME) if h.machine == "aarch64" else "",
                PYENV_VERSIONS=str(pyenv_versions()))
     # Join the cgroup first: `ip netns exec` remounts /sys without the cgroup mounts.
     h.proc = subprocess.Popen(
@@ -814,6 +835,7 @@ def write_files(hosts, args, cg_kind, cg_root, wan_bin, wan_ctl, containers=None
             "bastions": args.bastions, "targets_per_bastion": args.targets, "depth": args.depth,
             "racks_per_bastion": args.racks if args.depth == 2 else 0,
             "no_python_bastion": args.no_python_bastion,
+            "aarch64_bastion": args.aarch64_bastion,
             "key_on_bastions": args.key_on_bastions,
             "wan": {"delay_ms": args.wan_delay_ms,
                     "delay_up_ms": args.wan_delay_up_ms if args.wan_delay_up_ms is not None else args.wan_delay_ms,
@@ -964,6 +986,9 @@ def main(argv=None):
                    help="buildah working containers (with podman's storage)")
     u.add_argument("--lxd-containers", type=int, default=2,
                    help="LXD containers on the container host")
+    u.add_argument("--aarch64-bastion", action="store_true",
+                   default=os.environ.get("LAB_AARCH64_BASTION") == "1",
+                   help="every bastion an aarch64 host (its uname and its relay run under qemu-user)")
     u.add_argument("--no-python-bastion", action="store_true",
                    default=os.environ.get("LAB_NO_PYTHON_BASTION") == "1",
                    help="mask python3 on every bastion")

@@ -136,9 +136,10 @@ impl Relay {
 
     async fn run(mut self) -> i32 {
         let hello = format!(
-            r#"{{"pid":{},"relay":"{}"}}"#,
+            r#"{{"pid":{},"relay":"{}","machine":"{}"}}"#,
             std::process::id(),
-            env!("CARGO_PKG_VERSION")
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::ARCH
         );
         let hello = Frame::new(
             Kind::RouteAdd,
@@ -524,11 +525,22 @@ impl Relay {
         let link = LinkId(self.next_link);
         self.next_link += 1;
         // Only another relay understands compressed frames.
+        // A child relay is sent this relay; a host of another machine
+        // asks for its own, which this relay does not carry.
+        let relay_for: Option<arbor_io::stage0::RelayFor> = spec.send_self.then(|| {
+            Box::new(|m: &str| {
+                Err(format!(
+                    "its machine is {m}; the relay it is reached through is {} and carries no {m} relay",
+                    std::env::consts::ARCH
+                ))
+            }) as arbor_io::stage0::RelayFor
+        });
         let child_link = start_child_link(
             child,
             program,
             preamble,
             spec.send_self,
+            relay_for,
             self.inbox_tx.clone(),
             link,
         )?;

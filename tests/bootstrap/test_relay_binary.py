@@ -1,7 +1,12 @@
-"""The relay carried inside `arbor` is one static x86_64 binary that never
-calls NSS (no getaddrinfo, no getpwnam): it runs on any x86_64 Linux."""
+"""The relays carried inside `arbor`, for x86_64 and aarch64, are static
+binaries that never call NSS (no getaddrinfo, no getpwnam): each runs on any
+Linux of its machine (aarch64's here under qemu-user, through binfmt_misc,
+which deploy/setup installs)."""
 
+import json
 import subprocess
+
+import pytest
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -9,12 +14,13 @@ ARBOR = REPO / "target" / "release" / "arbor"
 RELAY_BYTES_MAX = 1_500_000
 
 
-def test_embedded_relay_is_static_without_nss(tmp_path):
+@pytest.mark.parametrize("machine,e_machine", [("x86_64", 0x3E), ("aarch64", 0xB7)])
+def test_embedded_relay_is_static_without_nss(tmp_path, machine, e_machine):
     relay = tmp_path / "arbor-relay"
-    subprocess.run([ARBOR, "relay-write", relay], check=True)
+    subprocess.run([ARBOR, "relay-write", relay, machine], check=True)
     data = relay.read_bytes()
     assert data[:4] == b"\x7fELF" and data[4] == 2  # ELF, 64-bit
-    assert int.from_bytes(data[18:20], "little") == 0x3E  # x86_64
+    assert int.from_bytes(data[18:20], "little") == e_machine
     ldd = subprocess.run(["ldd", relay], capture_output=True, text=True)
     assert "not a dynamic executable" in ldd.stdout + ldd.stderr or "statically linked" in ldd.stdout, ldd
     for symbol in (b"getaddrinfo", b"getpwnam", b"getpwuid", b"nsswitch.conf", b"gethostbyname"):
@@ -22,5 +28,7 @@ def test_embedded_relay_is_static_without_nss(tmp_path):
     assert len(data) < RELAY_BYTES_MAX, len(data)
     out = subprocess.run([relay, "--version"], capture_output=True, text=True, check=True).stdout
     assert out.startswith("arbor-relay ")
-    info = subprocess.run([ARBOR, "version"], capture_output=True, text=True, check=True).stdout
-    assert f"relay: {len(data)} bytes" in info
+    info = json.loads(subprocess.run([ARBOR, "relay-info"], capture_output=True, text=True, check=True).stdout)
+    assert {"machine": machine, "bytes": len(data), "build": "musl static"} in info
+    version = subprocess.run([ARBOR, "version"], capture_output=True, text=True, check=True).stdout
+    assert f"{machine}: {len(data)} bytes, musl static" in version

@@ -443,10 +443,11 @@ class Connection(_vanilla.Connection):
             self._arbor_hello = self._arbor.recv()[0]
             if display.verbosity >= 3:
                 for hop in self._arbor_hello.get("hops", ()):
-                    display.vvv("ARBOR HOP %s: node %s%s%s%s" % (
+                    display.vvv("ARBOR HOP %s: node %s%s%s%s%s" % (
                         hop.get("label", "?"), hop.get("node"),
                         ", up in %s ms" % hop["connect_ms"] if "connect_ms" in hop else "",
                         ", pid %s" % hop["pid"] if "pid" in hop else "",
+                        ", %s relay" % hop["machine"] if hop.get("machine") else "",
                         ", python %s" % hop["python"] if hop.get("python") else ""),
                         host=self._chain[-1]["name"])
         return self._arbor_hello

@@ -4,6 +4,7 @@
 //! Each reports to the node's main loop as a [`LinkEvent`].
 
 pub mod askpass;
+pub mod stage0;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -255,38 +256,50 @@ impl ChildLink {
 }
 
 /// Reads frames from `r` until it ends or a frame is malformed.
-pub fn spawn_reader<R>(mut r: R, inbox: mpsc::Sender<LinkEvent>, link: LinkId)
+pub fn spawn_reader<R>(r: R, inbox: mpsc::Sender<LinkEvent>, link: LinkId)
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
-    tokio::spawn(async move {
-        let mut dec = Decoder::new();
-        let mut buf = vec![0u8; READ_CHUNK_BYTES];
-        let why = loop {
+    tokio::spawn(read_frames(r, Vec::new(), inbox, link));
+}
+
+/// Decodes frames from `head` and then from `r` until it ends or a frame
+/// is malformed.
+pub async fn read_frames<R>(mut r: R, head: Vec<u8>, inbox: mpsc::Sender<LinkEvent>, link: LinkId)
+where
+    R: AsyncRead + Unpin,
+{
+    let mut dec = Decoder::new();
+    dec.push(&head);
+    let mut buf = vec![0u8; READ_CHUNK_BYTES];
+    let mut fresh = !head.is_empty();
+    let why = loop {
+        if !fresh {
             match r.read(&mut buf).await {
                 Ok(0) => break "connection closed".to_string(),
                 Ok(n) => dec.push(&buf[..n]),
                 Err(e) => break format!("read error: {e}"),
             }
-            loop {
-                match dec.next_frame() {
-                    Ok(Some(f)) => {
-                        if inbox.send(LinkEvent::Frame(link, f)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = inbox
-                            .send(LinkEvent::Closed(link, format!("malformed frame: {e}")))
-                            .await;
+        }
+        fresh = false;
+        loop {
+            match dec.next_frame() {
+                Ok(Some(f)) => {
+                    if inbox.send(LinkEvent::Frame(link, f)).await.is_err() {
                         return;
                     }
                 }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = inbox
+                        .send(LinkEvent::Closed(link, format!("malformed frame: {e}")))
+                        .await;
+                    return;
+                }
             }
-        };
-        let _ = inbox.send(LinkEvent::Closed(link, why)).await;
-    });
+        }
+    };
+    let _ = inbox.send(LinkEvent::Closed(link, why)).await;
 }
 
 /// A writer task for `w`; `compress` only toward another Rust node.
@@ -343,12 +356,16 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
 /// Makes a child process (running `program`) a link: writes `preamble`
 /// and then the frames sent through the returned [`ChildLink`] to its stdin
 /// (at most [`CHILD_QUEUE_BYTES`] queued, never waited for), reads frames
-/// from its stdout, and watches it until it exits.
+/// from its stdout, and watches it until it exits. For a relay's stage-0
+/// (`relay_for`), the preamble is a relay for the machine guessed; if the
+/// stage-0 asks for another machine's, it gets it (or the link closes
+/// with why not) before any frame.
 pub fn start_child_link(
     mut child: Child,
     program: &str,
     preamble: Vec<u8>,
     compress: bool,
+    relay_for: Option<stage0::RelayFor>,
     inbox: mpsc::Sender<LinkEvent>,
     link: LinkId,
 ) -> Result<ChildLink, String> {
@@ -361,15 +378,37 @@ pub fn start_child_link(
         return Err("child pipes missing".into());
     };
     let (tx, rx) = LinkTx::new(CHILD_QUEUE_BYTES);
-    tokio::spawn(write_frames(
-        stdin,
-        preamble,
-        rx,
-        compress,
-        inbox.clone(),
-        link,
-    ));
-    spawn_reader(stdout, inbox.clone(), link);
+    match relay_for {
+        None => {
+            tokio::spawn(write_frames(
+                stdin,
+                preamble,
+                rx,
+                compress,
+                inbox.clone(),
+                link,
+            ));
+            spawn_reader(stdout, inbox.clone(), link);
+        }
+        Some(relay_for) => {
+            let (ask_tx, ask_rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(stage0::write_relay_then_frames(
+                stdin,
+                preamble,
+                (ask_rx, relay_for),
+                rx,
+                compress,
+                inbox.clone(),
+                link,
+            ));
+            tokio::spawn(stage0::read_ask_then_frames(
+                stdout,
+                ask_tx,
+                inbox.clone(),
+                link,
+            ));
+        }
+    }
     tokio::spawn(watch_child(child, stderr, inbox, link));
     Ok(ChildLink {
         writer: tx,
@@ -525,9 +564,16 @@ mod tests {
             .spawn()
             .expect("sh");
         let (inbox, mut events) = mpsc::channel(8);
-        let mut link =
-            start_child_link(child, "/bin/sh", b"go\n".to_vec(), false, inbox, LinkId(4))
-                .expect("link");
+        let mut link = start_child_link(
+            child,
+            "/bin/sh",
+            b"go\n".to_vec(),
+            false,
+            None,
+            inbox,
+            LinkId(4),
+        )
+        .expect("link");
         let (mut closed, mut exited) = (None, None);
         while exited.is_none() {
             match events.recv().await.expect("event") {
