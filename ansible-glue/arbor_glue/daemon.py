@@ -19,14 +19,21 @@ DAEMON_START_S = 15.0
 
 
 def arbor_bin():
+    """The `arbor` that goes with this glue: $ARBOR_BIN; else the wheel's,
+    <prefix>/bin/arbor beside <prefix>/share/arbor/ansible-glue; else a
+    checkout's release build; else `arbor` on PATH."""
     env = os.environ.get("ARBOR_BIN")
     if env:
         return env
-    found = shutil.which("arbor")
-    if found:
-        return found
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.join(repo, "target", "release", "arbor")
+    glue = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    above = os.path.dirname(glue)
+    if os.path.basename(above) == "arbor" and os.path.basename(os.path.dirname(above)) == "share":
+        own = os.path.join(os.path.dirname(os.path.dirname(above)), "bin", "arbor")
+    else:
+        own = os.path.join(above, "target", "release", "arbor")
+    if os.access(own, os.X_OK):
+        return own
+    return shutil.which("arbor") or own
 
 
 def run_pid():
