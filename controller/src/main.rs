@@ -3,7 +3,9 @@
 //! on a private UNIX socket; a small CLI speaks to people.
 //!
 //! # Layout
-//! - `main.rs`: CLI and the daemon's life (socket, peer check, teardown).
+//! - `main.rs`: the daemon's life (socket, peer check, teardown).
+//! - `cli.rs`: the command line (clap).
+//! - `relays.rs`: the relays carried, one per machine.
 //! - `tree.rs`: the tree task (router node 0, ssh links, hop states).
 //! - `api.rs`: the glue's requests (exec, put, fetch).
 //! - `ansiballz.rs`: the zip inside an AnsiballZ script (key, members).
@@ -18,6 +20,7 @@
 mod ansiballz;
 mod api;
 mod becomes;
+mod cli;
 mod hops;
 mod methods;
 mod relays;
@@ -31,55 +34,31 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use clap::{CommandFactory, FromArgMatches};
 use tokio::net::UnixListener;
 
 /// How often the daemon checks that its Ansible run is still alive.
 const PARENT_POLL: Duration = Duration::from_millis(100);
-
-const HELP: &str = "\
-arbor: makes Ansible fast through bastions, container hosts and slow links
-
-Turn it on with one line in ansible.cfg:
-    [defaults]
-    connection_plugins = <arbor>/ansible-glue/plugins/connection
-(or ANSIBLE_CONNECTION_PLUGINS=...), and reach hosts through a bastion with
-the inventory variable mitogen_via=<host> (or arbor_via=<host>). The glue
-starts `arbor daemon` for each ansible-playbook run; it exits with the run.
-
-USAGE:
-    arbor daemon --run-dir DIR [--parent-pid PID]
-        Serve one Ansible run on DIR/sock (DIR is made 0700). Exits, tearing
-        the tree down and removing DIR, when PID exits, on SIGTERM/SIGINT,
-        or when DIR/sock is removed.
-    arbor plan -i INVENTORY [-i INVENTORY ...] [--json]
-        Print the tree a run would build: each host under the host it is
-        reached through (its arbor_via/mitogen_via, else the CIDR rules of
-        arbor_via_rules), each relay once. Reads the inventory with
-        ansible-inventory (from PATH, or ARBOR_ANSIBLE_INVENTORY). Via
-        cycles and via hosts missing from the inventory are errors.
-    arbor plugin-path     print the connection_plugins directory
-    arbor relay-info      the embedded relays: machine, size and build
-    arbor relay-write PATH [MACHINE]
-        write the embedded relay for MACHINE (default x86_64) to PATH
-    arbor version
-    arbor --help
-
-EXIT CODES:
-    0 success, 1 error (the message says which host and hop), 64 usage error
-";
 
 fn main() {
     // Started again by one of the daemon's ssh as its SSH_ASKPASS program.
     if let Some(code) = arbor_io::askpass::answer_from_env() {
         std::process::exit(code);
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let code = match run(&args) {
-        Ok(()) => 0,
-        Err(e) if e.downcast_ref::<Usage>().is_some() => {
-            eprintln!("arbor: {e}\n\n{HELP}");
-            64
+    let version: &'static str = Box::leak(cli::version_line().into_boxed_str());
+    let parsed = cli::Cli::command()
+        .version(version)
+        .try_get_matches()
+        .and_then(|m| cli::Cli::from_arg_matches(&m));
+    let args = match parsed {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { 64 } else { 0 });
         }
+    };
+    let code = match run(args.cmd) {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("arbor: error: {e:#}");
             1
@@ -88,32 +67,18 @@ fn main() {
     std::process::exit(code);
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Usage(String);
-
-fn run(args: &[String]) -> Result<()> {
-    match args.first().map(String::as_str) {
-        None | Some("--help" | "-h" | "help") => {
-            print!("{HELP}");
+fn run(cmd: Option<cli::Cmd>) -> Result<()> {
+    use cli::Cmd;
+    match cmd {
+        None => {
+            cli::Cli::command().print_long_help()?;
             Ok(())
         }
-        Some("version" | "--version") => {
-            let carried: Vec<String> = relays::all()
-                .iter()
-                .map(|r| match r.bytes.len() {
-                    0 => format!("{}: {}", r.machine, r.build),
-                    n => format!("{}: {n} bytes, {}", r.machine, r.build),
-                })
-                .collect();
-            println!(
-                "arbor {} (relays: {})",
-                env!("CARGO_PKG_VERSION"),
-                carried.join("; ")
-            );
+        Some(Cmd::Version) => {
+            println!("arbor {}", cli::version_line());
             Ok(())
         }
-        Some("relay-info") => {
+        Some(Cmd::RelayInfo) => {
             let info: Vec<serde_json::Value> = relays::all()
                 .iter()
                 .map(|r| {
@@ -123,56 +88,23 @@ fn run(args: &[String]) -> Result<()> {
             println!("{}", serde_json::Value::Array(info));
             Ok(())
         }
-        Some("relay-write") => {
-            let path = args
-                .get(1)
-                .ok_or_else(|| Usage("relay-write needs a PATH".into()))?;
-            let machine = args.get(2).map(String::as_str).unwrap_or("x86_64");
-            let relay = relays::for_machine(machine)
-                .ok_or_else(|| Usage(format!("no relay for machine {machine}")))?;
-            std::fs::write(path, relay.bytes).with_context(|| format!("writing {path}"))?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+        Some(Cmd::RelayWrite { path, machine }) => {
+            let relay = relays::for_machine(&machine)
+                .with_context(|| format!("no relay carried for machine {machine}"))?;
+            std::fs::write(&path, relay.bytes)
+                .with_context(|| format!("writing {}", path.display()))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
             Ok(())
         }
-        Some("plugin-path") => {
+        Some(Cmd::PluginPath) => {
             println!("{}", plugin_path().display());
             Ok(())
         }
-        Some("plan") => {
-            let mut inventories = Vec::new();
-            let mut json = false;
-            let mut it = args[1..].iter();
-            while let Some(a) = it.next() {
-                match a.as_str() {
-                    "-i" | "--inventory" => inventories.push(
-                        it.next()
-                            .ok_or_else(|| Usage("-i needs an inventory".into()))?
-                            .clone(),
-                    ),
-                    "--json" => json = true,
-                    other => return Err(Usage(format!("unknown plan flag {other}")).into()),
-                }
-            }
-            if inventories.is_empty() {
-                return Err(Usage("plan needs -i INVENTORY".into()).into());
-            }
-            plan(&inventories, json)
-        }
-        Some("daemon") => {
-            let mut run_dir = None;
-            let mut parent = None;
-            let mut it = args[1..].iter();
-            while let Some(a) = it.next() {
-                match a.as_str() {
-                    "--run-dir" => run_dir = it.next().map(PathBuf::from),
-                    "--parent-pid" => parent = it.next().and_then(|p| p.parse::<i32>().ok()),
-                    other => return Err(Usage(format!("unknown daemon flag {other}")).into()),
-                }
-            }
-            let run_dir = run_dir.ok_or_else(|| Usage("daemon needs --run-dir DIR".into()))?;
-            daemon(run_dir, parent)
-        }
-        Some(other) => Err(Usage(format!("unknown command {other:?}")).into()),
+        Some(Cmd::Plan { inventories, json }) => plan(&inventories, json),
+        Some(Cmd::Daemon {
+            run_dir,
+            parent_pid,
+        }) => daemon(run_dir, parent_pid),
     }
 }
 

@@ -1,0 +1,113 @@
+//! `arbor`'s command line (clap): what each subcommand takes, with its
+//! `--help`; `arbor --version` names the relays carried.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+const ABOUT: &str = "arbor: makes Ansible fast through bastions, container hosts and slow links";
+
+const LONG_ABOUT: &str = "\
+arbor: makes Ansible fast through bastions, container hosts and slow links
+
+Turn it on with one line in ansible.cfg:
+    [defaults]
+    connection_plugins = <the directory `arbor plugin-path` prints>
+(or ANSIBLE_CONNECTION_PLUGINS=...), and reach hosts through a bastion with
+the inventory variable mitogen_via=<host> (or arbor_via=<host>). The glue
+starts `arbor daemon` for each ansible-playbook run; it exits with the run.";
+
+const EXIT_CODES: &str = "\
+Exit codes: 0 success, 1 error (the message says which host and hop), 64 usage error";
+
+#[derive(Parser, Debug)]
+#[command(name = "arbor", about = ABOUT, long_about = LONG_ABOUT, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Serve one Ansible run on DIR/sock (started by the glue)
+    ///
+    /// DIR is made 0700. The daemon exits, tearing the tree down and
+    /// removing DIR, when PID exits, on SIGTERM/SIGINT, or when DIR/sock is
+    /// removed.
+    Daemon {
+        /// The run's private directory (its socket is DIR/sock)
+        #[arg(long, value_name = "DIR")]
+        run_dir: PathBuf,
+        /// The ansible-playbook process served
+        #[arg(long, value_name = "PID")]
+        parent_pid: Option<i32>,
+    },
+    /// Print the tree a run would build
+    ///
+    /// Each host under the host it is reached through (its
+    /// arbor_via/mitogen_via, else the CIDR rules of arbor_via_rules), each
+    /// relay once. Reads the inventory with ansible-inventory (from PATH,
+    /// or ARBOR_ANSIBLE_INVENTORY). Via cycles and via hosts missing from
+    /// the inventory are errors.
+    Plan {
+        /// An inventory, as for ansible-playbook (repeatable)
+        #[arg(
+            short = 'i',
+            long = "inventory",
+            value_name = "INVENTORY",
+            required = true
+        )]
+        inventories: Vec<String>,
+        /// The plan as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the connection_plugins directory of arbor's Ansible glue
+    PluginPath,
+    /// Print the relays carried (machine, bytes, build) as JSON
+    RelayInfo,
+    /// Write the relay carried for MACHINE to PATH (for inspection)
+    RelayWrite {
+        /// Where to write it
+        path: PathBuf,
+        /// x86_64 or aarch64
+        #[arg(default_value = "x86_64")]
+        machine: String,
+    },
+    /// Print arbor's version and the relays it carries
+    Version,
+}
+
+/// `arbor --version`'s line: the version and each relay carried.
+pub fn version_line() -> String {
+    let carried: Vec<String> = crate::relays::all()
+        .iter()
+        .map(|r| match r.bytes.len() {
+            0 => format!("{}: {}", r.machine, r.build),
+            n => format!("{}: {n} bytes, {}", r.machine, r.build),
+        })
+        .collect();
+    format!(
+        "{} (relays: {})",
+        env!("CARGO_PKG_VERSION"),
+        carried.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_subcommand_has_help() {
+        for sub in Cli::command().get_subcommands() {
+            assert!(sub.get_about().is_some(), "{} has no help", sub.get_name());
+        }
+    }
+}
