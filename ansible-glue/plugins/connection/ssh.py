@@ -79,6 +79,83 @@ def yaml_dump(doc):
     return yaml.dump(doc, Dumper=_YAML_DUMPER, sort_keys=False)
 
 
+# What `ansible-doc -t connection ssh` shows with arbor's plugin path (it
+# reads this literal, not what runs): arbor's own options and settings. At
+# run time the plugin has the builtin ssh plugin's options too (below).
+DOCUMENTATION = r"""
+name: ssh
+short_description: connect via ssh through arbor's relay tree
+description:
+  - arbor's C(ssh) connection, shadowing the builtin one when its directory is on
+    C(connection_plugins) (C(arbor plugin-path) prints it). Every ssh host is reached
+    through arbor's controller daemon, one per ansible-playbook run; hosts with a via
+    go through a relay, in RAM, on the via host; modules run in a persistent Python
+    interpreter on each target.
+  - Every option of the builtin ssh plugin applies as documented for it
+    (C(ansible-doc -t connection ansible.builtin.ssh)); the ones below are arbor's.
+author: arbor
+notes:
+  - "Settings read from the controller's environment: C(ARBOR_BIN) (the arbor binary;
+    default the one beside this glue), C(ARBOR_MAX_INTERPRETERS) (interpreters per
+    target, login and become, default 20; Mitogen's C(MITOGEN_MAX_INTERPRETERS) too),
+    C(ARBOR_CONNECT_CONCURRENCY) (hops a relay connects at once, default 64),
+    C(ARBOR_KEEPALIVE_SECS) (a silent link is dead after this, default 180),
+    C(ARBOR_STREAM_WINDOW_BYTES) (bytes in flight per transfer, default 1 MiB),
+    C(ARBOR_STREAM_STALL_SECS) (a transfer with no credit this long fails, default 300),
+    C(ARBOR_RELAY_CACHE_BYTES) (each relay's content cache, default 64 MiB),
+    C(ARBOR_LOG) and C(ARBOR_LOG_FILE) (the daemon's log level and file)."
+  - "On the target: C(ARBOR_STAGE0_LOADER) (perl, python or shm) and
+    C(ARBOR_STAGE0_VERBOSE) in a relay host's environment choose and show the loader."
+options:
+  arbor_via:
+    description:
+      - The host to reach this one through (an inventory host, or Mitogen's
+        C([method:]user@host)). Mitogen's spelling is honoured.
+    type: str
+    vars:
+      - name: arbor_via
+      - name: mitogen_via
+  arbor_via_rules:
+    description:
+      - Networks mapped to via hosts (a list of C({network, via})), usually in
+        group_vars/all; a host with no via of its own goes through the via of the most
+        specific network holding its C(ansible_host).
+    type: raw
+    vars:
+      - name: arbor_via_rules
+  arbor_inventory_hostname:
+    description: The host's inventory name, for messages and via cycles.
+    type: str
+    vars:
+      - name: inventory_hostname
+  arbor_python:
+    description: The interpreter that runs arbor's agent on the target.
+    type: str
+    vars:
+      - name: ansible_python_interpreter
+  arbor_task_isolation:
+    description:
+      - C(fork) runs every module of the task in a fork of the target's interpreter; by
+        default the builtin modules known to keep to themselves run in the persistent
+        interpreter and the rest fork. Mitogen's spelling is honoured.
+    type: str
+    vars:
+      - name: arbor_task_isolation
+      - name: mitogen_task_isolation
+  arbor_disable:
+    description: Use Ansible's own ssh for this host.
+    type: bool
+    default: false
+    vars:
+      - name: arbor_disable
+    env:
+      - name: ARBOR_DISABLE
+"""
+
+# arbor's own options, beside the builtin ssh plugin's.
+ARBOR_OPTIONS = yaml_load(DOCUMENTATION)["options"]
+
+
 def _documentation():
     """The builtin ssh plugin's options, plus arbor's."""
     doc = yaml_load(_vanilla.DOCUMENTATION)
@@ -87,42 +164,14 @@ def _documentation():
     return yaml_dump(doc)
 
 
-# arbor's own options, beside the builtin ssh plugin's.
-ARBOR_OPTIONS = {
-    "arbor_via": {
-        "description": "The host to reach this one through (Mitogen's spelling is honoured).",
-        "type": "str",
-        "vars": [{"name": "arbor_via"}, {"name": "mitogen_via"}],
-    },
-    "arbor_inventory_hostname": {
-        "description": "The host's inventory name, for messages and via cycles.",
-        "type": "str",
-        "vars": [{"name": "inventory_hostname"}],
-    },
-    "arbor_python": {
-        "description": "The interpreter that runs arbor's agent on the target.",
-        "type": "str",
-        "vars": [{"name": "ansible_python_interpreter"}],
-    },
-    "arbor_task_isolation": {
-        "description": "C(fork) runs every module of the task in a fork of the target's"
-                       " interpreter; by default the builtin modules known to keep to"
-                       " themselves run in the persistent interpreter and the rest fork."
-                       " (Mitogen's spelling is honoured.)",
-        "type": "str",
-        "vars": [{"name": "arbor_task_isolation"}, {"name": "mitogen_task_isolation"}],
-    },
-    "arbor_disable": {
-        "description": "Use Ansible's own ssh for this host.",
-        "type": "bool",
-        "default": False,
-        "vars": [{"name": "arbor_disable"}],
-        "env": [{"name": "ARBOR_DISABLE"}],
-    },
-}
+def _run_time_documentation():
+    # Set in a function: ansible-doc reads the module's assignments, and
+    # keeps the literal above.
+    global DOCUMENTATION
+    DOCUMENTATION = _documentation()
 
 
-DOCUMENTATION = _documentation()
+_run_time_documentation()
 
 _HOP_MAX = 16
 # `userdel` refusing because a process of the user runs (shadow-utils' words).
@@ -1083,7 +1132,7 @@ def _action_init(self, *args, **kwargs):
         _patch_copy(sys.modules[cls.__module__])
 
 
-ActionBase.__init__ = _action_init
+setattr(ActionBase, "__init__", _action_init)
 
 
 class ContainerConnection(Connection):
