@@ -51,7 +51,11 @@ def run_features(lab, mode, inputs, out_dir):
     try:
         # arbor's run at -vvv: no_log data must stay out of its logs too.
         verbose = ["-vvv"] if mode == "arbor" else []
-        p = playbook(lab, mode, "features.yml", *verbose, "-e", f"fetch_dir={fetch}",
+        # Another Python on the targets (deploy/test runs the oldest and the
+        # newest that the supported ansible-core versions accept).
+        python = os.environ.get("ARBOR_TEST_TARGET_PYTHON")
+        interp = ["-e", f"ansible_python_interpreter={python}"] if python else []
+        p = playbook(lab, mode, "features.yml", *verbose, *interp, "-e", f"fetch_dir={fetch}",
                      "-e", f"archive={inputs['archive']}", "-e", f"big_file={inputs['big']}")
         out, _ = p.communicate(timeout=600)
     finally:

@@ -42,6 +42,7 @@ from arbor_glue.daemon import connect_daemon, run_dir as _run_dir  # noqa: E402
 from arbor_glue.chain import (CONTAINER_CONNECTIONS, container_hop, parse_via, parse_via_rules,  # noqa: E402,F401
                               via_become_hop, via_for)
 from arbor_glue import scancache  # noqa: E402
+from arbor_glue.progress import Progress  # noqa: E402
 import ansible.executor.module_common as _module_common  # noqa: E402
 from ansible.release import __version__ as _ansible_version  # noqa: E402
 
@@ -753,17 +754,21 @@ class Connection(_vanilla.Connection):
         with open(b_in, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             first = f.read(_PART_BYTES)
+            progress = Progress(display, self._chain[-1]["name"], "PUT", to_text(out_path), size)
             # keep_remote_files: the user reads the module's script as
             # Ansible made it, byte for byte (else arbor may send it as a
             # pipelined module's, without the zip the agent holds).
             self._arbor.send(self._arbor_target({"op": "put", "path": to_text(out_path), "size": size,
                                                  "noreply": True, "exact": C.DEFAULT_KEEP_REMOTE_FILES}),
                              first)
+            progress.add(len(first))
             while True:
                 chunk = f.read(_PART_BYTES)
                 if not chunk:
                     break
                 self._arbor.send({"op": "data"}, chunk)
+                progress.add(len(chunk))
+            progress.end()
         self._arbor_unacked = True
 
     def fetch_file(self, in_path, out_path):
@@ -774,14 +779,18 @@ class Connection(_vanilla.Connection):
         self._arbor.send(self._arbor_target({"op": "fetch", "path": to_text(in_path)}))
         res, first = self._arbor.recv()
         b_out = to_bytes(out_path, errors="surrogate_or_strict")
+        progress = Progress(display, self._chain[-1]["name"], "FETCH", to_text(in_path), res.get("size"))
         with open(b_out, "wb") as f:
             f.write(first)
+            progress.add(len(first))
             if res.get("streamed"):
                 while True:
                     m, blob = self._arbor.recv()
                     if m.get("op") == "end":
                         break
                     f.write(blob)
+                    progress.add(len(blob))
+        progress.end()
 
     def close(self):
         if self._arbor is not None:
