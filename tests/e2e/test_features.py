@@ -9,6 +9,7 @@ import time
 import os
 import random
 import re
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -62,6 +63,13 @@ def run_features(lab, mode, inputs, out_dir):
         for k in env_extra:
             os.environ.pop(k, None)
     lines = [json.loads(x) for x in record.read_text().splitlines()] if record.exists() else []
+    if python and mode == "arbor":
+        # Each target's agent runs in that Python (its hello says which).
+        version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        for t in TARGETS:
+            assert re.search(rf"ARBOR HOP {t} \(agent, via bastion1\): .*, python {re.escape(version)}$",
+                             out, re.M), (t, version)
     # Paths on the controller differ between the two runs by construction.
     text = json.dumps(lines).replace(str(fetch), "FETCH")
     text = re.sub(r"ansible-local-\w+/tmp\w+", "LOCAL-TMP", text)
