@@ -30,8 +30,10 @@ def lab():
 
 
 def relays_on(lab, host):
-    """(exe, cmdline) of the arbor relays running on a lab host."""
-    return [(exe, cmd) for _, _, exe, cmd in host_procs(lab, host) if b"arbor-relay" in cmd]
+    """(exe, cmdline) of the arbor relays running on a lab host (its
+    stage-0 loading one names it too, inside its script: not counted)."""
+    return [(exe, cmd) for _, _, exe, cmd in host_procs(lab, host)
+            if b"\0arbor-relay\0--node\0" in cmd]
 
 
 def test_the_playbook_runs_through_an_aarch64_relay(lab, tmp_path):
@@ -69,7 +71,6 @@ def test_the_playbook_runs_through_an_aarch64_relay(lab, tmp_path):
     assert seen, "no sample saw the relay"
     for exe, cmd in seen:
         assert "aarch64" in exe and "qemu" in exe, (exe, cmd)
-        assert b"arbor-relay\0--node\0" in cmd, cmd
 
 
 def test_a_machine_without_a_relay_is_named(lab, tmp_path):
