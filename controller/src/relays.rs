@@ -53,6 +53,11 @@ pub fn default_relay() -> &'static Relay {
         .expect("arbor carries at least one relay")
 }
 
+/// The relay to send a host whose machine was last `machine` (if known).
+pub fn guess(machine: Option<&str>) -> &'static Relay {
+    machine.and_then(for_machine).unwrap_or_else(default_relay)
+}
+
 /// What a stage-0 that asked for `machine` is sent, or why nothing is.
 pub fn answer(machine: &str) -> Result<Cow<'static, [u8]>, String> {
     for_machine(machine)

@@ -613,15 +613,13 @@ impl Tree {
         // machine this host had before (else this controller's); from a
         // relay, that relay's own.
         let relay = if chain.len() == 1 {
-            self.host_machine
-                .get(&hop.name)
-                .and_then(|m| relays::for_machine(m))
-                .unwrap_or_else(relays::default_relay)
+            relays::guess(self.host_machine.get(&hop.name).copied())
         } else {
-            self.hops
-                .up_node(&parent_key)
-                .and_then(|p| self.machine_of(p))
-                .unwrap_or_else(relays::default_relay)
+            relays::guess(
+                self.hops
+                    .up_node(&parent_key)
+                    .and_then(|p| self.machine_of(p)),
+            )
         };
         let remote_cmd = match role {
             // A relay under another account (`root@bastion` as a via):
@@ -1097,11 +1095,11 @@ impl Tree {
         }
     }
 
-    /// The relay a relay node runs (its machine, from its hello).
-    fn machine_of(&self, node: NodeId) -> Option<&'static relays::Relay> {
+    /// The machine a relay node said it runs (its hello).
+    fn machine_of(&self, node: NodeId) -> Option<&'static str> {
         let hellos = self.hellos.lock().ok()?;
         let m = hellos.get(&node)?.get("machine")?.as_str()?;
-        relays::for_machine(m)
+        relays::for_machine(m).map(|r| r.machine)
     }
 
     /// The label of a hop or become agent.

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from test_arbor import (LAB, VENV, clean_targets, env_for, host_procs, playbook, recap, run,
-                        ssh, target_state)
+from test_arbor import (LAB, VENV, env_for, host_procs, playbook, recap, run, ssh, target_state,
+                        vanilla_modules)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
@@ -38,12 +38,7 @@ def relays_on(lab, host):
 
 def test_the_playbook_runs_through_an_aarch64_relay(lab, tmp_path):
     assert ssh(lab, "bastion1", "uname -m").stdout.strip() == "aarch64"
-    clean_targets(lab)
-    p = playbook(lab, "vanilla", "modules.yml", "-e", f"fetch_dir={tmp_path / 'vanilla'}")
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out
-    vanilla_recap, vanilla_state = recap(out), target_state(lab)
-    clean_targets(lab)
+    vanilla_recap, vanilla_state = vanilla_modules(lab, tmp_path)
 
     seen = []
     stop = threading.Event()

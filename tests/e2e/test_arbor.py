@@ -177,14 +177,21 @@ def bastion_files(lab, detail=False):
     return out
 
 
-def test_modules_match_vanilla_through_python_less_bastion(lab, tmp_path):
-    assert not lab["hosts"]["bastion1"]["python3"]
+def vanilla_modules(lab, tmp_path):
+    """modules.yml through vanilla on clean targets: its recap and the
+    targets' files; the targets are clean again after."""
     clean_targets(lab)
     p = playbook(lab, "vanilla", "modules.yml", "-e", f"fetch_dir={tmp_path / 'vanilla'}")
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
-    vanilla_recap, vanilla_state = recap(out), target_state(lab)
+    result = recap(out), target_state(lab)
     clean_targets(lab)
+    return result
+
+
+def test_modules_match_vanilla_through_python_less_bastion(lab, tmp_path):
+    assert not lab["hosts"]["bastion1"]["python3"]
+    vanilla_recap, vanilla_state = vanilla_modules(lab, tmp_path)
 
     files_before = bastion_files(lab)
     samples = []
