@@ -11,21 +11,19 @@
 //! memfd) that the relay holds while the child lives; ssh reads it through
 //! /proc/<relay>/fd/<n> (ssh closes inherited descriptors, so a path it is).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use arbor_core::cache::Fifo;
-use arbor_core::{Event, Limits, LinkId, Node, Role};
+use arbor_core::relay::{Action, Relay, PARENT};
+use arbor_core::LinkId;
 use arbor_io::{
     mono_ms, signal, spawn_reader, spawn_writer, start_child_link, stop_children, ChildLink,
     LinkEvent as Input, LinkTx,
 };
-use arbor_wire::control::{
-    self, Reply, Request, Spawn, AUTH_SOCK_TOKEN, KNOWN_HOSTS_TOKEN, PINS_MAX,
-};
-use arbor_wire::{Frame, Kind, NodeId, StreamId};
+use arbor_wire::control::{Spawn, AUTH_SOCK_TOKEN, KNOWN_HOSTS_TOKEN};
+use arbor_wire::NodeId;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
@@ -33,15 +31,12 @@ use tokio::sync::mpsc;
 const INBOX_FRAMES: usize = 1024;
 /// How long children get to exit after SIGTERM.
 const KILL_GRACE: Duration = Duration::from_secs(2);
-/// Most spawn requests waiting for a connecting slot.
-const WAITING_SPAWNS_MAX: usize = 8192;
+/// How often the shell looks at its children and the parent's progress.
+const TICK: Duration = Duration::from_millis(250);
 
 struct Child {
-    node: NodeId,
     label: String,
     link: ChildLink,
-    /// The request that asked for it, answered when it joins or fails.
-    pending: Option<(NodeId, StreamId, Instant)>,
     /// Its known_hosts, in RAM, open until the child is gone.
     _known_hosts: Option<OwnedFd>,
     /// Its ssh password, in RAM, open until it has joined (or is gone).
@@ -79,58 +74,33 @@ fn main() {
             std::process::exit(70);
         }
     };
-    let code = rt.block_on(async move { Relay::new(NodeId(node)).run().await });
+    let code = rt.block_on(async move { Shell::new(NodeId(node)).run().await });
     std::process::exit(code);
 }
 
-struct Relay {
-    core: Node,
+/// The IO around [`Relay`]: links, processes, signals and the clock.
+struct Shell {
+    rules: Relay,
     inbox_tx: mpsc::Sender<Input>,
     inbox: mpsc::Receiver<Input>,
     parent: LinkTx,
     children: HashMap<LinkId, Child>,
-    next_link: u32,
     self_exe: Option<Vec<u8>>,
-    /// Spawns waiting for fewer children to be connecting (in order).
-    waiting: VecDeque<(NodeId, StreamId, Spawn)>,
-    /// The bound the latest spawn request gave (0: none).
-    max_connecting: usize,
-    /// Content cache (module zip members, file chunks), oldest out first.
-    cache: Fifo<Vec<u8>>,
-    /// What every spawn uses (the agent's code, known_hosts): at most
-    /// `PINS_MAX` entries, kept for the relay's life.
-    pins: HashMap<String, Vec<u8>>,
-    /// The last frame from the parent, and how long it may be silent.
-    heard: Instant,
-    keepalive: Option<Duration>,
 }
 
-const PARENT: LinkId = LinkId(0);
-
-impl Relay {
+impl Shell {
     fn new(id: NodeId) -> Self {
         let (inbox_tx, inbox) = mpsc::channel(INBOX_FRAMES);
         // The parent is the controller or another relay: compressed frames.
         let parent = spawn_writer(tokio::io::stdout(), true, inbox_tx.clone(), PARENT);
         spawn_reader(tokio::io::stdin(), inbox_tx.clone(), PARENT);
-        // Strict: a child's node is routed only on the link it was started
-        // on (and a nested agent's only where the controller said).
-        let mut core = Node::new(id, Limits::default()).strict();
-        core.handle_link_up(Instant::now(), PARENT, Role::Parent);
-        Relay {
-            core,
+        Shell {
+            rules: Relay::new(Instant::now(), id),
             inbox_tx,
             inbox,
             parent,
             children: HashMap::new(),
-            next_link: 1,
             self_exe: None,
-            waiting: VecDeque::new(),
-            max_connecting: 0,
-            cache: Fifo::default(),
-            pins: HashMap::new(),
-            heard: Instant::now(),
-            keepalive: None,
         }
     }
 
@@ -141,31 +111,39 @@ impl Relay {
             env!("CARGO_PKG_VERSION"),
             std::env::consts::ARCH
         );
-        let hello = Frame::new(
-            Kind::RouteAdd,
-            NodeId::CONTROLLER,
-            self.core.id(),
-            StreamId(0),
+        self.rules.announce(
+            Instant::now(),
             arbor_wire::msg::encode(hello.as_bytes(), b""),
         );
-        if self.parent.send(hello).await.is_err() {
+        if !self.pump().await {
             return 74;
         }
         let mut sigterm =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let mut sighup =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut tick = tokio::time::interval(TICK);
         loop {
+            let wake = self
+                .rules
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std);
             tokio::select! {
                 input = self.inbox.recv() => {
                     let Some(input) = input else { break };
-                    if !self.handle(input) { break }
+                    self.handle(input);
                 }
-                _ = tick.tick() => if !self.check_deadlines() { break },
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    for c in self.children.values_mut() {
+                        c.link.kill_if_lingering(now);
+                    }
+                }
+                _ = sleep_until(wake) => {}
                 _ = recv_signal(&mut sigterm) => break,
                 _ = recv_signal(&mut sighup) => break,
             }
+            self.pass_time();
             if !self.pump().await {
                 break;
             }
@@ -174,63 +152,57 @@ impl Relay {
         0
     }
 
-    /// Feeds one input to the core; false when the relay must stop.
-    fn handle(&mut self, input: Input) -> bool {
+    /// Tells the rules what the parent link took and what time it is.
+    fn pass_time(&mut self) {
         let now = Instant::now();
-        match input {
-            Input::Frame(link, frame) => {
-                if link == PARENT {
-                    self.heard = now;
-                }
-                self.core.handle_frame(now, link, frame)
-            }
-            Input::Closed(link, why) => {
-                if link == PARENT {
-                    return false;
-                }
-                // The routes go when the process has exited and its
-                // stderr says why.
-                match self.children.get_mut(&link) {
-                    Some(c) => c.link.stdout_closed(why, now),
-                    None => self.core.handle_link_down(now, link, &why),
-                }
-            }
-            Input::Exited(link, status, tail) => {
-                let Some(c) = self.children.remove(&link) else {
-                    return true;
-                };
-                let why = c.link.lost_why(&c.label, &status, &tail);
-                if let Some((src, stream, _)) = c.pending {
-                    self.reply(
-                        src,
-                        stream,
-                        &Reply::Failed {
-                            node: c.node,
-                            message: why.clone(),
-                        },
-                    );
-                }
-                self.core.handle_link_down(now, link, &why);
-                self.start_waiting();
-            }
+        let ago = Duration::from_millis(mono_ms().saturating_sub(self.parent.progress_ms()));
+        if let Some(at) = now.checked_sub(ago) {
+            self.rules.parent_took_bytes(at);
         }
-        true
+        self.rules.handle_timeout(now);
     }
 
-    /// Sends what the core wants sent and acts on its events.
+    fn handle(&mut self, input: Input) {
+        let now = Instant::now();
+        match input {
+            Input::Frame(link, frame) => self.rules.handle_frame(now, link, frame),
+            // A child's routes go when its process has exited and its
+            // stderr says why.
+            Input::Closed(link, why) => match self.children.get_mut(&link) {
+                Some(c) => c.link.stdout_closed(why, now),
+                None => self.rules.link_down(now, link, &why),
+            },
+            Input::Exited(link, status, tail) => {
+                if let Some(c) = self.children.remove(&link) {
+                    let why = c.link.lost_why(&c.label, &status, &tail);
+                    self.rules.child_exited(now, link, why);
+                }
+            }
+        }
+    }
+
+    /// Sends what the rules want sent and does what they ask; false when
+    /// the relay must end.
     async fn pump(&mut self) -> bool {
         loop {
-            if let Some((link, frame)) = self.core.poll_transmit() {
+            if let Some((link, frame)) = self.rules.poll_transmit() {
                 if link == PARENT {
                     // Waits for room, but not past the keepalive: a parent
                     // link that takes nothing that long is dead.
-                    let send = self.parent.send(frame);
+                    let parent = self.parent.clone();
+                    let send = parent.send(frame);
                     tokio::pin!(send);
                     loop {
                         tokio::select! {
-                            _ = &mut send => break,
+                            r = &mut send => {
+                                if r.is_err() {
+                                    return false;
+                                }
+                                break;
+                            }
                             _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                                if self.parent_silent() {
+                                self.pass_time();
+                                if !self.act() {
                                     return false;
                                 }
                             }
@@ -243,238 +215,66 @@ impl Relay {
                 }
                 continue;
             }
-            let Some(event) = self.core.poll_event() else {
-                return true;
-            };
-            match event {
-                Event::Deliver(frame) => {
-                    if !self.on_request(frame).await {
-                        return false;
-                    }
-                }
-                Event::NodeUp { node, link, .. } => {
+            if !self.act() {
+                return false;
+            }
+            if self.rules.has_transmit() {
+                continue;
+            }
+            return true;
+        }
+    }
+
+    /// Does what the rules ask; false when the relay must end.
+    fn act(&mut self) -> bool {
+        while let Some(action) = self.rules.poll_action() {
+            match action {
+                Action::Spawn {
+                    link,
+                    spawn,
+                    preamble,
+                    known_hosts,
+                } => match self.start(link, *spawn, preamble, known_hosts) {
+                    Ok(pid) => self.rules.child_started(link, pid),
+                    Err(message) => self.rules.child_not_started(Instant::now(), link, message),
+                },
+                Action::Joined { link } => {
                     if let Some(c) = self.children.get_mut(&link) {
-                        // A child's first announcement is the node started
-                        // on it; only after that may it route for others
-                        // (an agent's nested become agents).
-                        if c.pending.is_some() && c.node != node {
-                            c.link.cut_off(format!(
-                                "announced n{} before itself (n{})",
-                                node.0, c.node.0
-                            ));
-                        }
-                        if c.node == node {
-                            // Joined: its password is of no more use.
-                            c.askpass = None;
-                            if let Some((src, stream, _)) = c.pending.take() {
-                                let pid = c.link.pid();
-                                self.reply(src, stream, &Reply::Spawned { node, pid });
-                                self.start_waiting();
-                            }
-                        }
+                        c.askpass = None;
                     }
                 }
-                Event::ParentLost => return false,
-                Event::NodeDown { .. } | Event::Dropped { .. } => {}
-            }
-        }
-    }
-
-    async fn on_request(&mut self, frame: Frame) -> bool {
-        if frame.kind != Kind::Request {
-            if frame.kind == Kind::Ping {
-                let pong = frame.reply_to(Kind::Pong, frame.payload.clone());
-                self.core.send(Instant::now(), pong);
-            }
-            return true;
-        }
-        // Only the controller directs a relay: a node below it (whose
-        // source the core has checked against its link) may not start
-        // processes, fill the cache or have frames sent in the
-        // controller's name.
-        if frame.src != NodeId::CONTROLLER {
-            let message = format!("n{}: only the controller may ask a relay", frame.src.0);
-            self.reply(frame.src, frame.stream, &Reply::Error { message });
-            return true;
-        }
-        match control::decode::<Request>(&frame.payload) {
-            Ok(Request::Spawn(spec)) => {
-                self.max_connecting = usize::from(spec.max_connecting);
-                if self.waiting.len() >= WAITING_SPAWNS_MAX {
-                    let message = format!(
-                        "{}: {} children already wait to connect through this relay",
-                        spec.label,
-                        self.waiting.len()
-                    );
-                    let node = spec.node;
-                    self.reply(frame.src, frame.stream, &Reply::Failed { node, message });
-                } else {
-                    self.waiting.push_back((frame.src, frame.stream, spec));
-                    self.start_waiting();
+                Action::Kill { link } => {
+                    // Its exit is then reported with what it said.
+                    if let Some(c) = self.children.get(&link) {
+                        signal(c.link.pid(), libc::SIGKILL);
+                    }
                 }
-                true
-            }
-            Ok(Request::CachePut {
-                key,
-                data,
-                max_bytes,
-            }) => {
-                self.cache_put(key, data, max_bytes);
-                true
-            }
-            Ok(Request::Inject { dst, stream, keys }) => {
-                self.inject(dst, stream, &keys);
-                true
-            }
-            Ok(Request::Forward {
-                dst,
-                keys,
-                max_bytes,
-            }) => {
-                self.forward(dst, &keys, max_bytes);
-                true
-            }
-            Ok(Request::Expect { node, via }) => {
-                if let Some(link) = self.core.route(via).filter(|l| *l != PARENT) {
-                    self.core.expect(node, link);
+                Action::CutOff { link, why } => {
+                    if let Some(c) = self.children.get_mut(&link) {
+                        c.link.cut_off(why);
+                    }
                 }
-                true
-            }
-            Ok(Request::Keepalive { silent_ms }) => {
-                self.keepalive = Some(Duration::from_millis(u64::from(silent_ms.max(1000))));
-                self.heard = Instant::now();
-                true
-            }
-            Ok(Request::Pin { key, data }) => {
-                if self.pins.len() < PINS_MAX || self.pins.contains_key(&key) {
-                    self.pins.insert(key, data);
+                Action::Exit { why } => {
+                    if let Some(why) = why {
+                        eprintln!("{why}");
+                    }
+                    return false;
                 }
-                true
-            }
-            Ok(Request::Shutdown) => {
-                self.reply(frame.src, frame.stream, &Reply::Done);
-                false
-            }
-            Err(e) => {
-                self.reply(
-                    frame.src,
-                    frame.stream,
-                    &Reply::Error {
-                        message: e.to_string(),
-                    },
-                );
-                true
             }
         }
+        true
     }
 
-    fn reply(&mut self, dst: NodeId, stream: StreamId, reply: &Reply) {
-        let f = Frame::new(
-            Kind::Reply,
-            dst,
-            self.core.id(),
-            stream,
-            control::encode(reply),
-        );
-        self.core.send(Instant::now(), f);
-    }
-
-    /// Keeps `data` under `key`, the oldest entries going while the cache
-    /// would hold more than `max_bytes` (the controller mirrors this).
-    fn cache_put(&mut self, key: String, data: Vec<u8>, max_bytes: u64) {
-        let max = usize::try_from(max_bytes).unwrap_or(usize::MAX);
-        let weight = data.len();
-        self.cache.put(&key, data, weight, max);
-    }
-
-    /// Puts cached entries into the cache of the relay `dst` below, as the
-    /// controller's own requests.
-    fn forward(&mut self, dst: NodeId, keys: &[String], max_bytes: u64) {
-        for key in keys {
-            let put = match (self.cache.get(key), self.pins.get(key)) {
-                (Some(data), _) => Request::CachePut {
-                    key: key.clone(),
-                    data: data.clone(),
-                    max_bytes,
-                },
-                (None, Some(data)) => Request::Pin {
-                    key: key.clone(),
-                    data: data.clone(),
-                },
-                (None, None) => return,
-            };
-            let f = Frame::new(
-                Kind::Request,
-                dst,
-                NodeId::CONTROLLER,
-                StreamId(0),
-                control::encode(&put),
-            );
-            self.core.handle_frame(Instant::now(), PARENT, f);
-        }
-    }
-
-    /// Sends cached entries to `dst` as the controller's Data frames.
-    fn inject(&mut self, dst: NodeId, stream: StreamId, keys: &[String]) {
-        for key in keys {
-            let Some(data) = self.cache.get(key) else {
-                return;
-            };
-            let frames: Vec<Frame> = data
-                .chunks(arbor_wire::CHUNK_BYTES)
-                .map(|part| Frame::new(Kind::Data, dst, NodeId::CONTROLLER, stream, part.to_vec()))
-                .collect();
-            // Routed exactly as the controller's own frames from the parent.
-            for f in frames {
-                self.core.handle_frame(Instant::now(), PARENT, f);
-            }
-        }
-    }
-
-    /// Starts waiting children while fewer than the bound are connecting.
-    fn start_waiting(&mut self) {
-        loop {
-            let connecting = self
-                .children
-                .values()
-                .filter(|c| c.pending.is_some())
-                .count();
-            if self.max_connecting != 0 && connecting >= self.max_connecting {
-                return;
-            }
-            let Some((src, stream, spec)) = self.waiting.pop_front() else {
-                return;
-            };
-            let node = spec.node;
-            if let Err(message) = self.spawn(src, stream, spec) {
-                self.reply(src, stream, &Reply::Failed { node, message });
-            }
-        }
-    }
-
-    /// Starts a child without waiting for it: children start in parallel,
-    /// and the request is answered when the child joins, fails or times out.
-    fn spawn(&mut self, src: NodeId, stream: StreamId, spec: Spawn) -> Result<(), String> {
+    /// Starts a child process on `link`; its pid.
+    fn start(
+        &mut self,
+        link: LinkId,
+        spec: Spawn,
+        mut preamble: Vec<u8>,
+        known_hosts: Option<Vec<u8>>,
+    ) -> Result<u32, String> {
         let Some((program, args)) = spec.argv.split_first() else {
             return Err("empty command".into());
-        };
-        let pinned = |key: &Option<String>| -> Result<Option<&Vec<u8>>, String> {
-            match key {
-                None => Ok(None),
-                Some(k) => self
-                    .pins
-                    .get(k)
-                    .map(Some)
-                    .ok_or_else(|| format!("this relay does not hold {k}")),
-            }
-        };
-        let mut preamble = spec.preamble.clone();
-        if let Some(code) = pinned(&spec.preamble_pinned)? {
-            preamble.extend_from_slice(code);
-        }
-        let known_hosts = match pinned(&spec.known_hosts_pinned)? {
-            Some(hosts) => Some(hosts.clone()),
-            None => spec.known_hosts.clone(),
         };
         if spec.send_self {
             match self.own_binary() {
@@ -522,8 +322,6 @@ impl Relay {
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot run {program}: {e}"))?;
-        let link = LinkId(self.next_link);
-        self.next_link += 1;
         // Only another relay understands compressed frames.
         // A child relay is sent this relay; a host of another machine
         // asks for its own, which this relay does not carry.
@@ -544,53 +342,17 @@ impl Relay {
             self.inbox_tx.clone(),
             link,
         )?;
-
-        self.core.handle_link_up(Instant::now(), link, Role::Child);
-        self.core.expect(spec.node, link);
-        let deadline = Instant::now() + Duration::from_millis(u64::from(spec.connect_timeout_ms));
+        let pid = child_link.pid();
         self.children.insert(
             link,
             Child {
-                node: spec.node,
                 label: spec.label,
                 link: child_link,
-                pending: Some((src, stream, deadline)),
                 _known_hosts: known_hosts,
                 askpass,
             },
         );
-        Ok(())
-    }
-
-    /// The parent has been silent past the keepalive. Alive: a frame came
-    /// from it, or bytes went to it (a slow link busy with our output
-    /// delays the pings behind it).
-    fn parent_silent(&self) -> bool {
-        let wrote = Duration::from_millis(mono_ms().saturating_sub(self.parent.progress_ms()));
-        let silent = self.heard.elapsed().min(wrote);
-        self.keepalive.is_some_and(|k| silent > k)
-    }
-
-    /// Kills children past their deadlines; false if the parent has been
-    /// silent past the keepalive (the relay then ends).
-    fn check_deadlines(&mut self) -> bool {
-        let now = Instant::now();
-        if self.parent_silent() {
-            eprintln!(
-                "arbor-relay n{}: nothing from the parent for {:?}; exiting",
-                self.core.id().0,
-                self.keepalive.unwrap_or_default()
-            );
-            return false;
-        }
-        for c in self.children.values_mut() {
-            c.link.kill_if_lingering(now);
-            if c.pending.is_some_and(|(_, _, d)| now > d) {
-                // Its exit is then reported with what it said.
-                signal(c.link.pid(), libc::SIGKILL);
-            }
-        }
-        true
+        Ok(pid)
     }
 
     fn own_binary(&mut self) -> std::io::Result<&[u8]> {
@@ -609,6 +371,13 @@ impl Relay {
             .map(|(l, c)| (l, c.link.pid()))
             .collect();
         stop_children(pids, &mut self.inbox, KILL_GRACE).await;
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

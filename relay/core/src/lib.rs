@@ -22,6 +22,9 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 pub mod cache;
+pub mod liveness;
+pub mod relay;
+pub mod window;
 
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
 

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use arbor_core::{Event, Limits, LinkId, Node, Role};
 
 pub mod connect;
+pub mod relay;
+pub mod streams;
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
 
 /// Small deterministic PRNG (splitmix64).

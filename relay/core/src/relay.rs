@@ -1,0 +1,454 @@
+//! Every rule of a relay, sans-IO: the router, the controller's requests
+//! (spawns and their concurrency bound, the content cache, pins, injects
+//! and forwards, expectations, the keepalive, shutdown), the children's
+//! connect deadlines and the parent's liveness.
+//!
+//! The shell (`relay/src/main.rs`) moves bytes and time in, starts and
+//! kills processes when told ([`Action`]) and reports what became of them.
+//! Nothing here reads a clock or touches a process, so the simulator
+//! (`tests/sim`) drives the same code the relay runs.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use arbor_wire::control::{self, Reply, Request, Spawn, PINS_MAX};
+use arbor_wire::{Frame, Kind, NodeId, StreamId};
+
+use crate::cache::Fifo;
+use crate::liveness::Liveness;
+use crate::{Event, Limits, LinkId, Node, Role};
+
+/// The parent link's id.
+pub const PARENT: LinkId = LinkId(0);
+/// Most spawn requests waiting for a connecting slot.
+pub const WAITING_SPAWNS_MAX: usize = 8192;
+
+/// What the shell must do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Start `spawn`'s command as the child on `link`, writing `preamble`
+    /// (the pinned code resolved) to it first; `known_hosts` resolved too.
+    /// Answer with [`Relay::child_started`] or [`Relay::child_not_started`].
+    Spawn {
+        link: LinkId,
+        spawn: Box<Spawn>,
+        preamble: Vec<u8>,
+        known_hosts: Option<Vec<u8>>,
+    },
+    /// The child on `link` joined: what it needed only to connect (its
+    /// password) can go.
+    Joined { link: LinkId },
+    /// Kill the child on `link` (past its connect deadline); its exit is
+    /// reported as usual.
+    Kill { link: LinkId },
+    /// Stop reading `link` and kill its child: it broke a rule.
+    CutOff { link: LinkId, why: String },
+    /// Stop every child and end the relay; `why` is for its stderr.
+    Exit { why: Option<String> },
+}
+
+struct Child {
+    node: NodeId,
+    pid: u32,
+    /// The request that asked for it, answered when it joins or fails,
+    /// and when it must have joined.
+    pending: Option<(NodeId, StreamId, Instant)>,
+    killed: bool,
+}
+
+pub struct Relay {
+    node: Node,
+    children: HashMap<LinkId, Child>,
+    next_link: u32,
+    /// Spawns waiting for fewer children to be connecting (in order).
+    waiting: VecDeque<(NodeId, StreamId, Spawn)>,
+    /// The bound the latest spawn request gave (0: none).
+    max_connecting: usize,
+    /// Content cache (module zip members, file chunks), oldest out first.
+    cache: Fifo<Vec<u8>>,
+    /// What every spawn uses (the agent's code, known_hosts): at most
+    /// `PINS_MAX` entries, kept for the relay's life.
+    pins: HashMap<String, Vec<u8>>,
+    parent: Liveness,
+    actions: VecDeque<Action>,
+    exiting: bool,
+}
+
+impl Relay {
+    pub fn new(now: Instant, id: NodeId) -> Self {
+        // Strict: a child's node is routed only on the link it was started
+        // on (and a nested agent's only where the controller said).
+        let mut node = Node::new(id, Limits::default()).strict();
+        node.handle_link_up(now, PARENT, Role::Parent);
+        Relay {
+            node,
+            children: HashMap::new(),
+            next_link: 1,
+            waiting: VecDeque::new(),
+            max_connecting: 0,
+            cache: Fifo::default(),
+            pins: HashMap::new(),
+            parent: Liveness::new(now),
+            actions: VecDeque::new(),
+            exiting: false,
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.node.id()
+    }
+
+    /// Announces this relay to the controller with `hello`.
+    pub fn announce(&mut self, now: Instant, hello: Vec<u8>) {
+        let f = Frame::new(
+            Kind::RouteAdd,
+            NodeId::CONTROLLER,
+            self.id(),
+            StreamId(0),
+            hello,
+        );
+        self.node.send(now, f);
+    }
+
+    pub fn handle_frame(&mut self, now: Instant, link: LinkId, frame: Frame) {
+        if link == PARENT {
+            self.parent.heard(now);
+        }
+        self.node.handle_frame(now, link, frame);
+        self.drain(now);
+    }
+
+    /// The parent took bytes from us at `at`.
+    pub fn parent_took_bytes(&mut self, at: Instant) {
+        self.parent.heard(at);
+    }
+
+    /// `link` closed (for a child: once its process is gone, see
+    /// [`Relay::child_exited`]); the parent's closing ends the relay.
+    pub fn link_down(&mut self, now: Instant, link: LinkId, why: &str) {
+        self.node.handle_link_down(now, link, why);
+        self.drain(now);
+    }
+
+    /// The shell started the child on `link` as process `pid`.
+    pub fn child_started(&mut self, link: LinkId, pid: u32) {
+        if let Some(c) = self.children.get_mut(&link) {
+            c.pid = pid;
+        }
+    }
+
+    /// The shell could not start the child on `link`.
+    pub fn child_not_started(&mut self, now: Instant, link: LinkId, message: String) {
+        self.child_exited(now, link, message);
+    }
+
+    /// The child on `link` is gone (`why` names the host and what it said).
+    pub fn child_exited(&mut self, now: Instant, link: LinkId, why: String) {
+        let Some(c) = self.children.remove(&link) else {
+            return;
+        };
+        if let Some((src, stream, _)) = c.pending {
+            let node = c.node;
+            self.reply(
+                now,
+                src,
+                stream,
+                &Reply::Failed {
+                    node,
+                    message: why.clone(),
+                },
+            );
+        }
+        self.node.handle_link_down(now, link, &why);
+        self.start_waiting(now);
+        self.drain(now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if !self.exiting && self.parent.is_dead(now) {
+            let why = format!(
+                "arbor-relay n{}: nothing from the parent for {:?}; exiting",
+                self.id().0,
+                self.parent.limit().unwrap_or_default()
+            );
+            self.exit(Some(why));
+        }
+        for (&link, c) in &mut self.children {
+            if !c.killed && c.pending.is_some_and(|(_, _, d)| now >= d) {
+                c.killed = true;
+                self.actions.push_back(Action::Kill { link });
+            }
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let connect = self
+            .children
+            .values()
+            .filter(|c| !c.killed)
+            .filter_map(|c| c.pending.map(|(_, _, d)| d))
+            .min();
+        match (self.parent.deadline(), connect) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<(LinkId, Frame)> {
+        self.node.poll_transmit()
+    }
+
+    /// Frames wait to be polled.
+    pub fn has_transmit(&self) -> bool {
+        self.node.queued() > 0
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Children connecting now (started, not yet joined).
+    pub fn connecting(&self) -> usize {
+        self.children
+            .values()
+            .filter(|c| c.pending.is_some())
+            .count()
+    }
+
+    /// Spawns waiting for a connecting slot.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn cache(&self) -> &Fifo<Vec<u8>> {
+        &self.cache
+    }
+
+    fn exit(&mut self, why: Option<String>) {
+        if !self.exiting {
+            self.exiting = true;
+            self.actions.push_back(Action::Exit { why });
+        }
+    }
+
+    /// Acts on what the router has for this relay.
+    fn drain(&mut self, now: Instant) {
+        while let Some(event) = self.node.poll_event() {
+            match event {
+                Event::Deliver(frame) => self.on_frame(now, frame),
+                Event::NodeUp { node, link, .. } => self.on_node_up(now, node, link),
+                Event::ParentLost => self.exit(None),
+                Event::NodeDown { .. } | Event::Dropped { .. } => {}
+            }
+        }
+    }
+
+    fn on_node_up(&mut self, now: Instant, node: NodeId, link: LinkId) {
+        let Some(c) = self.children.get_mut(&link) else {
+            return;
+        };
+        // A child's first announcement is the node started on it; only
+        // after that may it route for others (an agent's nested become
+        // agents).
+        if c.pending.is_some() && c.node != node {
+            let why = format!("announced n{} before itself (n{})", node.0, c.node.0);
+            self.actions.push_back(Action::CutOff { link, why });
+            return;
+        }
+        if c.node != node {
+            return;
+        }
+        self.actions.push_back(Action::Joined { link });
+        if let Some((src, stream, _)) = c.pending.take() {
+            let pid = c.pid;
+            self.reply(now, src, stream, &Reply::Spawned { node, pid });
+            self.start_waiting(now);
+        }
+    }
+
+    fn on_frame(&mut self, now: Instant, frame: Frame) {
+        if frame.kind != Kind::Request {
+            if frame.kind == Kind::Ping {
+                let pong = frame.reply_to(Kind::Pong, frame.payload.clone());
+                self.node.send(now, pong);
+            }
+            return;
+        }
+        // Only the controller directs a relay: a node below it (whose
+        // source the router has checked against its link) may not start
+        // processes, fill the cache or have frames sent in the
+        // controller's name.
+        let (src, stream) = (frame.src, frame.stream);
+        if src != NodeId::CONTROLLER {
+            let message = format!("n{}: only the controller may ask a relay", src.0);
+            return self.reply(now, src, stream, &Reply::Error { message });
+        }
+        match control::decode::<Request>(&frame.payload) {
+            Ok(Request::Spawn(spec)) => {
+                self.max_connecting = usize::from(spec.max_connecting);
+                if self.waiting.len() >= WAITING_SPAWNS_MAX {
+                    let message = format!(
+                        "{}: {} children already wait to connect through this relay",
+                        spec.label,
+                        self.waiting.len()
+                    );
+                    let node = spec.node;
+                    self.reply(now, src, stream, &Reply::Failed { node, message });
+                } else {
+                    self.waiting.push_back((src, stream, spec));
+                    self.start_waiting(now);
+                }
+            }
+            Ok(Request::CachePut {
+                key,
+                data,
+                max_bytes,
+            }) => {
+                let max = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+                let weight = data.len();
+                self.cache.put(&key, data, weight, max);
+            }
+            Ok(Request::Inject { dst, stream, keys }) => self.inject(now, dst, stream, &keys),
+            Ok(Request::Forward {
+                dst,
+                keys,
+                max_bytes,
+            }) => self.forward(now, dst, &keys, max_bytes),
+            Ok(Request::Expect { node, via }) => {
+                if let Some(link) = self.node.route(via).filter(|l| *l != PARENT) {
+                    self.node.expect(node, link);
+                }
+            }
+            Ok(Request::Keepalive { silent_ms }) => {
+                let limit = Duration::from_millis(u64::from(silent_ms));
+                self.parent.set_limit(now, limit);
+            }
+            Ok(Request::Pin { key, data }) => {
+                if self.pins.len() < PINS_MAX || self.pins.contains_key(&key) {
+                    self.pins.insert(key, data);
+                }
+            }
+            Ok(Request::Shutdown) => {
+                self.reply(now, src, stream, &Reply::Done);
+                self.exit(None);
+            }
+            Err(e) => {
+                let message = e.to_string();
+                self.reply(now, src, stream, &Reply::Error { message });
+            }
+        }
+    }
+
+    fn reply(&mut self, now: Instant, dst: NodeId, stream: StreamId, reply: &Reply) {
+        let f = Frame::new(Kind::Reply, dst, self.id(), stream, control::encode(reply));
+        self.node.send(now, f);
+    }
+
+    /// Puts cached entries into the cache of the relay `dst` below, as the
+    /// controller's own requests (pinned entries as pins).
+    fn forward(&mut self, now: Instant, dst: NodeId, keys: &[String], max_bytes: u64) {
+        for key in keys {
+            let put = match (self.cache.get(key), self.pins.get(key)) {
+                (Some(data), _) => Request::CachePut {
+                    key: key.clone(),
+                    data: data.clone(),
+                    max_bytes,
+                },
+                (None, Some(data)) => Request::Pin {
+                    key: key.clone(),
+                    data: data.clone(),
+                },
+                (None, None) => return,
+            };
+            let f = Frame::new(
+                Kind::Request,
+                dst,
+                NodeId::CONTROLLER,
+                StreamId(0),
+                control::encode(&put),
+            );
+            self.node.handle_frame(now, PARENT, f);
+        }
+    }
+
+    /// Sends cached entries to `dst` as the controller's Data frames,
+    /// routed exactly as the controller's own frames from the parent.
+    fn inject(&mut self, now: Instant, dst: NodeId, stream: StreamId, keys: &[String]) {
+        for key in keys {
+            let Some(data) = self.cache.get(key) else {
+                return;
+            };
+            let frames: Vec<Frame> = data
+                .chunks(arbor_wire::CHUNK_BYTES)
+                .map(|part| Frame::new(Kind::Data, dst, NodeId::CONTROLLER, stream, part.to_vec()))
+                .collect();
+            for f in frames {
+                self.node.handle_frame(now, PARENT, f);
+            }
+        }
+    }
+
+    /// Starts waiting children while fewer than the bound are connecting.
+    fn start_waiting(&mut self, now: Instant) {
+        while self.max_connecting == 0 || self.connecting() < self.max_connecting {
+            let Some((src, stream, spec)) = self.waiting.pop_front() else {
+                return;
+            };
+            let node = spec.node;
+            if let Err(message) = self.start(now, src, stream, spec) {
+                self.reply(now, src, stream, &Reply::Failed { node, message });
+            }
+        }
+    }
+
+    /// Has the shell start a child, without waiting for it: children
+    /// start in parallel, and the request is answered when the child
+    /// joins, fails or passes its deadline.
+    fn start(
+        &mut self,
+        now: Instant,
+        src: NodeId,
+        stream: StreamId,
+        spec: Spawn,
+    ) -> Result<(), String> {
+        let pinned = |key: &Option<String>| -> Result<Option<&Vec<u8>>, String> {
+            match key {
+                None => Ok(None),
+                Some(k) => self
+                    .pins
+                    .get(k)
+                    .map(Some)
+                    .ok_or_else(|| format!("this relay does not hold {k}")),
+            }
+        };
+        let mut preamble = spec.preamble.clone();
+        if let Some(code) = pinned(&spec.preamble_pinned)? {
+            preamble.extend_from_slice(code);
+        }
+        let known_hosts = match pinned(&spec.known_hosts_pinned)? {
+            Some(hosts) => Some(hosts.clone()),
+            None => spec.known_hosts.clone(),
+        };
+        let link = LinkId(self.next_link);
+        self.next_link += 1;
+        self.node.handle_link_up(now, link, Role::Child);
+        self.node.expect(spec.node, link);
+        let deadline = now + Duration::from_millis(u64::from(spec.connect_timeout_ms));
+        self.children.insert(
+            link,
+            Child {
+                node: spec.node,
+                pid: 0,
+                pending: Some((src, stream, deadline)),
+                killed: false,
+            },
+        );
+        self.actions.push_back(Action::Spawn {
+            link,
+            spawn: Box::new(spec),
+            preamble,
+            known_hosts,
+        });
+        Ok(())
+    }
+}
