@@ -9,16 +9,15 @@ import base64
 import json
 import os
 import select
-import socket
 import sys
 import threading
 
 from arbor_glue import wire
 
 
-def send(sock, lock, obj, blob=b""):
+def send(client, lock, obj, blob=b""):
     with lock:
-        wire.send(sock, obj, blob)
+        client.send(obj, blob)
 
 
 def main(argv):
@@ -33,8 +32,7 @@ def main(argv):
         sys.stderr.write("arbor rsh: no command\n")
         return 255
     cmd = " ".join(args[1:])
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(sock_path)
+    sock = wire.Client(sock_path)
     lock = threading.Lock()
     send(sock, lock, {"op": "pipe", "chain": chain, "cmd": cmd})
 
@@ -54,7 +52,7 @@ def main(argv):
             pass
     threading.Thread(target=feed, daemon=True).start()
     while True:
-        got = wire.recv(sock)
+        got = sock.recv()
         if got is None:
             sys.stderr.write("arbor rsh: the controller daemon closed the connection\n")
             return 255

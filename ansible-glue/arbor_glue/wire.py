@@ -1,8 +1,10 @@
 """The daemon's local API, as the glue speaks it: each message is
 [u32 length][u32 JSON length][JSON][blob], little-endian, on the run's UNIX
-socket. Standard library only (rsync's remote shell uses it too)."""
+socket. Standard library only. The one implementation: the glue, rsync's
+remote shell, the bench and the tests all speak through it."""
 
 import json
+import socket
 import struct
 
 
@@ -35,3 +37,25 @@ def recv(sock):
         return None
     (jn,) = struct.unpack_from("<I", body)
     return json.loads(body[4:4 + jn]), body[4 + jn:]
+
+
+class Client(object):
+    """One connection to the daemon's socket."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(str(path))
+        except Exception:
+            self.sock.close()
+            raise
+
+    def send(self, obj, blob=b""):
+        send(self.sock, obj, blob)
+
+    def recv(self):
+        """(obj, blob), or None if the daemon closed the connection."""
+        return recv(self.sock)
+
+    def close(self):
+        self.sock.close()

@@ -18,9 +18,7 @@ These are the simulator's measured inputs (tests/sim, `connect` module).
 import argparse
 import json
 import os
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -31,34 +29,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 LAB = REPO / "deploy" / "lab"
 ARBOR = Path(os.environ.get("ARBOR_BIN") or REPO / "target" / "release" / "arbor")
+sys.path.insert(0, str(REPO / "ansible-glue"))
+from arbor_glue import wire  # noqa: E402 (the daemon's API framing, one implementation)
 
 
-class Api:
-    """The daemon's API: length-prefixed messages of JSON and a blob."""
-
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(str(path))
-
-    def send(self, obj, blob=b""):
-        j = json.dumps(obj).encode()
-        body = struct.pack("<I", len(j)) + j + blob
-        self.s.sendall(struct.pack("<I", len(body)) + body)
-
-    def _exact(self, n):
-        b = b""
-        while len(b) < n:
-            c = self.s.recv(n - len(b))
-            if not c:
-                raise EOFError("daemon closed the connection")
-            b += c
-        return b
+class Api(wire.Client):
+    """The daemon's API (the glue's own client); `recv` raises at EOF."""
 
     def recv(self):
-        (n,) = struct.unpack("<I", self._exact(4))
-        body = self._exact(n)
-        (jn,) = struct.unpack_from("<I", body)
-        return json.loads(body[4:4 + jn]), body[4 + jn:]
+        got = super().recv()
+        if got is None:
+            raise EOFError("daemon closed the connection")
+        return got
 
 
 def lab_hop(lab, name, extra=()):

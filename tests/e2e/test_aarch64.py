@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_arbor import (LAB, VENV, env_for, host_procs, playbook, recap, run, ssh, target_state,
-                        vanilla_modules)
+from labkit import LAB, VENV, env_for, host_procs, playbook, recap, run, ssh, target_state, vanilla_modules
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 

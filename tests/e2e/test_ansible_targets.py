@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import ansible_targets
-from test_arbor import LAB, run
+from labkit import LAB, run
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 

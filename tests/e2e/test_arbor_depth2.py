@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_arbor import LAB, VENV, any_arbor, arbor_procs, env_for, run, wait_gone
+from labkit import LAB, VENV, any_arbor, arbor_procs, env_for, run, wait_gone
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 

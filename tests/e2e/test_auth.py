@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from test_arbor import ARBOR, GLUE, VENV, lab, recap, run  # noqa: F401 (lab)
+from labkit import ARBOR, GLUE, VENV, recap, run
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 

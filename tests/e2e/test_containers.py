@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_arbor import LAB, REPO, VENV, any_arbor, env_for, recap, run, ssh, wait_gone
+from labkit import LAB, REPO, VENV, any_arbor, env_for, recap, run, ssh, wait_gone
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
@@ -224,7 +224,7 @@ def test_docker_results_equal_vanilla_through_the_bastion(lab, tmp_path):
     files. (Vanilla cannot reach the podman, LXC, namespace or kubectl
     containers through a bastion: those plugins run their tool on the
     controller.)"""
-    from test_features import by_task
+    from labkit import by_task
     book = tmp_path / "cmp.yml"
     book.write_text(COMPARE)
     results = {}

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_arbor import (AGENT_MARK, PLAYBOOKS, REPO, clean_targets, env_for, host_procs,  # noqa: F401
-                        lab, outcomes, run_recorded, ssh, target_state)
+from labkit import AGENT_MARK, PLAYBOOKS, REPO, clean_targets, env_for, outcomes, ssh, target_state
 
 TARGETS = ("target1", "target2", "target3")
 VENVS = {"2.19": REPO / ".venv" / "bin", "2.21": REPO / ".venv-2.21" / "bin"}

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from test_arbor import VENV, env_for, lab, recap  # noqa: F401 (lab)
+from labkit import VENV, env_for, recap
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 

@@ -12,7 +12,6 @@ import re
 import signal
 import statistics
 import subprocess
-import sys
 import termios
 import threading
 import time
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from test_arbor import (AGENT_MARK, LAB, PLAYBOOKS, REPO, VENV, any_arbor, arbor_procs, env_for, host_procs,
-                        recap, run, ssh, wait_gone)
+from labkit import (AGENT_MARK, Api, LAB, PLAYBOOKS, VENV, any_arbor, env_for, host_procs, lab_chain, recap,
+                    run, ssh, start_daemon, wait_gone)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
@@ -298,8 +297,6 @@ def rss_kib(pid):
 
 
 def test_a_stopped_agent_holds_bounded_memory_and_stalls_no_one_else(lab, tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "deploy" / "bench"))
-    from connect import Api, lab_chain, start_daemon
     run_dir = tmp_path / "run"
     # 14 streams with 2 MiB windows: 28 MiB for the stopped agent, more than
     # a queue of 64 frames (16 MiB) and the pipes could hold, less than the
@@ -576,8 +573,6 @@ def test_a_wan_held_under_a_large_fetch_ends_the_far_side_too(lab, tmp_path, mon
     """The relay on the bastion is busy pushing a fetch up when the WAN dies:
     its queue toward the controller fills and stops moving, and it must
     still end within the keepalive (not wait for TCP's own timeout)."""
-    sys.path.insert(0, str(REPO / "deploy" / "bench"))
-    from connect import Api, lab_chain, start_daemon
     keepalive = 6
     monkeypatch.setenv("ARBOR_KEEPALIVE_SECS", str(keepalive))
     assert ssh(lab, "target1", "head -c 300M /dev/urandom > /tmp/arbor-fetch-big.bin").returncode == 0

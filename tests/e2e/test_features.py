@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_arbor import (PLAYBOOKS, clean_targets, lab, playbook, recap, run, ssh,  # noqa: F401 (lab)
-                        target_state, wait_gone)
+from labkit import PLAYBOOKS, by_task, clean_targets, playbook, recap, run, ssh, target_state, wait_gone
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ("target1", "target2", "target3")
@@ -76,22 +75,8 @@ def run_features(lab, mode, inputs, out_dir):
     return p.returncode, out, json.loads(text), fetch
 
 
-SHARED_CLOSED = re.compile(r"Shared connection to \S+ closed\.\r?\n")
 
 
-def by_task(lines):
-    """Results by (host, task). Vanilla runs `script` and `raw` on a tty
-    (ssh -tt): its output ends lines in CR LF and its stderr carries ssh's
-    "Shared connection ... closed."; arbor's has no tty, as Mitogen's has
-    none. Those two artefacts are taken out; everything else must match."""
-    out = {}
-    for line in lines:
-        for k in ("stdout", "stderr"):
-            if isinstance(line.get(k), str):
-                line[k] = SHARED_CLOSED.sub("", line[k]).replace("\r\n", "\n")
-        line.pop("stdout_lines", None)
-        out.setdefault((line["host"], line["task"]), []).append(line)
-    return out
 
 
 def test_features_match_vanilla(lab, inputs, tmp_path):

@@ -13,18 +13,14 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from test_arbor import LAB, REPO, VENV, env_for, recap, run, ssh, wait_gone, any_arbor
-from test_plumbing import ARBOR, Api  # noqa: F401
-
-sys.path.insert(0, str(REPO / "deploy" / "bench"))
-from connect import lab_chain as chain  # noqa: E402 (the chains the glue sends)
+from labkit import ARBOR, Api, LAB, REPO, VENV, any_arbor, env_for, recap, run, ssh, wait_gone
+from labkit import lab_chain as chain
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_arbor import VENV, env_for
+from labkit import VENV, env_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs as root like the rest")
 

@@ -6,7 +6,6 @@ child spawning and the agent all run for real, fast, on this machine. The
 lab tests (test_arbor.py) do the same through real sshd and a real bastion.
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -17,10 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-ARBOR = REPO / "target" / "release" / "arbor"
-sys.path.insert(0, str(REPO / "deploy" / "bench"))
-from connect import Api  # noqa: E402,F401 (the daemon's API client; test_fleet imports it from here)
+from labkit import ARBOR, Api, REPO
 
 # `ssh -G` (the daemon reading the ssh configuration): what a config-less
 # ssh resolves.
@@ -145,14 +141,13 @@ def test_daemon_exit_leaves_no_process_and_no_run_dir(daemon):
 
 
 PROBE = """
-import socket, struct, json, sys
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-j = json.dumps({"op": "ping"}).encode()
-b = struct.pack("<I", len(j)) + j
+import sys
+sys.path.insert(0, sys.argv[2])
+from arbor_glue import wire
+c = wire.Client(sys.argv[1])
 try:
-    s.sendall(struct.pack("<I", len(b)) + b)
-    print("answer" if s.recv(100) else "refused")
+    c.send({"op": "ping"})
+    print("answer" if c.recv() else "refused")
 except (ConnectionResetError, BrokenPipeError):
     print("refused")
 """
@@ -161,7 +156,8 @@ except (ConnectionResetError, BrokenPipeError):
 def as_nobody(*args):
     # The system python: nobody cannot run an interpreter under /root.
     return subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
-                           "/usr/bin/python3", "-c", PROBE, *args], capture_output=True, text=True)
+                           "/usr/bin/python3", "-c", PROBE, *args, str(REPO / "ansible-glue")],
+                          capture_output=True, text=True)
 
 
 def test_a_foreign_uid_is_refused(daemon, tmp_path):

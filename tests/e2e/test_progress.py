@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from test_arbor import LAB, VENV, env_for, lab, run, ssh  # noqa: F401 (lab)
+from labkit import LAB, VENV, env_for, run, ssh
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 

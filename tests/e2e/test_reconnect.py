@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from test_arbor import (AGENT_MARK, PLAYBOOKS, VENV, env_for, host_procs, lab,  # noqa: F401 (lab)
-                        outcomes, recap)
+from labkit import AGENT_MARK, PLAYBOOKS, VENV, env_for, host_procs, outcomes, recap
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 

@@ -14,8 +14,7 @@ import time
 
 import pytest
 
-from test_arbor import PLAYBOOKS, VENV, arbor_procs, env_for, host_procs, lab, run, ssh  # noqa: F401 (lab)
-from test_become import users  # noqa: F401 (a fixture)
+from labkit import PLAYBOOKS, VENV, arbor_procs, env_for, host_procs, run, ssh
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from test_arbor import (GLUE, PLAYBOOKS, REPO, VENV, env_for, host_procs, lab,  # noqa: F401 (lab)
-                        outcomes, recap, run, run_recorded, ssh)
+from labkit import PLAYBOOKS, REPO, VENV, env_for, host_procs, outcomes, recap, run, run_recorded, ssh
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from test_arbor import PLAYBOOKS, VENV, env_for, lab, recap, ssh  # noqa: F401 (lab)
+from labkit import PLAYBOOKS, VENV, env_for, recap, ssh
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 TARGETS = ("target1", "target2", "target3")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_arbor import ARBOR, GLUE, REPO, VENV, env_for, lab, recap  # noqa: F401 (lab)
+from labkit import ARBOR, GLUE, REPO, VENV, env_for, recap
 
 GOLDEN = json.loads((REPO / "tests" / "golden" / "via_rules.json").read_text())
 

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import sys
 
 import yaml
@@ -215,19 +214,15 @@ class _BecomeNeeded(AnsibleError):
     """The request's become interpreter is not up yet."""
 
 
-class _Client(object):
-    """The daemon's local API: [u32 length][u32 json length][json][blob]."""
+class _Client(wire.Client):
+    """The daemon's local API, with its failures as Ansible's errors."""
 
     def __init__(self, path):
+        super(_Client, self).__init__(path)
         self.host = None
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-
-    def send(self, obj, blob=b""):
-        wire.send(self.sock, obj, blob)
 
     def recv(self):
-        got = wire.recv(self.sock)
+        got = super(_Client, self).recv()
         if got is None:
             raise AnsibleConnectionFailure("arbor: the controller daemon closed the connection")
         obj, blob = got
@@ -241,9 +236,6 @@ class _Client(object):
                 raise _BecomeNeeded(obj["error"])
             raise AnsibleError("arbor: %s" % obj["error"])
         return obj, blob
-
-    def close(self):
-        self.sock.close()
 
 
 def _become_opt(plugin, name):
