@@ -106,10 +106,10 @@ def test_unreachable_target_and_unknown_via_are_named(lab, tmp_path):
     inv.write_text(base + """
     broken:
       hosts:
-        ghost: {{ansible_host: "10.241.1.250", mitogen_via: bastion1}}
-        orphan: {{ansible_host: "10.241.1.11", mitogen_via: nosuchbastion}}
-        impostor: {{ansible_host: "10.241.1.10", mitogen_via: bastion1,
-                    ansible_ssh_common_args: "-o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes"}}
+        ghost: {ansible_host: "10.241.1.250", mitogen_via: bastion1}
+        orphan: {ansible_host: "10.241.1.11", mitogen_via: nosuchbastion}
+        impostor: {ansible_host: "10.241.1.10", mitogen_via: bastion1,
+                    ansible_ssh_common_args: "-o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=yes"}
 """)
     p = subprocess.run([str(VENV / "ansible"), "-i", str(inv), "targets:broken", "-m", "ansible.builtin.command",
                         "-a", "hostname", "-o", "-T", "5"], env=env_for("arbor"), capture_output=True,
