@@ -34,7 +34,7 @@
 //! error has `"become_needed": true`.
 //! `put` and `call` with `"noreply": true` get no answer at all: the agent
 //! acts on them in order with what follows, and a failure is reported to
-//! the next request that is answered (see bootstrap/agent/arbor_agent.py).
+//! the next request that is answered (see bootstrap/agent/arbor_agent/__init__.py).
 //! A request or reply larger than one message continues in `{"op":"data"}`
 //! messages (blob: the next part) and ends with `{"op":"end"}`. A failure
 //! is `{"error": message, "unreachable": bool}`; the message names the host
@@ -58,10 +58,10 @@ mod become_agent;
 mod calls;
 mod exec;
 mod files;
+mod holdings;
 mod modput;
 mod relay_cache;
 mod stream;
-mod zipcache;
 
 use become_agent::*;
 use calls::*;
@@ -71,7 +71,7 @@ use relay_cache::*;
 use stream::*;
 
 use crate::tree::{BecomeSlot, HopRole, TreeHandle};
-pub use zipcache::{ZipCache, RELAY_CACHE_BYTES_DEFAULT};
+pub use holdings::{Holdings, RELAY_CACHE_BYTES_DEFAULT};
 
 /// Largest API message; bigger data is split into data messages.
 pub const MESSAGE_BYTES_MAX: usize = 8 << 20;
@@ -194,12 +194,12 @@ fn in_lane(mut req: Value) -> Value {
 }
 
 /// Serves one glue connection until it closes.
-pub async fn serve(conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
+pub async fn serve(conn: UnixStream, tree: TreeHandle, holdings: Holdings) {
     let lane = NEXT_LANE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    LANE.scope(lane, serve_lane(conn, tree, zips)).await
+    LANE.scope(lane, serve_lane(conn, tree, holdings)).await
 }
 
-async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
+async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, holdings: Holdings) {
     let mut last_put = None;
     loop {
         let (req, blob) = match read_message(&mut conn).await {
@@ -235,15 +235,16 @@ async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
             )
             .await
             .map_err(|e| ApiError::failed(e.to_string())),
-            "exec" => match exec(&mut conn, &tree, &zips, &req, blob).await {
+            "exec" => match exec(&mut conn, &tree, &holdings, &req, blob).await {
                 Err(ApiError::ZipMiss(_)) if modput::put_again(&tree, &req, &last_put).await => {
-                    exec(&mut conn, &tree, &zips, &req, Vec::new()).await
+                    exec(&mut conn, &tree, &holdings, &req, Vec::new()).await
                 }
                 other => other,
             },
             "put" if modput::is_module_put(&req) => {
                 let done =
-                    modput::put_module(&mut conn, &tree, &zips, &req, blob, &mut last_put).await;
+                    modput::put_module(&mut conn, &tree, &holdings, &req, blob, &mut last_put)
+                        .await;
                 match done {
                     Err(e) if noreply(&req) => {
                         tracing::debug!(error = %e, "module put without reply failed");
@@ -253,12 +254,12 @@ async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
                 }
             }
             "put" if noreply(&req) => {
-                if let Err(e) = put(&mut conn, &tree, &zips, &req, blob).await {
+                if let Err(e) = put(&mut conn, &tree, &holdings, &req, blob).await {
                     tracing::debug!(error = %e, "put without reply failed");
                 }
                 Ok(())
             }
-            "put" => put(&mut conn, &tree, &zips, &req, blob).await,
+            "put" => put(&mut conn, &tree, &holdings, &req, blob).await,
             "fetch" => fetch(&mut conn, &tree, &req).await,
             "info" => info(&mut conn, &tree, &req).await,
             "call" if noreply(&req) => {
@@ -280,7 +281,7 @@ async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, zips: ZipCache) {
             "reset" => reset(&mut conn, &tree, &req).await,
             "release" => release(&mut conn, &tree, &req).await,
             "pipe" => pipe(&mut conn, &tree, &req).await,
-            "choose" => choose(&mut conn, &tree, &zips, &req, blob).await,
+            "choose" => choose(&mut conn, &tree, &holdings, &req, blob).await,
             other => Err(ApiError::failed(format!("unknown API request {other:?}"))),
         };
         tracing::debug!(%op, %host, ok = result.is_ok(), ms = started.elapsed().as_millis() as u64, "answered");

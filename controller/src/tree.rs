@@ -84,7 +84,7 @@ pub struct Tree {
     spawns: HashMap<StreamId, NodeId>,
     /// The ssh-agent socket the tree's ssh use and forward, locked while
     /// no hop is connecting (see [`SshAgent`]).
-    agent: Option<SshAgent>,
+    ssh_agent: Option<SshAgent>,
     /// Key files each connecting ssh hop may use, for its failure message.
     hop_keys: HashMap<NodeId, Vec<PathBuf>>,
     /// ssh passwords of connecting first hops, in RAM (SSH_ASKPASS).
@@ -130,7 +130,7 @@ impl Tree {
             hops: Hops::default(),
             streams: HashMap::new(),
             spawns: HashMap::new(),
-            agent: None,
+            ssh_agent: None,
             hop_keys: HashMap::new(),
             askpass: HashMap::new(),
             hellos: hellos.clone(),
@@ -157,7 +157,7 @@ impl Tree {
 
     pub async fn run(mut self) {
         match SshAgent::start(&self.cfg.run_dir, self.cfg.user_agent.clone()) {
-            Ok(a) => self.agent = Some(a),
+            Ok(a) => self.ssh_agent = Some(a),
             Err(e) => {
                 tracing::warn!(error = %e, "no ssh-agent socket: hops behind the first need one")
             }
@@ -183,7 +183,7 @@ impl Tree {
                     self.ping_watched();
                 }
             }
-            if let Some(a) = &self.agent {
+            if let Some(a) = &self.ssh_agent {
                 a.set_locked(!self.connecting());
             }
             self.pump().await;
@@ -511,7 +511,7 @@ impl Tree {
             .map(|(l, link)| (l, link.pid()))
             .collect();
         stop_children(pids, &mut self.inbox, KILL_GRACE).await;
-        self.agent = None;
+        self.ssh_agent = None;
     }
 }
 

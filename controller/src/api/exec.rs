@@ -6,7 +6,7 @@ use super::*;
 pub(super) async fn exec(
     conn: &mut UnixStream,
     tree: &TreeHandle,
-    zips: &ZipCache,
+    holdings: &Holdings,
     req: &Value,
     blob: Vec<u8>,
 ) -> Result<(), ApiError> {
@@ -23,9 +23,10 @@ pub(super) async fn exec(
         "cwd": req.get("cwd").cloned().unwrap_or(Value::Null),
     });
     let relays = relays_of(tree, req).await;
-    let answer = exec_zipped(tree, zips, node, &relays, |whole| {
+    let answer = exec_zipped(tree, holdings, node, &relays, |whole| {
         let behind = !relays.is_empty();
-        let (fields, body, keys) = zip_form(zips, node, behind, &stdin, whole, &mut HashSet::new());
+        let (fields, body, keys) =
+            zip_form(holdings, node, behind, &stdin, whole, &mut HashSet::new());
         let mut req = agent_req.clone();
         for (k, v) in fields {
             req[k] = v;
@@ -41,7 +42,7 @@ pub(super) async fn exec(
 /// once more whole. Then remembers what the agent holds.
 pub(super) async fn exec_zipped(
     tree: &TreeHandle,
-    zips: &ZipCache,
+    holdings: &Holdings,
     node: NodeId,
     relays: &[NodeId],
     mut build: impl FnMut(bool) -> (Value, Body, Vec<String>),
@@ -49,17 +50,17 @@ pub(super) async fn exec_zipped(
     for whole in [false, true] {
         let (req, body, keys) = build(whole);
         let injected = body.injects();
-        match exec_body(tree, zips, node, relays, req, body).await {
+        match exec_body(tree, holdings, node, relays, req, body).await {
             Err(ApiError::ZipMiss(_)) if !whole && !keys.is_empty() => {
                 if injected {
                     tracing::warn!(%node, "a relay missed an entry its mirror held");
-                    zips.relay_reset(relays);
+                    holdings.relay_reset(relays);
                 }
             }
             other => {
                 let answer = other?;
                 for k in &keys {
-                    zips.set(node, k);
+                    holdings.set(node, k);
                 }
                 return Ok(answer);
             }
@@ -91,7 +92,7 @@ pub(super) async fn send_answer(
 /// - else, or `whole` (after the agent missed something): the script as it
 ///   is (`zip_span`, so the agent keeps the zip).
 pub(super) fn zip_form(
-    zips: &ZipCache,
+    holdings: &Holdings,
     node: NodeId,
     behind_relay: bool,
     stdin: &[u8],
@@ -105,7 +106,7 @@ pub(super) fn zip_form(
     let key = zip_key(&stdin[a..b]);
     fields.insert("zip_key".into(), json!(key));
     let short = || [&stdin[..a], &stdin[b..]].concat();
-    if !whole && zips.has(node, &key) {
+    if !whole && holdings.has(node, &key) {
         fields.insert("zip_at".into(), json!(a));
         return (fields, Body::raw(short()), vec![key]);
     }
@@ -120,7 +121,7 @@ pub(super) fn zip_form(
                     let mk = format!("m:{}", m.key);
                     let mut e =
                         json!({"n": m.name, "k": m.key, "m": m.method, "c": m.crc, "u": m.size});
-                    if !zips.has(node, &mk) && sending.insert(mk.clone()) {
+                    if !holdings.has(node, &mk) && sending.insert(mk.clone()) {
                         e["s"] = json!(m.data.len());
                         blob += m.data.len();
                         keys.push(mk);
@@ -215,7 +216,7 @@ impl Body {
 /// the relay missed one.
 pub(super) async fn send_body(
     tree: &TreeHandle,
-    zips: &ZipCache,
+    holdings: &Holdings,
     node: NodeId,
     relays: &[NodeId],
     mut req: Value,
@@ -225,17 +226,17 @@ pub(super) async fn send_body(
         return send_request(tree, node, req, &body.flat()).await;
     };
     let size = body.len();
-    let _held = zips.lock_relays(relays).await;
+    let _held = holdings.lock_relays(relays).await;
     for part in &body.parts {
         if let Part::Cached(key, data) = part {
-            ensure_cached(tree, zips, relays, key, data).await?;
+            ensure_cached(tree, holdings, relays, key, data).await?;
         }
     }
     // What a later put pushed out again goes from here.
     let mut sent = Body::default();
     for part in body.parts {
         match part {
-            Part::Cached(key, _) if zips.relay_holds(relay, &key) => {
+            Part::Cached(key, _) if holdings.relay_holds(relay, &key) => {
                 sent.parts.push(Part::Cached(key, Vec::new()))
             }
             Part::Cached(_, data) | Part::Raw(data) => sent.push_raw(&data),
@@ -278,7 +279,7 @@ pub(super) async fn send_body(
 pub(super) async fn choose(
     conn: &mut UnixStream,
     tree: &TreeHandle,
-    zips: &ZipCache,
+    holdings: &Holdings,
     req: &Value,
     blob: Vec<u8>,
 ) -> Result<(), ApiError> {
@@ -293,7 +294,7 @@ pub(super) async fn choose(
     let node = agent_for(tree, req).await?;
     let stdins = [&body[..n_same], &body[n_same..]];
     let relays = relays_of(tree, req).await;
-    let answer = exec_zipped(tree, zips, node, &relays, |whole| {
+    let answer = exec_zipped(tree, holdings, node, &relays, |whole| {
         let mut agent_req = json!({
             "op": "choose",
             "path": req.get("path").cloned().unwrap_or(Value::Null),
@@ -305,8 +306,14 @@ pub(super) async fn choose(
         let mut keys = Vec::new();
         let mut sending = HashSet::new();
         for (name, stdin) in ["same", "differs"].iter().zip(stdins) {
-            let (mut fields, part, key) =
-                zip_form(zips, node, !relays.is_empty(), stdin, whole, &mut sending);
+            let (mut fields, part, key) = zip_form(
+                holdings,
+                node,
+                !relays.is_empty(),
+                stdin,
+                whole,
+                &mut sending,
+            );
             fields.insert(
                 "cmd".into(),
                 req.get(*name)
@@ -329,12 +336,12 @@ pub(super) async fn choose(
 
 pub(super) async fn exec_body(
     tree: &TreeHandle,
-    zips: &ZipCache,
+    holdings: &Holdings,
     node: NodeId,
     relays: &[NodeId],
     agent_req: Value,
     body: Body,
 ) -> Result<(Value, Vec<u8>), ApiError> {
-    let (stream, mut rx) = send_body(tree, zips, node, relays, agent_req, body).await?;
+    let (stream, mut rx) = send_body(tree, holdings, node, relays, agent_req, body).await?;
     gather_reply(tree, stream, &mut rx).await
 }

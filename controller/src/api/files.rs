@@ -6,7 +6,7 @@ use super::*;
 pub(super) async fn put(
     conn: &mut UnixStream,
     tree: &TreeHandle,
-    zips: &ZipCache,
+    holdings: &Holdings,
     req: &Value,
     first: Vec<u8>,
 ) -> Result<(), ApiError> {
@@ -63,7 +63,7 @@ pub(super) async fn put(
             let rest = pending.split_off(pending.len().min(CHUNK_BYTES));
             let chunk = std::mem::replace(&mut pending, rest);
             if let Ok(o) = out.as_mut() {
-                o.send(tree, zips, chunk).await?;
+                o.send(tree, holdings, chunk).await?;
             }
         }
         if last {
@@ -190,7 +190,7 @@ impl Outgoing {
     async fn send(
         &mut self,
         tree: &TreeHandle,
-        zips: &ZipCache,
+        holdings: &Holdings,
         chunk: Vec<u8>,
     ) -> Result<(), ApiError> {
         if self.dropped || !self.window.reserve(chunk.len()).await? {
@@ -199,8 +199,8 @@ impl Outgoing {
         }
         if let Some(&relay) = self.relays.last() {
             let key = format!("f:{}", hex(&Sha256::digest(&chunk)));
-            let _held = zips.lock_relays(&self.relays).await;
-            if ensure_cached(tree, zips, &self.relays, &key, &chunk).await? {
+            let _held = holdings.lock_relays(&self.relays).await;
+            if ensure_cached(tree, holdings, &self.relays, &key, &chunk).await? {
                 let mut keys = vec![key];
                 return inject(tree, relay, self.node, self.stream, &mut keys).await;
             }

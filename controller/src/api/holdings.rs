@@ -5,23 +5,23 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use arbor_core::cache::Fifo;
+use arbor_core::cache::{Mirror, Step};
 use arbor_wire::NodeId;
 
 use crate::tree::Hellos;
 
-/// Module zips each agent holds, for this run: a module's zip (the large,
-/// per-run constant part of an AnsiballZ script) crosses to an agent once;
-/// later calls send the rest of the script and the zip's key.
+/// What the daemon knows each agent and relay holds. Module zips each
+/// agent holds, for this run: a module's zip (the large, per-run constant
+/// part of an AnsiballZ script) crosses to an agent once; later calls send
+/// the rest of the script and the zip's key.
 #[derive(Clone)]
-pub struct ZipCache(
+pub struct Holdings(
     Arc<Mutex<HashMap<NodeId, HashSet<String>>>>,
     /// Per relay: held while a request that fills and injects from its
     /// cache is sent, so a put is never overtaken nor sent twice.
     Arc<Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>>,
-    /// Per relay: a mirror of its content cache, fed the same puts in the
-    /// same order, so it tells exactly which keys the relay holds.
-    Arc<Mutex<HashMap<NodeId, Fifo<()>>>>,
+    /// A mirror of every relay's content cache (`arbor_core::cache`).
+    Arc<Mutex<Mirror>>,
     /// The nodes in the tree: what is kept for a node that left (a hop
     /// reconnected comes back as a new node) goes when a new one comes.
     Hellos,
@@ -32,9 +32,9 @@ const ZIP_KEYS_PER_AGENT_MAX: usize = 4096;
 /// Most bytes a relay keeps in its content cache (`ARBOR_RELAY_CACHE_BYTES`).
 pub const RELAY_CACHE_BYTES_DEFAULT: u64 = 64 << 20;
 
-impl ZipCache {
+impl Holdings {
     pub fn new(nodes: Hellos) -> Self {
-        ZipCache(Arc::default(), Arc::default(), Arc::default(), nodes)
+        Holdings(Arc::default(), Arc::default(), Arc::default(), nodes)
     }
 
     /// Drops from `m` the nodes no longer in the tree.
@@ -72,34 +72,36 @@ impl ZipCache {
     }
 
     pub(super) fn relay_holds(&self, relay: NodeId, key: &str) -> bool {
-        self.2
-            .lock()
-            .map(|m| m.get(&relay).is_some_and(|c| c.contains(key)))
-            .unwrap_or(false)
+        self.2.lock().map(|m| m.holds(relay, key)).unwrap_or(false)
     }
 
-    /// Records a put into `relay`'s cache, as the relay will do it.
-    pub(super) fn relay_put(&self, relay: NodeId, key: &str, weight: usize, max: u64) -> bool {
+    /// The steps that put `key` into the last of `relays`, recorded in the
+    /// mirror as the relays will do them (see `Mirror::plan`).
+    pub(super) fn relay_plan(
+        &self,
+        relays: &[NodeId],
+        key: &str,
+        weight: usize,
+        max: u64,
+    ) -> Option<Vec<Step>> {
         let max = usize::try_from(max).unwrap_or(usize::MAX);
-        let Ok(mut m) = self.2.lock() else {
-            return false;
-        };
-        if !m.contains_key(&relay) {
-            self.forget_gone(&mut m);
+        let mut m = self.2.lock().ok()?;
+        if relays.iter().any(|r| !m.knows(*r)) {
+            if let Ok(up) = self.3.lock() {
+                m.retain(|r| up.contains_key(&r));
+            }
             if let Ok(mut locks) = self.1.lock() {
                 self.forget_gone(&mut locks);
             }
         }
-        m.entry(relay).or_default().put(key, (), weight, max)
+        m.plan(relays, key, weight, max)
     }
 
     /// Starts the mirrors of `relays` afresh (a relay missed an entry the
     /// mirror said it held: puts again are harmless).
     pub(super) fn relay_reset(&self, relays: &[NodeId]) {
         if let Ok(mut m) = self.2.lock() {
-            for r in relays {
-                m.remove(r);
-            }
+            m.reset(relays);
         }
     }
 

@@ -16,7 +16,7 @@ use tokio::net::UnixStream;
 
 use super::{
     agent_for, noreply, put_answer, read_body, relays_of, send_body, send_request, zip_form,
-    ApiError, ZipCache,
+    ApiError, Holdings,
 };
 use crate::tree::TreeHandle;
 
@@ -49,7 +49,7 @@ pub fn is_module_put(req: &Value) -> bool {
 pub async fn put_module(
     conn: &mut UnixStream,
     tree: &TreeHandle,
-    zips: &ZipCache,
+    holdings: &Holdings,
     req: &Value,
     first: Vec<u8>,
     last: &mut Option<LastPut>,
@@ -64,7 +64,7 @@ pub async fn put_module(
     let node = agent_for(tree, req).await?;
     let relays = relays_of(tree, req).await;
     let (fields, body, keys) = zip_form(
-        zips,
+        holdings,
         node,
         !relays.is_empty(),
         &script,
@@ -84,10 +84,10 @@ pub async fn put_module(
         req: req.clone(),
         script,
     });
-    let (stream, mut rx) = send_body(tree, zips, node, &relays, agent_req, body).await?;
+    let (stream, mut rx) = send_body(tree, holdings, node, &relays, agent_req, body).await?;
     // The agent keeps what it was sent even if its put fails later.
     for k in &keys {
-        zips.set(node, k);
+        holdings.set(node, k);
     }
     put_answer(conn, tree, stream, &mut rx, posted).await
 }

@@ -47,53 +47,43 @@ pub(super) async fn relays_of(tree: &TreeHandle, req: &Value) -> Vec<NodeId> {
 }
 
 /// Makes sure the last of `relays` (a chain's relays, nearest first) holds
-/// `key`: from the nearest relay that holds it (`Forward`), or put into the
-/// first relay and forwarded down, so the bytes cross each link at most
-/// once. The caller holds the relays' locks. False if the cache cannot
-/// keep it (then the caller sends the bytes itself).
+/// `key`, as the mirror plans it: from the nearest relay that holds it
+/// (`Forward`), or put into the first relay and forwarded down, so the bytes
+/// cross each link at most once. The caller holds the relays' locks. False
+/// if the cache cannot keep it (then the caller sends the bytes itself).
 pub(super) async fn ensure_cached(
     tree: &TreeHandle,
-    zips: &ZipCache,
+    holdings: &Holdings,
     relays: &[NodeId],
     key: &str,
     data: &[u8],
 ) -> Result<bool, ApiError> {
+    use arbor_core::cache::Step;
     use arbor_wire::control::{self, Request};
-    let Some(&last) = relays.last() else {
+    let max_bytes = relay_cache_bytes();
+    let Some(steps) = holdings.relay_plan(relays, key, data.len(), max_bytes) else {
         return Ok(false);
     };
-    if zips.relay_holds(last, key) {
-        return Ok(true);
-    }
-    let max_bytes = relay_cache_bytes();
-    let from = match relays.iter().rposition(|r| zips.relay_holds(*r, key)) {
-        Some(i) => i,
-        None => {
-            let put = Request::CachePut {
-                key: key.to_string(),
-                data: data.to_vec(),
-                max_bytes,
-            };
-            if !zips.relay_put(relays[0], key, data.len(), max_bytes) {
-                return Ok(false);
-            }
-            tree.post(relays[0], control::encode(&put))
-                .await
-                .map_err(ApiError::unreachable)?;
-            0
-        }
-    };
-    for pair in relays[from..].windows(2) {
-        let (via, dst) = (pair[0], pair[1]);
-        if !zips.relay_put(dst, key, data.len(), max_bytes) {
-            return Ok(false);
-        }
-        let fwd = Request::Forward {
-            dst,
-            keys: vec![key.to_string()],
-            max_bytes,
+    for step in steps {
+        let (to, req) = match step {
+            Step::Put { relay } => (
+                relay,
+                Request::CachePut {
+                    key: key.to_string(),
+                    data: data.to_vec(),
+                    max_bytes,
+                },
+            ),
+            Step::Forward { via, dst } => (
+                via,
+                Request::Forward {
+                    dst,
+                    keys: vec![key.to_string()],
+                    max_bytes,
+                },
+            ),
         };
-        tree.post(via, control::encode(&fwd))
+        tree.post(to, control::encode(&req))
             .await
             .map_err(ApiError::unreachable)?;
     }

@@ -41,7 +41,7 @@ impl Tree {
         self.started.insert(node, Instant::now());
         // The agent signs while something connects (a deeper hop through
         // the forwarded socket, or this ssh with its keys).
-        if let Some(a) = &self.agent {
+        if let Some(a) = &self.ssh_agent {
             a.set_locked(false);
         }
         self.load_keys(&chain, role, node).await;
@@ -105,7 +105,7 @@ impl Tree {
     /// A refused login's message, with the key files that could not be
     /// used because they need a passphrase no agent supplies.
     pub(super) fn with_key_hint(&self, why: String, keys: &[PathBuf]) -> String {
-        let Some(agent) = &self.agent else {
+        let Some(agent) = &self.ssh_agent else {
             return why;
         };
         let locked = agent.locked_files(keys);
@@ -160,7 +160,7 @@ impl Tree {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        if let Some(a) = &self.agent {
+        if let Some(a) = &self.ssh_agent {
             cmd.env("SSH_AUTH_SOCK", a.socket());
         }
         if let Some(pw) = password {
@@ -299,7 +299,7 @@ impl Tree {
             keys.extend(chain.iter().flat_map(of));
         }
         self.hop_keys.insert(node, own);
-        if let Some(a) = &mut self.agent {
+        if let Some(a) = &mut self.ssh_agent {
             a.load(keys).await;
         }
     }

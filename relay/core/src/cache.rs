@@ -5,6 +5,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use arbor_wire::NodeId;
+
 #[derive(Debug)]
 pub struct Fifo<V> {
     entries: HashMap<String, (V, usize)>,
@@ -62,9 +64,118 @@ impl<V> Fifo<V> {
     }
 }
 
+/// One step that moves an entry toward the last relay of a chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The controller puts the entry into `relay`'s cache (`CachePut`).
+    Put { relay: NodeId },
+    /// `via` puts its copy into the cache of `dst`, the relay below it
+    /// (`Forward`).
+    Forward { via: NodeId, dst: NodeId },
+}
+
+/// The daemon's mirror of every relay's content cache: each relay's own
+/// rule ([`Fifo`]) fed the same puts in the same order, so it tells exactly
+/// which keys each relay holds, and plans the fewest crossings.
+#[derive(Debug, Default)]
+pub struct Mirror {
+    relays: HashMap<NodeId, Fifo<()>>,
+}
+
+impl Mirror {
+    pub fn holds(&self, relay: NodeId, key: &str) -> bool {
+        self.relays.get(&relay).is_some_and(|c| c.contains(key))
+    }
+
+    /// The steps that make the last of `relays` (a chain's relays, nearest
+    /// the controller first) hold `key`, recorded as done: from the
+    /// nearest relay that holds it, else put into the first and forwarded
+    /// down, so its bytes cross each link at most once. None (and nothing
+    /// recorded) if a cache cannot keep an entry of `weight` bytes.
+    pub fn plan(
+        &mut self,
+        relays: &[NodeId],
+        key: &str,
+        weight: usize,
+        max: usize,
+    ) -> Option<Vec<Step>> {
+        let &last = relays.last()?;
+        if self.holds(last, key) {
+            return Some(Vec::new());
+        }
+        if weight > max {
+            return None;
+        }
+        let mut steps = Vec::new();
+        let from = match relays.iter().rposition(|r| self.holds(*r, key)) {
+            Some(i) => i,
+            None => {
+                steps.push(Step::Put { relay: relays[0] });
+                0
+            }
+        };
+        for pair in relays[from..].windows(2) {
+            steps.push(Step::Forward {
+                via: pair[0],
+                dst: pair[1],
+            });
+        }
+        for step in &steps {
+            let relay = match *step {
+                Step::Put { relay } => relay,
+                Step::Forward { dst, .. } => dst,
+            };
+            self.relays
+                .entry(relay)
+                .or_default()
+                .put(key, (), weight, max);
+        }
+        Some(steps)
+    }
+
+    /// Starts the mirrors of `relays` afresh (one missed an entry the
+    /// mirror said it held: puts again are harmless).
+    pub fn reset(&mut self, relays: &[NodeId]) {
+        for r in relays {
+            self.relays.remove(r);
+        }
+    }
+
+    /// Keeps only the relays still in the tree.
+    pub fn retain(&mut self, mut up: impl FnMut(NodeId) -> bool) {
+        self.relays.retain(|r, _| up(*r));
+    }
+
+    pub fn knows(&self, relay: NodeId) -> bool {
+        self.relays.contains_key(&relay)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Fifo;
+    use super::{Fifo, Mirror, NodeId, Step};
+
+    #[test]
+    fn a_plan_crosses_each_link_once_from_the_nearest_holder() {
+        let (a, b, c) = (NodeId(1), NodeId(2), NodeId(3));
+        let mut m = Mirror::default();
+        assert_eq!(
+            m.plan(&[a, b, c], "k", 10, 100),
+            Some(vec![
+                Step::Put { relay: a },
+                Step::Forward { via: a, dst: b },
+                Step::Forward { via: b, dst: c }
+            ])
+        );
+        assert_eq!(m.plan(&[a, b, c], "k", 10, 100), Some(vec![]));
+        m.reset(&[c]);
+        assert_eq!(
+            m.plan(&[a, b, c], "k", 10, 100),
+            Some(vec![Step::Forward { via: b, dst: c }])
+        );
+        assert_eq!(m.plan(&[a], "big", 101, 100), None);
+        assert!(!m.holds(a, "big"));
+    }
 
     #[test]
     fn oldest_go_first_and_the_bound_holds() {

@@ -17,10 +17,58 @@ use std::time::{Duration, Instant};
 
 use arbor_core::{Event, Limits, LinkId, Node, Role};
 
+pub mod cache;
 pub mod connect;
 pub mod relay;
 pub mod streams;
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
+
+/// The seeds a test runs: `ARBOR_SIM_SEED=S` replays one; else
+/// `ARBOR_SIM_SEEDS` (default `default`) from 0.
+pub fn seeds(default: u64) -> Vec<u64> {
+    if let Ok(s) = std::env::var("ARBOR_SIM_SEED") {
+        return vec![s.parse().expect("ARBOR_SIM_SEED is a number")];
+    }
+    let n = std::env::var("ARBOR_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    (0..n).collect()
+}
+
+/// A node's announcement, as a child sends it up on joining.
+pub fn hello(node: NodeId) -> Frame {
+    Frame::new(
+        Kind::RouteAdd,
+        NodeId::CONTROLLER,
+        node,
+        StreamId(0),
+        b"{}".to_vec(),
+    )
+}
+
+/// A spawn request for `node`, as the daemon asks a relay (the command is
+/// an ssh the simulation stands for).
+pub fn spawn_of(
+    node: NodeId,
+    connect_timeout_ms: u32,
+    max_connecting: u16,
+) -> arbor_wire::control::Spawn {
+    arbor_wire::control::Spawn {
+        node,
+        label: format!("n{}", node.0),
+        argv: vec!["ssh".into(), format!("n{}", node.0)],
+        env: Vec::new(),
+        preamble: Vec::new(),
+        send_self: false,
+        known_hosts: None,
+        connect_timeout_ms,
+        preamble_pinned: None,
+        known_hosts_pinned: None,
+        max_connecting,
+        password: None,
+    }
+}
 
 /// Small deterministic PRNG (splitmix64).
 pub struct Rng(u64);
@@ -45,7 +93,7 @@ impl Rng {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role2 {
+pub enum NodeKind {
     Controller,
     Relay,
     Leaf,
@@ -53,7 +101,7 @@ pub enum Role2 {
 
 struct SimNode {
     core: Node,
-    role: Role2,
+    role: NodeKind,
     alive: bool,
     /// link → (peer node index, peer's link id, latency)
     links: BTreeMap<LinkId, (usize, LinkId, Duration)>,
@@ -177,19 +225,19 @@ impl Sim {
         }
     }
 
-    fn add_node(&mut self, role: Role2) -> usize {
+    fn add_node(&mut self, role: NodeKind) -> usize {
         let id = NodeId(self.nodes.len() as u32);
         let core = Node::new(id, Limits::default());
         self.nodes.push(SimNode {
             // The controller and relays are strict, as arbor's: a node is
             // routed only where it was started.
-            core: if role == Role2::Leaf {
+            core: if role == NodeKind::Leaf {
                 core
             } else {
                 core.strict()
             },
             role,
-            alive: role == Role2::Controller,
+            alive: role == NodeKind::Controller,
             links: BTreeMap::new(),
         });
         self.nodes.len() - 1
@@ -264,17 +312,17 @@ impl Sim {
                     self.violations
                         .push(format!("{me} was handed a frame for {}", frame.dst));
                 }
-                if self.nodes[i].role != Role2::Controller && frame.src != NodeId::CONTROLLER {
+                if self.nodes[i].role != NodeKind::Controller && frame.src != NodeId::CONTROLLER {
                     self.violations
                         .push(format!("{me} was handed a frame from {}", frame.src));
                 }
                 match (self.nodes[i].role, frame.kind) {
-                    (Role2::Leaf | Role2::Relay, Kind::Request) => {
+                    (NodeKind::Leaf | NodeKind::Relay, Kind::Request) => {
                         let reply = frame.reply_to(Kind::Reply, frame.payload.clone());
                         let now = self.now;
                         self.nodes[i].core.send(now, reply);
                     }
-                    (Role2::Controller, Kind::Reply) => match self.calls.get(&frame.stream) {
+                    (NodeKind::Controller, Kind::Reply) => match self.calls.get(&frame.stream) {
                         Some(&asked) if asked != frame.src => self.violations.push(format!(
                             "call {:?} to {asked} answered by {}",
                             frame.stream, frame.src
@@ -290,17 +338,17 @@ impl Sim {
                             .violations
                             .push(format!("reply to unknown call {:?}", frame.stream)),
                     },
-                    (Role2::Controller, Kind::Undeliverable) => {
+                    (NodeKind::Controller, Kind::Undeliverable) => {
                         let why = String::from_utf8_lossy(&frame.payload).into_owned();
                         self.finish(frame.stream, Outcome::Error(why));
                     }
                     _ => {}
                 }
             }
-            Event::NodeUp { node, .. } if self.nodes[i].role == Role2::Controller => {
+            Event::NodeUp { node, .. } if self.nodes[i].role == NodeKind::Controller => {
                 self.up.insert(node);
             }
-            Event::NodeDown { node, reason } if self.nodes[i].role == Role2::Controller => {
+            Event::NodeDown { node, reason } if self.nodes[i].role == NodeKind::Controller => {
                 self.up.remove(&node);
                 let lost: Vec<StreamId> = self
                     .calls
@@ -446,14 +494,16 @@ impl Sim {
     /// Runs a whole scenario and reports.
     pub fn run(seed: u64, s: Scenario) -> Report {
         let mut sim = Sim::new(seed);
-        let controller = sim.add_node(Role2::Controller);
-        let relays: Vec<usize> = (0..s.relays).map(|_| sim.add_node(Role2::Relay)).collect();
+        let controller = sim.add_node(NodeKind::Controller);
+        let relays: Vec<usize> = (0..s.relays)
+            .map(|_| sim.add_node(NodeKind::Relay))
+            .collect();
         for &r in &relays {
             sim.connect(controller, r);
         }
         let mut leaves = Vec::new();
         for k in 0..s.leaves {
-            let l = sim.add_node(Role2::Leaf);
+            let l = sim.add_node(NodeKind::Leaf);
             sim.connect(relays[k % relays.len()], l);
             leaves.push(l);
         }

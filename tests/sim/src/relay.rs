@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use arbor_core::liveness::Pinger;
 use arbor_core::relay::{Action, Relay, PARENT};
 use arbor_core::LinkId;
-use arbor_wire::control::{self, Reply, Request, Spawn};
+use arbor_wire::control::{self, Reply, Request};
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
 
 use crate::Rng;
@@ -220,20 +220,8 @@ pub fn run(seed: u64, s: RelayScenario) -> RelayReport {
         let node = NodeId(100 + i as u32);
         let stream = 1 + i as u32;
         sim.answers.insert(StreamId(stream), (node, 0));
-        let spawn = Spawn {
-            node,
-            label: format!("target{i}"),
-            argv: vec!["ssh".into(), format!("target{i}")],
-            env: Vec::new(),
-            preamble: Vec::new(),
-            send_self: false,
-            known_hosts: None,
-            connect_timeout_ms: u32::try_from(s.connect_timeout.as_millis()).unwrap_or(u32::MAX),
-            preamble_pinned: None,
-            known_hosts_pinned: None,
-            max_connecting: s.max_connecting,
-            password: None,
-        };
+        let timeout = u32::try_from(s.connect_timeout.as_millis()).unwrap_or(u32::MAX);
+        let spawn = crate::spawn_of(node, timeout, s.max_connecting);
         sim.send_down(&Request::Spawn(spawn), stream);
     }
     sim.pinger.watch(sim.relay.id());
@@ -271,14 +259,7 @@ pub fn run(seed: u64, s: RelayScenario) -> RelayReport {
                 Some(Ev::ToRelay(f)) => sim.relay.handle_frame(t, PARENT, f),
                 Some(Ev::ToController(f)) => sim.controller_gets(f),
                 Some(Ev::Join(link, node)) => {
-                    let hello = Frame::new(
-                        Kind::RouteAdd,
-                        NodeId::CONTROLLER,
-                        node,
-                        StreamId(0),
-                        b"{}".to_vec(),
-                    );
-                    sim.relay.handle_frame(t, link, hello);
+                    sim.relay.handle_frame(t, link, crate::hello(node));
                 }
                 Some(Ev::Exit(link, why)) => sim.relay.child_exited(t, link, why),
                 None => {}

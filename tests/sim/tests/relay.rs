@@ -8,14 +8,7 @@ use arbor_core::relay::WAITING_SPAWNS_MAX;
 use arbor_sim::relay::{run, RelayReport, RelayScenario};
 
 fn seeds() -> Vec<u64> {
-    if let Ok(s) = std::env::var("ARBOR_SIM_SEED") {
-        return vec![s.parse().expect("ARBOR_SIM_SEED is a number")];
-    }
-    let n = std::env::var("ARBOR_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(32);
-    (0..n).collect()
+    arbor_sim::seeds(32)
 }
 
 fn check(seed: u64, s: RelayScenario) -> RelayReport {

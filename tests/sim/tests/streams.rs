@@ -7,14 +7,7 @@ use std::time::Duration;
 use arbor_sim::streams::{run, StreamsScenario};
 
 fn seeds() -> Vec<u64> {
-    if let Ok(s) = std::env::var("ARBOR_SIM_SEED") {
-        return vec![s.parse().expect("ARBOR_SIM_SEED is a number")];
-    }
-    let n = std::env::var("ARBOR_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(16);
-    (0..n).collect()
+    arbor_sim::seeds(16)
 }
 
 #[test]

@@ -5,14 +5,7 @@
 use arbor_sim::{Outcome, Scenario, Sim};
 
 fn seeds() -> Vec<u64> {
-    if let Ok(s) = std::env::var("ARBOR_SIM_SEED") {
-        return vec![s.parse().expect("ARBOR_SIM_SEED is a number")];
-    }
-    let n = std::env::var("ARBOR_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(64);
-    (0..n).collect()
+    arbor_sim::seeds(64)
 }
 
 fn check(seed: u64, s: Scenario) -> arbor_sim::Report {
