@@ -5,7 +5,9 @@
 //!   (memfd) and runs it; no python needed, nothing written to disk.
 //! - `agent/first_stage.py`: given to `python3 -c`, reads the compressed
 //!   agent from stdin and runs it from memory.
-//! - `agent/arbor_agent.py`: the agent itself (standard library only).
+//! - `agent/arbor_agent/`: the agent itself (standard library only), a
+//!   package bundled with `agent/bundle_loader.py` into one source
+//!   ([`agent_source`]) that imports it from memory.
 
 use std::sync::OnceLock;
 
@@ -16,7 +18,72 @@ use arbor_wire::NodeId;
 
 pub const STAGE0_SH: &str = include_str!("../stage0.sh");
 pub const FIRST_STAGE_PY: &str = include_str!("../agent/first_stage.py");
-pub const AGENT_PY: &str = include_str!("../agent/arbor_agent.py");
+/// The agent package's modules, by import name.
+pub const AGENT_MODULES: &[(&str, &str)] = &[
+    (
+        "arbor_agent",
+        include_str!("../agent/arbor_agent/__init__.py"),
+    ),
+    (
+        "arbor_agent.agent",
+        include_str!("../agent/arbor_agent/agent.py"),
+    ),
+    (
+        "arbor_agent.become",
+        include_str!("../agent/arbor_agent/become.py"),
+    ),
+    (
+        "arbor_agent.bounds",
+        include_str!("../agent/arbor_agent/bounds.py"),
+    ),
+    (
+        "arbor_agent.execute",
+        include_str!("../agent/arbor_agent/execute.py"),
+    ),
+    (
+        "arbor_agent.files",
+        include_str!("../agent/arbor_agent/files.py"),
+    ),
+    (
+        "arbor_agent.jobs",
+        include_str!("../agent/arbor_agent/jobs.py"),
+    ),
+    (
+        "arbor_agent.link",
+        include_str!("../agent/arbor_agent/link.py"),
+    ),
+    (
+        "arbor_agent.modules",
+        include_str!("../agent/arbor_agent/modules.py"),
+    ),
+    (
+        "arbor_agent.transfer",
+        include_str!("../agent/arbor_agent/transfer.py"),
+    ),
+    (
+        "arbor_agent.wire",
+        include_str!("../agent/arbor_agent/wire.py"),
+    ),
+];
+const BUNDLE_LOADER_PY: &str = include_str!("../agent/bundle_loader.py");
+
+/// The agent as one Python source: the package's modules as `_SOURCES`,
+/// each a raw triple-quoted string (so its text goes as it is: no module
+/// may hold three single quotes or end in a backslash, which a test
+/// checks), then the loader that imports them from memory and runs the
+/// agent. Computed once.
+pub fn agent_source() -> &'static str {
+    static SOURCE: OnceLock<String> = OnceLock::new();
+    SOURCE.get_or_init(|| {
+        let mut out = String::from("_SOURCES = {\n");
+        for (name, source) in AGENT_MODULES {
+            out.push_str(&format!("{name:?}: r'''{source}''',\n"));
+        }
+        out.push_str("}\n");
+        out.push_str(BUNDLE_LOADER_PY);
+        out
+    })
+}
 
 /// Quotes `s` for a POSIX shell: the result is one word, taken literally.
 pub fn sh_quote(s: &str) -> String {
@@ -36,7 +103,7 @@ pub fn agent_payload() -> &'static [u8] {
         use std::io::Write;
         let mut z = ZlibEncoder::new(Vec::new(), Compression::best());
         // Writing to a Vec cannot fail.
-        let _ = z.write_all(AGENT_PY.as_bytes());
+        let _ = z.write_all(agent_source().as_bytes());
         z.finish().unwrap_or_default()
     })
 }
@@ -123,7 +190,28 @@ mod tests {
         let mut z = flate2::read::ZlibDecoder::new(agent_payload());
         let mut s = String::new();
         z.read_to_string(&mut s).expect("zlib");
-        assert_eq!(s, AGENT_PY);
-        assert!(agent_payload().len() < AGENT_PY.len() / 2);
+        assert_eq!(s, agent_source());
+        assert!(agent_payload().len() < agent_source().len() / 2);
+    }
+
+    #[test]
+    fn the_bundle_holds_every_module_of_the_package() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("agent/arbor_agent");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .expect("the agent package")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".py"))
+            .map(|n| match n.trim_end_matches(".py") {
+                "__init__" => "arbor_agent".to_string(),
+                m => format!("arbor_agent.{m}"),
+            })
+            .collect();
+        on_disk.sort();
+        let bundled: Vec<&str> = AGENT_MODULES.iter().map(|(n, _)| *n).collect();
+        assert_eq!(on_disk, bundled);
+        for (name, source) in AGENT_MODULES {
+            assert!(!source.contains("'''"), "{name} holds three single quotes");
+            assert!(!source.ends_with('\\'), "{name} ends in a backslash");
+        }
     }
 }

@@ -76,6 +76,8 @@ pub enum Cmd {
     },
     /// Print arbor's version and the relays it carries
     Version,
+    /// Print the agent's code as sent to a target (one Python source)
+    AgentCode,
 }
 
 /// `arbor --version`'s line: the version and each relay carried.

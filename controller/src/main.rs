@@ -96,6 +96,14 @@ fn run(cmd: Option<cli::Cmd>) -> Result<()> {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
             Ok(())
         }
+        Some(Cmd::AgentCode) => {
+            use std::io::Write;
+            let code = arbor_bootstrap::agent_source();
+            match std::io::stdout().write_all(code.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
+        }
         Some(Cmd::PluginPath) => {
             println!("{}", plugin_path().display());
             Ok(())
@@ -285,7 +293,7 @@ async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
         connecting_max: connecting_max(),
     });
     let tree_task = tokio::spawn(tree.run());
-    let zips = api::ZipCache::new(handle.hellos());
+    let holdings = api::Holdings::new(handle.hellos());
     tracing::info!(socket = %sock.display(), ?parent, "arbor daemon serving");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -299,7 +307,7 @@ async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
                 let (conn, _) = conn?;
                 match conn.peer_cred() {
                     Ok(c) if c.uid() == uid => {
-                        tokio::spawn(api::serve(conn, handle.clone(), zips.clone()));
+                        tokio::spawn(api::serve(conn, handle.clone(), holdings.clone()));
                     }
                     Ok(c) => tracing::warn!(peer_uid = c.uid(), "refused a connection from another user"),
                     Err(e) => tracing::warn!(error = %e, "refused a connection without credentials"),

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 AGENT_DIR = REPO / "bootstrap" / "agent"
 GOLDEN = REPO / "tests" / "golden"
 sys.path.insert(0, str(AGENT_DIR))
-import arbor_agent as A  # noqa: E402
+from arbor_agent import files as F, modules as M, wire as W  # noqa: E402
 
 NODE = 12
 
@@ -32,21 +32,29 @@ def test_golden_frames_decode_as_in_rust():
     for c in cases:
         data = (GOLDEN / c["file"]).read_bytes()
         if c["valid"]:
-            frame, used = A.decode(bytearray(data))
+            frame, used = W.decode(bytearray(data))
             assert used == len(data), c["name"]
             assert frame == (c["kind"], c["flags"], c["dst"], c["src"], c["stream"],
                              bytes.fromhex(c["payload_hex"])), c["name"]
-            assert A.encode(*frame[:1], *frame[2:5], frame[5]) == data, c["name"]
+            assert W.encode(*frame[:1], *frame[2:5], frame[5]) == data, c["name"]
         else:
-            with pytest.raises(A.WireError) as e:
-                A.decode(bytearray(data))
+            with pytest.raises(W.WireError) as e:
+                W.decode(bytearray(data))
             assert str(e.value).startswith(c["error"]), (c["name"], str(e.value))
 
 
 def test_golden_message_payloads_split():
     req = json.loads((GOLDEN / "frames.json").read_text())["frames"][0]
-    obj, blob = A.split_msg(bytes.fromhex(req["payload_hex"]))
+    obj, blob = W.split_msg(bytes.fromhex(req["payload_hex"]))
     assert obj == {"op": "exec", "cmd": "/bin/sh -c 'echo hi && sleep 0'"} and blob == b"stdin bytes"
+
+
+def agent_code():
+    """The agent as the daemon sends it: the package bundled by bootstrap."""
+    out = subprocess.run([str(REPO / "target" / "release" / "arbor"), "agent-code"], check=True,
+                         capture_output=True).stdout
+    assert out.startswith(b"_SOURCES = {")
+    return out
 
 
 def boot_code():
@@ -58,12 +66,12 @@ class Link:
     """An agent process started through the first stage, and its frames."""
 
     def __init__(self, tmp_path):
-        code = zlib.compress((AGENT_DIR / "arbor_agent.py").read_bytes(), 9)
+        code = zlib.compress(agent_code(), 9)
         boot = boot_code()
         self.proc = subprocess.Popen([sys.executable, "-c", boot],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, cwd=tmp_path)
-        self.proc.stdin.write(b"leftover password line\n" + A.AGENT_MARKER
+        self.proc.stdin.write(b"leftover password line\n" + W.AGENT_MARKER
                               + struct.pack("<II", NODE, len(code)) + code)
         self.proc.stdin.flush()
         self.buf = bytearray()
@@ -71,7 +79,7 @@ class Link:
 
     def frame(self):
         while True:
-            frame, need = A.decode(self.buf)
+            frame, need = W.decode(self.buf)
             if frame:
                 del self.buf[:need]
                 return frame
@@ -80,15 +88,15 @@ class Link:
             self.buf.extend(chunk)
 
     def send(self, kind, payload, stream=None, dst=NODE):
-        self.proc.stdin.write(A.encode(kind, dst, 0, stream or self.stream, payload))
+        self.proc.stdin.write(W.encode(kind, dst, 0, stream or self.stream, payload))
         self.proc.stdin.flush()
 
     def call(self, obj, blob=b""):
         self.stream += 1
-        self.send(A.REQUEST, A.msg(obj, blob))
+        self.send(W.REQUEST, W.msg(obj, blob))
         kind, _, dst, src, stream, payload = self.frame()
-        assert (kind, dst, src, stream) == (A.REPLY, 0, NODE, self.stream)
-        return A.split_msg(payload)
+        assert (kind, dst, src, stream) == (W.REPLY, 0, NODE, self.stream)
+        return W.split_msg(payload)
 
     def close(self):
         self.proc.stdin.close()
@@ -99,8 +107,8 @@ class Link:
 def link(tmp_path):
     l = Link(tmp_path)
     kind, _, dst, src, _, payload = l.frame()
-    assert (kind, dst, src) == (A.ROUTE_ADD, 0, NODE)
-    assert A.split_msg(payload)[0]["pid"] == l.proc.pid
+    assert (kind, dst, src) == (W.ROUTE_ADD, 0, NODE)
+    assert W.split_msg(payload)[0]["pid"] == l.proc.pid
     yield l
     if l.proc.poll() is None:
         l.proc.kill()
@@ -221,48 +229,48 @@ def test_put_is_atomic_keeps_mode_and_streams(link, tmp_path):
     assert res == {"size": 3}
     assert dest.read_text() == "new" and (dest.stat().st_mode & 0o777) == 0o640
     # Streamed: a 1.5 MiB file in chunks; nothing visible at dest until the end.
-    big = os.urandom(3 * A.CHUNK_BYTES // 2 + 7)
+    big = os.urandom(3 * W.CHUNK_BYTES // 2 + 7)
     big_dest = tmp_path / "big.bin"
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "put", "path": str(big_dest), "size": len(big),
+    link.send(W.REQUEST, W.msg({"op": "put", "path": str(big_dest), "size": len(big),
                                 "streamed": True}, big[:1000]))
-    for i in range(1000, len(big), A.CHUNK_BYTES):
-        link.send(A.DATA, big[i:i + A.CHUNK_BYTES])
+    for i in range(1000, len(big), W.CHUNK_BYTES):
+        link.send(W.DATA, big[i:i + W.CHUNK_BYTES])
         assert not big_dest.exists()
         # Each part consumed is credited back: the bytes written so far.
         kind, _, _, _, stream, payload = link.frame()
-        assert (kind, stream) == (A.CREDIT, link.stream)
-        assert A.CREDIT_PAYLOAD.unpack(payload)[0] == min(i + A.CHUNK_BYTES, len(big))
-    link.send(A.END, b"")
+        assert (kind, stream) == (W.CREDIT, link.stream)
+        assert W.CREDIT_PAYLOAD.unpack(payload)[0] == min(i + W.CHUNK_BYTES, len(big))
+    link.send(W.END, b"")
     kind, _, _, _, _, payload = link.frame()
-    assert kind == A.REPLY and A.split_msg(payload)[0] == {"size": len(big)}
+    assert kind == W.REPLY and W.split_msg(payload)[0] == {"size": len(big)}
     assert big_dest.read_bytes() == big
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin", "conf"]  # no temp left
     # A short stream leaves the old file and no temp file.
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "put", "path": str(dest), "size": 10, "streamed": True}, b"abc"))
-    link.send(A.END, b"")
+    link.send(W.REQUEST, W.msg({"op": "put", "path": str(dest), "size": 10, "streamed": True}, b"abc"))
+    link.send(W.END, b"")
     kind, _, _, _, _, payload = link.frame()
-    assert "got 3 of 10 bytes" in A.split_msg(payload)[0]["error"]
+    assert "got 3 of 10 bytes" in W.split_msg(payload)[0]["error"]
     assert dest.read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin", "conf"]
     # Too many bytes: the put fails, and the sender is told to stop (all
     # credit) before the error.
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "put", "path": str(dest), "size": 2, "streamed": True}, b""))
-    link.send(A.DATA, b"abc")
+    link.send(W.REQUEST, W.msg({"op": "put", "path": str(dest), "size": 2, "streamed": True}, b""))
+    link.send(W.DATA, b"abc")
     kind, _, _, _, _, payload = link.frame()
-    assert kind == A.CREDIT and A.CREDIT_PAYLOAD.unpack(payload)[0] == A.CREDIT_ALL
+    assert kind == W.CREDIT and W.CREDIT_PAYLOAD.unpack(payload)[0] == W.CREDIT_ALL
     kind, _, _, _, _, payload = link.frame()
-    assert kind == A.REPLY and "more bytes than announced" in A.split_msg(payload)[0]["error"]
+    assert kind == W.REPLY and "more bytes than announced" in W.split_msg(payload)[0]["error"]
     # A put that cannot start stops its sender too.
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "put", "path": str(tmp_path / "no" / "dir"), "size": 2,
+    link.send(W.REQUEST, W.msg({"op": "put", "path": str(tmp_path / "no" / "dir"), "size": 2,
                                 "streamed": True}, b""))
     kind, _, _, _, _, payload = link.frame()
-    assert kind == A.CREDIT and A.CREDIT_PAYLOAD.unpack(payload)[0] == A.CREDIT_ALL
+    assert kind == W.CREDIT and W.CREDIT_PAYLOAD.unpack(payload)[0] == W.CREDIT_ALL
     kind, _, _, _, _, payload = link.frame()
-    assert kind == A.REPLY and "No such file" in A.split_msg(payload)[0]["error"]
+    assert kind == W.REPLY and "No such file" in W.split_msg(payload)[0]["error"]
     assert dest.read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin", "conf"]
 
@@ -271,16 +279,16 @@ def test_fetch_small_and_streamed(link, tmp_path):
     (tmp_path / "small").write_bytes(b"hello")
     res, blob = link.call({"op": "fetch", "path": str(tmp_path / "small")})
     assert res == {"size": 5} and blob == b"hello"
-    data = os.urandom(2 * A.CHUNK_BYTES + 5)
+    data = os.urandom(2 * W.CHUNK_BYTES + 5)
     (tmp_path / "large").write_bytes(data)
     res, got = link.call({"op": "fetch", "path": str(tmp_path / "large")})
     assert res["streamed"] and res["size"] == len(data)
     parts = [got]
     while True:
         kind, _, _, _, _, payload = link.frame()
-        if kind == A.END:
+        if kind == W.END:
             break
-        assert kind == A.DATA
+        assert kind == W.DATA
         parts.append(payload)
     assert b"".join(parts) == data
     res, _ = link.call({"op": "fetch", "path": str(tmp_path / "missing")})
@@ -290,19 +298,19 @@ def test_fetch_small_and_streamed(link, tmp_path):
 def test_streamed_request_body_and_streamed_reply(link):
     """stdin over one chunk arrives in Data frames; output over one chunk
     comes back in Data frames."""
-    body = os.urandom(A.CHUNK_BYTES + 100)
+    body = os.urandom(W.CHUNK_BYTES + 100)
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "exec", "cmd": "cat; cat >&2 </dev/null", "streamed": True},
+    link.send(W.REQUEST, W.msg({"op": "exec", "cmd": "cat; cat >&2 </dev/null", "streamed": True},
                                body[:10]))
-    link.send(A.DATA, body[10:])
-    link.send(A.END, b"")
+    link.send(W.DATA, body[10:])
+    link.send(W.END, b"")
     kind, _, _, _, _, payload = link.frame()
-    res, first = A.split_msg(payload)
-    assert kind == A.REPLY and res["streamed"] and res["rc"] == 0
+    res, first = W.split_msg(payload)
+    assert kind == W.REPLY and res["streamed"] and res["rc"] == 0
     parts = [first]
     while True:
         kind, _, _, _, _, payload = link.frame()
-        if kind == A.END:
+        if kind == W.END:
             break
         parts.append(payload)
     out = b"".join(parts)
@@ -314,7 +322,7 @@ def test_link_loss_stops_a_running_command(link, tmp_path):
     the agent exits at once."""
     marker = tmp_path / "started"
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "exec", "cmd": f"touch {marker}; sleep 60 & sleep 61; wait"}))
+    link.send(W.REQUEST, W.msg({"op": "exec", "cmd": f"touch {marker}; sleep 60 & sleep 61; wait"}))
     for _ in range(100):
         if marker.exists():
             break
@@ -335,7 +343,7 @@ def test_malformed_frame_closes_the_link_with_an_error(link):
 
 
 def test_oversized_frame_is_refused_before_reading_it(link):
-    link.proc.stdin.write(struct.pack("<BBBBIIII", A.MAGIC, A.VERSION, A.DATA, 0, NODE, 0, 1,
+    link.proc.stdin.write(struct.pack("<BBBBIIII", W.MAGIC, W.VERSION, W.DATA, 0, NODE, 0, 1,
                                       (1 << 20) + 1))
     link.proc.stdin.flush()
     assert link.proc.wait(timeout=10) == 65
@@ -475,7 +483,7 @@ def test_temp_dirs_of_an_agent_killed_with_sigkill_are_removed(link, tmp_path):
     dest = tmp_path / "dest"
     dest.write_text("old")
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "put", "path": str(dest), "size": 10, "streamed": True}, b"abc"))
+    link.send(W.REQUEST, W.msg({"op": "put", "path": str(dest), "size": 10, "streamed": True}, b"abc"))
     link.call({"op": "ping"})
     link.proc.kill()
     link.proc.wait()
@@ -500,7 +508,7 @@ def test_a_modules_payload_dir_goes_when_the_agent_is_killed_mid_module(link, tm
               b"time.sleep(60)\n" % (str(tmp_path).encode(), str(tmp_path).encode()))
     python = os.path.realpath(sys.executable)
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python}, script))
+    link.send(W.REQUEST, W.msg({"op": "exec", "cmd": "/bin/sh -c '%s && sleep 0'" % python}, script))
     deadline = time.monotonic() + 10
     while not list(tmp_path.glob("ansible_*")) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -523,18 +531,18 @@ def test_requests_not_awaited_report_failures_on_the_next_answer(link, tmp_path)
     d = tmp_path / "d"
     d.mkdir()
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "put", "path": str(d / "a"), "size": 3, "noreply": True}, b"abc"))
+    link.send(W.REQUEST, W.msg({"op": "put", "path": str(d / "a"), "size": 3, "noreply": True}, b"abc"))
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "chmod", "paths": [str(d / "a")], "mode": "u+x",
+    link.send(W.REQUEST, W.msg({"op": "chmod", "paths": [str(d / "a")], "mode": "u+x",
                                 "noreply": True}))
     res, _ = link.call({"op": "sync"})
     assert res == {}, "nothing failed, so nothing to report"
     assert (d / "a").read_bytes() == b"abc" and os.stat(d / "a").st_mode & 0o100
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "put", "path": str(tmp_path / "missing" / "b"), "size": 1,
+    link.send(W.REQUEST, W.msg({"op": "put", "path": str(tmp_path / "missing" / "b"), "size": 1,
                                 "noreply": True}, b"b"))
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "rmtree", "path": str(tmp_path / "gone"), "noreply": True}))
+    link.send(W.REQUEST, W.msg({"op": "rmtree", "path": str(tmp_path / "gone"), "noreply": True}))
     res, _ = link.call({"op": "stat", "path": str(d / "a")})
     assert "an earlier request (put %s) failed" % (tmp_path / "missing" / "b") in res["error"]
     assert "gone" not in res["error"], "a failed cleanup only warns, as in Ansible"
@@ -548,10 +556,10 @@ def test_symbolic_modes():
         import tempfile
         with tempfile.NamedTemporaryFile() as f:
             os.chmod(f.name, start)
-            A.symbolic_mode(mode)(f.name)
+            F.symbolic_mode(mode)(f.name)
             assert os.stat(f.name).st_mode & 0o7777 == want, (oct(start), mode)
     with pytest.raises(ValueError):
-        A.symbolic_mode("u+s,g+w")
+        F.symbolic_mode("u+s,g+w")
 
 
 def test_a_modules_zip_is_served_from_memory_with_zip_paths(link, ansiballz):
@@ -589,7 +597,7 @@ def test_stat_equals_ansibles_stat_module(tmp_path):
                               "-e", f"ansible_python_interpreter={sys.executable}"],
                              env=env, capture_output=True, text=True, check=True)
         want = json.loads(res.stdout.split("=>", 1)[1])["stat"]
-        got = A.file_stat({"path": str(path), "follow": follow, "checksum": True})
+        got = F.file_stat({"path": str(path), "follow": follow, "checksum": True})
         for volatile in ("atime",):
             want.pop(volatile, None)
             got.pop(volatile, None)
@@ -627,20 +635,20 @@ def become(link, child, password):
                                            shlex.quote(boot_code()))
     link.stream += 1
     stream = link.stream
-    link.send(A.REQUEST, A.msg({"op": "become", "node": child, "cmd": cmd,
+    link.send(W.REQUEST, W.msg({"op": "become", "node": child, "cmd": cmd,
                                 "success": "BECOME-SUCCESS-k1", "timeout_s": 10}))
     seen = []
     while True:
         kind, _, dst, src, fstream, payload = link.frame()
-        if kind == A.DATA and fstream == stream:
-            obj = A.split_msg(payload)[0]
+        if kind == W.DATA and fstream == stream:
+            obj = W.split_msg(payload)[0]
             seen.append(("output", obj["output"]))
             if "Password:" in obj["output"]:
-                link.send(A.DATA, A.msg({"password": password}), stream=stream)
-        elif kind == A.ROUTE_ADD:
+                link.send(W.DATA, W.msg({"password": password}), stream=stream)
+        elif kind == W.ROUTE_ADD:
             seen.append(("route_add", src))
-        elif kind == A.REPLY and fstream == stream:
-            return seen, A.split_msg(payload)[0]
+        elif kind == W.REPLY and fstream == stream:
+            return seen, W.split_msg(payload)[0]
 
 
 def test_become_starts_a_nested_agent_through_a_password_prompt(link):
@@ -652,17 +660,17 @@ def test_become_starts_a_nested_agent_through_a_password_prompt(link):
     assert not any("s3cret" in str(o) for _, o in seen)
     # Requests to the nested agent are routed through this one.
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "ping"}), dst=40)
+    link.send(W.REQUEST, W.msg({"op": "ping"}), dst=40)
     kind, _, dst, src, stream, payload = link.frame()
-    assert (kind, dst, src, stream) == (A.REPLY, 0, 40, link.stream)
-    child_pid = A.split_msg(payload)[0]["pid"]
+    assert (kind, dst, src, stream) == (W.REPLY, 0, 40, link.stream)
+    child_pid = W.split_msg(payload)[0]["pid"]
     assert child_pid != link.proc.pid
     res, blob = link.call({"op": "ping"})
     assert res["pid"] == link.proc.pid
     # Ending it withdraws its route.
     res, _ = link.call({"op": "unbecome", "node": 40})
     kind, _, dst, src, _, payload = link.frame()
-    assert (kind, src) == (A.ROUTE_DEL, 40), payload
+    assert (kind, src) == (W.ROUTE_DEL, 40), payload
     deadline = time.time() + 5
     while time.time() < deadline and os.path.exists("/proc/%d" % child_pid):
         time.sleep(0.05)
@@ -680,8 +688,8 @@ def test_become_with_a_wrong_password_fails_with_the_commands_output(link):
 def test_nested_agents_end_with_their_parent(link):
     _, res = become(link, 42, "s3cret")
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "ping"}), dst=42)
-    child_pid = A.split_msg(link.frame()[5])[0]["pid"]
+    link.send(W.REQUEST, W.msg({"op": "ping"}), dst=42)
+    child_pid = W.split_msg(link.frame()[5])[0]["pid"]
     assert link.close() == 0
     deadline = time.time() + 5
     while time.time() < deadline and os.path.exists("/proc/%d" % child_pid):
@@ -692,13 +700,13 @@ def test_nested_agents_end_with_their_parent(link):
 def test_commands_run_concurrently_and_answer_as_they_end(link):
     """Two workers' commands on one agent (delegate_to many hosts to one)
     run side by side: the quick one is answered while the slow one runs."""
-    link.send(A.REQUEST, A.msg({"op": "exec", "cmd": "sleep 1.5; echo slow"}), stream=101)
-    link.send(A.REQUEST, A.msg({"op": "exec", "cmd": "echo fast"}), stream=102)
-    link.send(A.REQUEST, A.msg({"op": "ping"}), stream=103)
+    link.send(W.REQUEST, W.msg({"op": "exec", "cmd": "sleep 1.5; echo slow"}), stream=101)
+    link.send(W.REQUEST, W.msg({"op": "exec", "cmd": "echo fast"}), stream=102)
+    link.send(W.REQUEST, W.msg({"op": "ping"}), stream=103)
     answers = []
     for _ in range(3):
         kind, _, _, _, stream, payload = link.frame()
-        res, blob = A.split_msg(payload)
+        res, blob = W.split_msg(payload)
         answers.append((stream, blob[:res.get("stdout_len", 0)]))
     assert answers[0][0] in (102, 103) and answers[1][0] in (102, 103), answers
     assert answers[2] == (101, b"slow\n")
@@ -708,7 +716,7 @@ def test_commands_run_concurrently_and_answer_as_they_end(link):
 def test_failures_not_awaited_are_told_to_their_own_lane(link, tmp_path):
     """A failed put sent without waiting by one worker (lane 1) is reported
     to that worker's next request, not to another worker's (lane 2)."""
-    link.send(A.REQUEST, A.msg({"op": "put", "path": str(tmp_path / "no" / "such"), "size": 1,
+    link.send(W.REQUEST, W.msg({"op": "put", "path": str(tmp_path / "no" / "such"), "size": 1,
                                 "noreply": True, "lane": 1}, b"x"), stream=201)
     res, _ = link.call({"op": "exec", "cmd": "true", "lane": 2})
     assert res.get("rc") == 0, res
@@ -723,8 +731,8 @@ def test_env_file_edits_reach_later_commands_as_after_a_new_login(tmp_path, monk
     f = tmp_path / "environment"
     f.write_text('KEEP=1\nOWNED="old value"\nGONE=x\nSHADOWED=file\n')
     env = {b"KEEP": b"1", b"OWNED": b"old value", b"GONE": b"x", b"SHADOWED": b"profile"}
-    monkeypatch.setattr(A.EnvFile, "environ", env)
-    w = A.EnvFile(str(f))
+    monkeypatch.setattr(F.EnvFile, "environ", env)
+    w = F.EnvFile(str(f))
     w.check()
     assert env[b"OWNED"] == b"old value"  # unchanged file: nothing done
     f.write_text('# a comment\nKEEP=1\nexport OWNED=new\nSHADOWED=other\nNEW="a b"\nnot a line\n')
@@ -746,7 +754,7 @@ def test_pam_environment_edits_are_seen_by_the_next_command(tmp_path):
     finally:
         os.environ["HOME"] = old
     try:
-        assert l.frame()[0] == A.ROUTE_ADD
+        assert l.frame()[0] == W.ROUTE_ADD
         res, blob = l.call({"op": "exec", "cmd": "echo \"[$ARBOR_TEST_PROXY]\""})
         assert blob[:res["stdout_len"]] == b"[]\n"
         (home / ".pam_environment").write_text("ARBOR_TEST_PROXY=http://proxy:3128\n")
@@ -761,20 +769,20 @@ def test_pipe_streams_stdin_and_output_both_ways(link):
     back as it is printed: an interactive exchange is possible."""
     link.stream += 1
     s = link.stream
-    link.send(A.REQUEST, A.msg({"op": "pipe", "cmd": "read a; echo got $a; read b; echo got $b >&2; exit 4"}))
+    link.send(W.REQUEST, W.msg({"op": "pipe", "cmd": "read a; echo got $a; read b; echo got $b >&2; exit 4"}))
     kind, _, _, _, stream, payload = link.frame()
-    assert (kind, stream) == (A.REPLY, s) and A.split_msg(payload)[0] == {"streamed": True}
-    link.send(A.DATA, b"one\n", stream=s)
+    assert (kind, stream) == (W.REPLY, s) and W.split_msg(payload)[0] == {"streamed": True}
+    link.send(W.DATA, b"one\n", stream=s)
     kind, _, _, _, _, payload = link.frame()
-    assert kind == A.DATA and A.split_msg(payload) == ({"fd": 1}, b"got one\n")
-    link.send(A.DATA, b"two\n", stream=s)
-    link.send(A.END, b"", stream=s)
+    assert kind == W.DATA and W.split_msg(payload) == ({"fd": 1}, b"got one\n")
+    link.send(W.DATA, b"two\n", stream=s)
+    link.send(W.END, b"", stream=s)
     got = []
     while True:
         kind, _, _, _, _, payload = link.frame()
-        if kind == A.END:
+        if kind == W.END:
             break
-        got.append(A.split_msg(payload))
+        got.append(W.split_msg(payload))
     assert got == [({"fd": 2}, b"got two\n"), ({"rc": 4}, b"")], got
 
 
@@ -861,12 +869,12 @@ def test_modules_arriving_while_one_runs_in_process_wait_and_commands_do_not(lin
                         ({"op": "exec", "cmd": "echo ${ARBOR_LEAK:-unset}"}, b"")):
         link.stream += 1
         sent.append(link.stream)
-        link.send(A.REQUEST, A.msg(req, script))
+        link.send(W.REQUEST, W.msg(req, script))
         time.sleep(0.2)
     replies = {}
     while len(replies) < 4:
         kind, _, _, _, stream, payload = link.frame()
-        replies[stream] = A.split_msg(payload)
+        replies[stream] = W.split_msg(payload)
     assert list(replies) == [sent[3], sent[0], sent[1], sent[2]], "only the command overtakes"
     out = {s: r[1][:r[0]["stdout_len"]] for s, r in replies.items()}
     assert out[sent[3]] == b"unset\n"
@@ -889,7 +897,7 @@ def test_zips_rebuilt_from_members_read_as_the_originals(link, ansiballz):
         data = c.compress(body) + c.flush()
         members.append((name, 8, zlib.crc32(body), len(body), data))
     import io, zipfile
-    z = zipfile.ZipFile(io.BytesIO(A.build_zip(members)))
+    z = zipfile.ZipFile(io.BytesIO(M.build_zip(members)))
     assert z.testzip() is None and {n: z.read(n) for n in z.namelist()} == raw
     # Through the agent: a real module, its zip sent as members.
     python = os.path.realpath(sys.executable)
@@ -927,8 +935,8 @@ def test_random_and_mutated_frames_decode_or_fail_cleanly():
     the frame bound) or raise WireError; never anything else."""
     import random
     rnd = random.Random(7)
-    valid = [A.encode(k, NODE, 0, rnd.randrange(1 << 32), bytes(rnd.randrange(256) for _ in range(n)))
-             for k in sorted(A.KINDS) for n in (0, 1, 40)]
+    valid = [W.encode(k, NODE, 0, rnd.randrange(1 << 32), bytes(rnd.randrange(256) for _ in range(n)))
+             for k in sorted(W.KINDS) for n in (0, 1, 40)]
     for i in range(6000):
         if i % 2:
             buf = bytearray(rnd.choice(valid))
@@ -936,15 +944,15 @@ def test_random_and_mutated_frames_decode_or_fail_cleanly():
         else:
             buf = bytearray(rnd.randrange(256) for _ in range(rnd.randrange(64)))
         try:
-            frame, n = A.decode(buf)
-        except A.WireError:
+            frame, n = W.decode(buf)
+        except W.WireError:
             continue
-        assert n <= A.HEADER_BYTES + A.PAYLOAD_MAX
+        assert n <= W.HEADER_BYTES + W.PAYLOAD_MAX
         if frame is not None:
-            assert n <= len(buf) and len(frame[5]) == n - A.HEADER_BYTES
+            assert n <= len(buf) and len(frame[5]) == n - W.HEADER_BYTES
             try:
-                A.split_msg(frame[5])
-            except (A.WireError, ValueError):
+                W.split_msg(frame[5])
+            except (W.WireError, ValueError):
                 pass
 
 
@@ -952,10 +960,10 @@ def test_random_and_mutated_frames_decode_or_fail_cleanly():
                                      b"\x04\x00\x00\x00\xff\xfe\xfd\xfc", b"\x02\x00\x00\x00{}"])
 def test_a_malformed_request_gets_an_error_and_the_agent_lives(link, payload):
     link.stream += 1
-    link.send(A.REQUEST, payload)
+    link.send(W.REQUEST, payload)
     kind, _, _, _, stream, body = link.frame()
-    assert (kind, stream) == (A.REPLY, link.stream)
-    assert "error" in A.split_msg(body)[0]
+    assert (kind, stream) == (W.REPLY, link.stream)
+    assert "error" in W.split_msg(body)[0]
     res, _ = link.call({"op": "ping"})
     assert "pid" in res or res == {}, res
     assert link.close() == 0
@@ -965,13 +973,13 @@ def test_an_agent_told_a_keepalive_exits_when_the_link_falls_silent(link, tmp_pa
     base = tmp_path / "rt"
     link.call({"op": "mkdtemp", "base": str(base), "name": "t"})
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "keepalive", "secs": 1, "noreply": True}))
+    link.send(W.REQUEST, W.msg({"op": "keepalive", "secs": 1, "noreply": True}))
     # Pinged within the bound, it stays.
     for _ in range(6):
         time.sleep(0.4)
         link.stream += 1
-        link.send(A.PING, b"x")
-        assert link.frame()[0] == A.PONG
+        link.send(W.PING, b"x")
+        assert link.frame()[0] == W.PONG
     assert link.proc.poll() is None
     # Silent past it, it ends as at EOF: cleanly, its temp dirs removed.
     t0 = time.monotonic()
@@ -985,11 +993,11 @@ def test_an_agent_whose_link_takes_nothing_exits_within_the_keepalive(link, tmp_
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(8 << 20))
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "keepalive", "secs": 1, "noreply": True}))
+    link.send(W.REQUEST, W.msg({"op": "keepalive", "secs": 1, "noreply": True}))
     # A fetch streams 8 MiB back, and nothing reads the link: the pipe fills
     # and the agent's writes stop moving (as toward a dead WAN).
     link.stream += 1
-    link.send(A.REQUEST, A.msg({"op": "fetch", "path": str(big)}))
+    link.send(W.REQUEST, W.msg({"op": "fetch", "path": str(big)}))
     t0 = time.monotonic()
     assert link.proc.wait(timeout=10) == 0
     assert time.monotonic() - t0 < 4
@@ -999,9 +1007,9 @@ def test_an_agent_whose_link_takes_nothing_exits_within_the_keepalive(link, tmp_
 RACE = r'''
 import json, subprocess, sys, time
 sys.path.insert(0, sys.argv[1])
-import arbor_agent
+from arbor_agent.agent import skip_empty_select
 if sys.argv[2] == "agent":
-    arbor_agent.skip_empty_select()
+    skip_empty_select()
 from ansible.module_utils import basic
 basic._ANSIBLE_ARGS = json.dumps({"ANSIBLE_MODULE_ARGS": {}}).encode()
 basic._ANSIBLE_PROFILE = "legacy"

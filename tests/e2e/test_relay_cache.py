@@ -36,7 +36,8 @@ def test_members_cross_the_wan_once_per_relay(lab, tmp_path):
     one = wan_up(lab, tmp_path, "target1")
     three = wan_up(lab, tmp_path, "target1,target2,target3")
     agent_code = len(__import__("zlib").compress(
-        (REPO / "bootstrap" / "agent" / "arbor_agent.py").read_bytes(), 9))
+        subprocess.run([str(REPO / "target" / "release" / "arbor"), "agent-code"], check=True,
+                       capture_output=True).stdout, 9))
     per_extra = (three - one) / 2
     # Each further target costs its ssh session and agent code, and the
     # requests' scripts and manifests, not the ~120 KB of module members.
