@@ -36,7 +36,6 @@ def install(connection_class):
     _connection_class = connection_class
     for name in _FAST_PATHS:
         setattr(ActionBase, name, globals()[name])
-    _patch_synchronize()
     setattr(ActionBase, "__init__", _action_init)
 
 
@@ -171,11 +170,7 @@ def _remote_chmod(self, paths, mode, sudoable=False):
 # its data streamed through the tree. Only for hosts arbor carries, and
 # only when the task names no --rsh of its own.
 
-def _patch_synchronize():
-    try:
-        from ansible_collections.ansible.posix.plugins.action import synchronize
-    except Exception:
-        return
+def _patch_synchronize(synchronize):
     vanilla_run = synchronize.ActionModule.run
     if getattr(vanilla_run, "_arbor", False):
         return
@@ -195,8 +190,6 @@ def _patch_synchronize():
         return vanilla_run(self, tmp=tmp, task_vars=task_vars)
     run._arbor = True
     synchronize.ActionModule.run = run
-
-
 
 
 # ------------------------------------------------------------ copy, one round trip
@@ -328,9 +321,12 @@ def _patch_copy(copy_action):
     copy_action.ActionModule._copy_file = _copy_file
 
 
+# Each action class is patched when its first instance is made: nothing is
+# imported for it (ansible.posix is loaded only by a task that uses it).
 # Ansible loads the builtin copy action under more than one module name
 # (`copy` is ansible.plugins.action.copy; `ansible.builtin.copy` its
-# collection name): each class is patched when its first instance is made.
+# collection name).
+_SYNCHRONIZE_MODULE = "ansible_collections.ansible.posix.plugins.action.synchronize"
 _COPY_MODULES = ("ansible.plugins.action.copy", "ansible_collections.ansible.builtin.plugins.action.copy")
 _vanilla_action_init = ActionBase.__init__
 
@@ -347,4 +343,6 @@ def _action_init(self, *args, **kwargs):
     cls = type(self)
     if cls.__module__ in _COPY_MODULES and not getattr(cls._copy_file, "_arbor", False):
         _patch_copy(sys.modules[cls.__module__])
+    if cls.__module__ == _SYNCHRONIZE_MODULE and not getattr(cls.run, "_arbor", False):
+        _patch_synchronize(sys.modules[cls.__module__])
 

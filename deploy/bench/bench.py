@@ -61,7 +61,9 @@ METRICS = ["wall_s", "cpu_controller_s", "cpu_bastions_s", "cpu_racks_s", "cpu_t
 RECAP = re.compile(
     r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)"
     r"\s+skipped=(\d+)\s+rescued=(\d+)\s+ignored=(\d+)", re.M)
-ALL_MODES = ("floor", "vanilla", "mitogen", "mitogen-agent", "arbor")
+# arbor-base: the arbor of another checkout (ARBOR_BENCH_BASE=DIR, with its
+# own release build), to compare a change with the code before it.
+ALL_MODES = ("floor", "vanilla", "mitogen", "mitogen-agent", "arbor", "arbor-base")
 ARBOR_BIN = REPO / "target" / "release" / "arbor"
 GLUE = REPO / "ansible-glue" / "plugins" / "connection"
 
@@ -163,6 +165,15 @@ def mode_setup(mode, style, labinfo, out, forks, agent_sock, venv):
             raise BenchError(f"{ARBOR_BIN} not built: run deploy/setup")
         return cfg, labinfo["inventory"], [], {"ANSIBLE_CONNECTION_PLUGINS": str(GLUE),
                                                "ARBOR_BIN": str(ARBOR_BIN)}
+    if mode == "arbor-base":
+        base = Path(os.environ.get("ARBOR_BENCH_BASE") or "/nonexistent")
+        binary = base / "target" / "release" / "arbor"
+        if not binary.exists():
+            raise BenchError(f"mode arbor-base: ARBOR_BENCH_BASE must name a checkout with a release "
+                             f"build (no {binary})")
+        return cfg, labinfo["inventory"], [], {
+            "ANSIBLE_CONNECTION_PLUGINS": str(base / "ansible-glue" / "plugins" / "connection"),
+            "ARBOR_BIN": str(binary)}
     raise BenchError(f"unknown mode {mode!r}; known: {', '.join(ALL_MODES)}")
 
 
@@ -326,7 +337,7 @@ def human_bytes(n):
 def ratio_bases(modes):
     """The modes others are compared with: vanilla's and Mitogen's, and
     arbor's tuned run when arbor also runs with Ansible's defaults."""
-    bases = [m for m in modes if m.partition(":")[0] in ("vanilla", "mitogen")]
+    bases = [m for m in modes if m.partition(":")[0] in ("vanilla", "mitogen", "arbor-base")]
     arbors = [m for m in modes if m.partition(":")[0] == "arbor"]
     if len(arbors) > 1:
         bases += [m for m in arbors if m.endswith(":tuned")]
