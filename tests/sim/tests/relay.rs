@@ -129,3 +129,64 @@ fn a_partition_shorter_than_the_keepalive_is_ridden_out() {
         assert_eq!(r.unanswered, 0, "seed {seed}");
     }
 }
+
+/// Pins: what every spawn uses (the agent's code, known_hosts) is kept
+/// once per relay, named by each spawn, bounded, and refused by name
+/// when it is not held.
+#[test]
+fn pinned_code_goes_into_each_spawn_and_pins_are_bounded() {
+    use arbor_core::relay::{Action, Relay, PARENT};
+    use arbor_wire::control::{self, Reply, Request, PINS_MAX};
+    use arbor_wire::{Frame, Kind, NodeId, StreamId};
+    let t = std::time::Instant::now();
+    let mut relay = Relay::new(t, NodeId(1));
+    let ask = |relay: &mut Relay, req: &Request, stream: u32| {
+        let f = Frame::new(
+            Kind::Request,
+            NodeId(1),
+            NodeId::CONTROLLER,
+            StreamId(stream),
+            control::encode(req),
+        );
+        relay.handle_frame(t, PARENT, f);
+    };
+    for i in 0..PINS_MAX + 1 {
+        ask(
+            &mut relay,
+            &Request::Pin {
+                key: format!("p{i}"),
+                data: vec![i as u8; 3],
+            },
+            0,
+        );
+    }
+    let spawn = |relay: &mut Relay, node: u32, pin: &str| {
+        let mut s = arbor_sim::spawn_of(NodeId(node), 10_000, 0);
+        s.preamble = b"code:".to_vec();
+        s.preamble_pinned = Some(pin.to_string());
+        ask(relay, &Request::Spawn(s), node);
+    };
+    spawn(&mut relay, 10, "p0");
+    match relay.poll_action() {
+        Some(Action::Spawn { preamble, .. }) => assert_eq!(preamble, b"code:\0\0\0"),
+        other => panic!("{other:?}"),
+    }
+    // The pin past the bound was not kept; one never sent is not held.
+    for (node, pin) in [(11, format!("p{PINS_MAX}")), (12, "nosuch".to_string())] {
+        spawn(&mut relay, node, &pin);
+        assert_eq!(relay.poll_action(), None, "n{node} is not started");
+        let reply = std::iter::from_fn(|| relay.poll_transmit())
+            .find(|(_, f)| f.kind == Kind::Reply && f.stream == StreamId(node))
+            .map(|(_, f)| control::decode::<Reply>(&f.payload).expect("a reply"));
+        match reply {
+            Some(Reply::Failed { node: n, message }) => {
+                assert_eq!(n, NodeId(node));
+                assert!(
+                    message.contains(&format!("this relay does not hold {pin}")),
+                    "{message}"
+                );
+            }
+            other => panic!("n{node}: {other:?}"),
+        }
+    }
+}
