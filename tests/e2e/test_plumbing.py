@@ -47,6 +47,17 @@ def ppid(pid):
         return 0
 
 
+def under(pid, root):
+    """Whether `pid` descends from `root`."""
+    for _ in range(64):
+        if pid == root:
+            return True
+        if pid <= 1:
+            return False
+        pid = ppid(pid)
+    return False
+
+
 @pytest.fixture
 def daemon(tmp_path):
     bindir = tmp_path / "bin"
@@ -81,9 +92,12 @@ def test_exec_put_fetch_through_a_relay(daemon, tmp_path):
     res, blob = api.recv()
     assert res["rc"] == 4 and blob[:res["stdout_len"]] == b"out\n" and blob[res["stdout_len"]:] == b"err\n"
     # The relay runs from a memfd; the agent is its child, not the daemon's.
-    relays = [p for p, (exe, _) in procs().items() if exe.startswith("/memfd:arbor-relay")]
+    # Only this daemon's tree counts (an earlier test's agent sweeper may
+    # still be finishing, reparented).
+    mine = {p: v for p, v in procs().items() if under(p, d.pid)}
+    relays = [p for p, (exe, _) in mine.items() if exe.startswith("/memfd:arbor-relay")]
     assert len(relays) == 1
-    pythons = {p for p, (_, cmd) in procs().items() if b"exec(base64.b64decode(" in cmd and b"/bin/sh" not in cmd}
+    pythons = {p for p, (_, cmd) in mine.items() if b"exec(base64.b64decode(" in cmd and b"/bin/sh" not in cmd}
     # (The agent's sweeper, a fork of it, waits to remove its temp dirs.)
     agent = [p for p in pythons if ppid(p) not in pythons]
     assert len(agent) == 1
