@@ -50,15 +50,22 @@ pub enum Action {
 struct Child {
     node: NodeId,
     pid: u32,
-    /// The request that asked for it, answered when it joins or fails,
-    /// and when it must have joined.
-    pending: Option<(NodeId, StreamId, Instant)>,
+}
+
+/// A child started and not yet joined: the request that asked for it,
+/// answered when it joins or fails, and when it must have joined.
+struct Connecting {
+    src: NodeId,
+    stream: StreamId,
+    deadline: Instant,
     killed: bool,
 }
 
 pub struct Relay {
     node: Node,
     children: HashMap<LinkId, Child>,
+    /// The children still connecting (at most the bound, when one is set).
+    connecting: HashMap<LinkId, Connecting>,
     next_link: u32,
     /// Spawns waiting for fewer children to be connecting (in order).
     waiting: VecDeque<(NodeId, StreamId, Spawn)>,
@@ -83,6 +90,7 @@ impl Relay {
         Relay {
             node,
             children: HashMap::new(),
+            connecting: HashMap::new(),
             next_link: 1,
             waiting: VecDeque::new(),
             max_connecting: 0,
@@ -147,7 +155,7 @@ impl Relay {
         let Some(c) = self.children.remove(&link) else {
             return;
         };
-        if let Some((src, stream, _)) = c.pending {
+        if let Some(Connecting { src, stream, .. }) = self.connecting.remove(&link) {
             let node = c.node;
             self.reply(
                 now,
@@ -173,8 +181,8 @@ impl Relay {
             );
             self.exit(Some(why));
         }
-        for (&link, c) in &mut self.children {
-            if !c.killed && c.pending.is_some_and(|(_, _, d)| now >= d) {
+        for (&link, c) in &mut self.connecting {
+            if !c.killed && now >= c.deadline {
                 c.killed = true;
                 self.actions.push_back(Action::Kill { link });
             }
@@ -183,10 +191,10 @@ impl Relay {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let connect = self
-            .children
+            .connecting
             .values()
             .filter(|c| !c.killed)
-            .filter_map(|c| c.pending.map(|(_, _, d)| d))
+            .map(|c| c.deadline)
             .min();
         match (self.parent.deadline(), connect) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -209,10 +217,7 @@ impl Relay {
 
     /// Children connecting now (started, not yet joined).
     pub fn connecting(&self) -> usize {
-        self.children
-            .values()
-            .filter(|c| c.pending.is_some())
-            .count()
+        self.connecting.len()
     }
 
     /// Spawns waiting for a connecting slot.
@@ -244,13 +249,13 @@ impl Relay {
     }
 
     fn on_node_up(&mut self, now: Instant, node: NodeId, link: LinkId) {
-        let Some(c) = self.children.get_mut(&link) else {
+        let Some(c) = self.children.get(&link) else {
             return;
         };
         // A child's first announcement is the node started on it; only
         // after that may it route for others (an agent's nested become
         // agents).
-        if c.pending.is_some() && c.node != node {
+        if self.connecting.contains_key(&link) && c.node != node {
             let why = format!("announced n{} before itself (n{})", node.0, c.node.0);
             self.actions.push_back(Action::CutOff { link, why });
             return;
@@ -259,8 +264,8 @@ impl Relay {
             return;
         }
         self.actions.push_back(Action::Joined { link });
-        if let Some((src, stream, _)) = c.pending.take() {
-            let pid = c.pid;
+        let pid = c.pid;
+        if let Some(Connecting { src, stream, .. }) = self.connecting.remove(&link) {
             self.reply(now, src, stream, &Reply::Spawned { node, pid });
             self.start_waiting(now);
         }
@@ -409,7 +414,7 @@ impl Relay {
         now: Instant,
         src: NodeId,
         stream: StreamId,
-        spec: Spawn,
+        mut spec: Spawn,
     ) -> Result<(), String> {
         let pinned = |key: &Option<String>| -> Result<Option<&Vec<u8>>, String> {
             match key {
@@ -421,14 +426,13 @@ impl Relay {
                     .ok_or_else(|| format!("this relay does not hold {k}")),
             }
         };
-        let mut preamble = spec.preamble.clone();
-        if let Some(code) = pinned(&spec.preamble_pinned)? {
+        let code = pinned(&spec.preamble_pinned)?;
+        let hosts = pinned(&spec.known_hosts_pinned)?.cloned();
+        let mut preamble = std::mem::take(&mut spec.preamble);
+        if let Some(code) = code {
             preamble.extend_from_slice(code);
         }
-        let known_hosts = match pinned(&spec.known_hosts_pinned)? {
-            Some(hosts) => Some(hosts.clone()),
-            None => spec.known_hosts.clone(),
-        };
+        let known_hosts = hosts.or_else(|| spec.known_hosts.take());
         let link = LinkId(self.next_link);
         self.next_link += 1;
         self.node.handle_link_up(now, link, Role::Child);
@@ -439,7 +443,14 @@ impl Relay {
             Child {
                 node: spec.node,
                 pid: 0,
-                pending: Some((src, stream, deadline)),
+            },
+        );
+        self.connecting.insert(
+            link,
+            Connecting {
+                src,
+                stream,
+                deadline,
                 killed: false,
             },
         );
