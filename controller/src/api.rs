@@ -2,50 +2,18 @@
 //! UNIX socket (a 0700 directory; peers of another uid are refused).
 //!
 //! A message is `u32 length (LE)` then a [`arbor_wire::msg`] payload: a JSON
-//! object and a blob. Requests:
-//!
-//! ```text
-//! exec   {"chain":[hop...], "cmd", "stdin_size"}, blob: stdin (first part)
-//!        -> {"rc", "stdout_len"}, blob: stdout + stderr
-//! put    {"chain", "path", "size", "mode"?}, blob: first part
-//!        -> {"size"}
-//! fetch  {"chain", "path"} -> {"size", "parts"}, blob: first part
-//! info   {"chain"} -> the agent's hello: {"pid", "user", "home", "python", ...}
-//! call   {"chain", "req": {agent request}}, blob -> the agent's reply
-//! ping   {} -> {"pid", "version"}
-//! agent_command {"python"} -> {"cmd"}: the command that starts an agent
-//! become {"chain", "become": {"key", "pass"}, "label", "cmd", "success", "timeout_s"}
-//!        -> {"node"}
-//! ```
-//! choose {"chain", "path", "checksum", "same": {"cmd", "size"}, "differs": {"cmd", "size"}},
-//!        blob: both stdins -> {"stat", "branch"?, "rc"?, "stdout_len"?}, blob: output
-//!        (copy in one round trip: the agent stats `path` and runs `same`
-//!        if its checksum is `checksum`, else `differs`; nothing if a dir)
-//! pipe   {"chain", "cmd"}: a command whose stdin and output stream both
-//!        ways: the glue sends `{"op":"data"}` (blob: stdin) and `{"op":"end"}`;
-//!        it gets `{"op":"data","fd":1|2}` (blob: output) and `{"op":"exit","rc"}`.
-//! `become` starts (once per target and key) a nested agent under another
-//! account: `cmd` is the become plugin's command around `agent_command`.
-//! Until it is up, each output of that command comes to the glue as
-//! `{"op":"output","output"}`, and the glue must answer each with
-//! `{"op":"answer"}`, adding `"password"` to type one or `"abort"` to give
-//! up: the glue runs the plugin's own prompt checks. Any request with
-//! `"become": {"key"}` then goes to that nested agent; if it is not up, the
-//! error has `"become_needed": true`.
+//! object and a blob. What the JSON may say, both ways, is typed in
+//! [`protocol`]; a request is parsed once into a [`protocol::Request`].
 //! `put` and `call` with `"noreply": true` get no answer at all: the agent
 //! acts on them in order with what follows, and a failure is reported to
 //! the next request that is answered (see bootstrap/agent/arbor_agent/__init__.py).
-//! A request or reply larger than one message continues in `{"op":"data"}`
-//! messages (blob: the next part) and ends with `{"op":"end"}`. A failure
-//! is `{"error": message, "unreachable": bool}`; the message names the host
-//! and the hop.
+//! A failure is `{"error": message, "unreachable": bool, "become_needed":
+//! bool}`; the message names the host and the hop.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use arbor_topology::Hop;
 use arbor_wire::{msg, Frame, Kind, NodeId, StreamId, CHUNK_BYTES};
-use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -60,6 +28,7 @@ mod exec;
 mod files;
 mod holdings;
 mod modput;
+pub mod protocol;
 mod relay_cache;
 mod stream;
 
@@ -67,10 +36,11 @@ use become_agent::*;
 use calls::*;
 use exec::*;
 use files::*;
+use protocol::{Event, Follow, Request, Target};
 use relay_cache::*;
 use stream::*;
 
-use crate::tree::{BecomeSlot, HopRole, TreeHandle};
+use crate::tree::{BecomeSlot, HopRole, TreeError, TreeHandle};
 pub use holdings::{Holdings, RELAY_CACHE_BYTES_DEFAULT};
 
 /// Largest API message; bigger data is split into data messages.
@@ -138,6 +108,19 @@ impl ApiError {
     }
 }
 
+/// What the glue is told of a tree failure: a hop that cannot be reached
+/// (or a daemon shutting down) is Ansible's UNREACHABLE; the rest fail.
+impl From<TreeError> for ApiError {
+    fn from(e: TreeError) -> ApiError {
+        match e {
+            TreeError::Hop(m) | TreeError::Chain(m) => ApiError::Unreachable(m),
+            TreeError::ShuttingDown => ApiError::Unreachable(e.to_string()),
+            TreeError::Become(m) => ApiError::Failed(m),
+            TreeError::FrameTooBig(_) => ApiError::Failed(e.to_string()),
+        }
+    }
+}
+
 pub async fn read_message<R: tokio::io::AsyncRead + Unpin>(
     conn: &mut R,
 ) -> std::io::Result<Option<(Value, Vec<u8>)>> {
@@ -202,7 +185,7 @@ pub async fn serve(conn: UnixStream, tree: TreeHandle, holdings: Holdings) {
 async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, holdings: Holdings) {
     let mut last_put = None;
     loop {
-        let (req, blob) = match read_message(&mut conn).await {
+        let (raw, blob) = match read_message(&mut conn).await {
             Ok(Some(m)) => m,
             Ok(None) => return,
             Err(e) => {
@@ -210,80 +193,25 @@ async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, holdings: Holdings) 
                 return;
             }
         };
-        let op = req
-            .get("op")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
+        let silent = raw.get("noreply").and_then(Value::as_bool) == Some(true);
+        let req = match Request::parse(raw) {
+            Ok(req) => req,
+            Err(e) if silent => {
+                tracing::warn!(error = %e, "bad API request without reply");
+                continue;
+            }
+            Err(e) => match write_message(&mut conn, &e.to_json(), b"").await {
+                Ok(()) => continue,
+                Err(_) => return,
+            },
+        };
         // Names and sizes only: requests carry module arguments, file
         // contents and passwords, and none of it is ever logged.
-        let host = req
-            .get("chain")
-            .and_then(Value::as_array)
-            .and_then(|c| c.last())
-            .and_then(|h| h.get("name"))
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
+        let (op, host) = (req.op(), req.target().map(Target::host).unwrap_or(""));
+        let host = host.to_string();
         let started = std::time::Instant::now();
         tracing::debug!(%op, %host, blob = blob.len(), "request");
-        let result = match op.as_str() {
-            "ping" => write_message(
-                &mut conn,
-                &json!({"pid": std::process::id(), "version": env!("CARGO_PKG_VERSION")}),
-                b"",
-            )
-            .await
-            .map_err(|e| ApiError::failed(e.to_string())),
-            "exec" => match exec(&mut conn, &tree, &holdings, &req, blob).await {
-                Err(ApiError::ZipMiss(_)) if modput::put_again(&tree, &req, &last_put).await => {
-                    exec(&mut conn, &tree, &holdings, &req, Vec::new()).await
-                }
-                other => other,
-            },
-            "put" if modput::is_module_put(&req) => {
-                let done =
-                    modput::put_module(&mut conn, &tree, &holdings, &req, blob, &mut last_put)
-                        .await;
-                match done {
-                    Err(e) if noreply(&req) => {
-                        tracing::debug!(error = %e, "module put without reply failed");
-                        Ok(())
-                    }
-                    other => other,
-                }
-            }
-            "put" if noreply(&req) => {
-                if let Err(e) = put(&mut conn, &tree, &holdings, &req, blob).await {
-                    tracing::debug!(error = %e, "put without reply failed");
-                }
-                Ok(())
-            }
-            "put" => put(&mut conn, &tree, &holdings, &req, blob).await,
-            "fetch" => fetch(&mut conn, &tree, &req).await,
-            "info" => info(&mut conn, &tree, &req).await,
-            "call" if noreply(&req) => {
-                call_noreply(&tree, &req, blob).await;
-                Ok(())
-            }
-            "call" => call(&mut conn, &tree, &req, blob).await,
-            "agent_command" => {
-                let python = req
-                    .get("python")
-                    .and_then(Value::as_str)
-                    .unwrap_or("python3");
-                let cmd = arbor_bootstrap::agent_command(python);
-                write_message(&mut conn, &json!({ "cmd": cmd }), b"")
-                    .await
-                    .map_err(|e| ApiError::failed(e.to_string()))
-            }
-            "become" => become_agent(&mut conn, &tree, &req).await,
-            "reset" => reset(&mut conn, &tree, &req).await,
-            "release" => release(&mut conn, &tree, &req).await,
-            "pipe" => pipe(&mut conn, &tree, &req).await,
-            "choose" => choose(&mut conn, &tree, &holdings, &req, blob).await,
-            other => Err(ApiError::failed(format!("unknown API request {other:?}"))),
-        };
+        let result = answer(&mut conn, &tree, &holdings, req, blob, &mut last_put).await;
         tracing::debug!(%op, %host, ok = result.is_ok(), ms = started.elapsed().as_millis() as u64, "answered");
         if let Err(e) = result {
             if write_message(&mut conn, &e.to_json(), b"").await.is_err() {
@@ -293,6 +221,135 @@ async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, holdings: Holdings) 
     }
 }
 
-fn noreply(req: &Value) -> bool {
-    req.get("noreply").and_then(Value::as_bool) == Some(true)
+/// Serves one request. A request without reply has none, even if it failed.
+async fn answer(
+    conn: &mut UnixStream,
+    tree: &TreeHandle,
+    holdings: &Holdings,
+    req: Request,
+    blob: Vec<u8>,
+    last_put: &mut Option<modput::LastPut>,
+) -> Result<(), ApiError> {
+    match req {
+        Request::Ping => {
+            let pong = protocol::Pong {
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION"),
+            };
+            reply(conn, &pong).await
+        }
+        Request::AgentCommand { python } => {
+            let cmd = arbor_bootstrap::agent_command(&python);
+            reply(conn, &protocol::AgentCommand { cmd }).await
+        }
+        Request::Reset { host } => reset(conn, tree, &host).await,
+        Request::Exec {
+            to,
+            cmd,
+            stdin_size,
+            run,
+        } => {
+            let e = Exec {
+                to: &to,
+                cmd: &cmd,
+                run: &run,
+            };
+            let size = stdin_size.unwrap_or(blob.len() as u64) as usize;
+            let stdin = read_body(conn, blob, size).await?;
+            match exec(conn, tree, holdings, &e, &stdin).await {
+                Err(ApiError::ZipMiss(_)) if modput::put_again(tree, &cmd, last_put).await => {
+                    exec(conn, tree, holdings, &e, &stdin).await
+                }
+                other => other,
+            }
+        }
+        Request::Choose {
+            to,
+            path,
+            checksum,
+            run,
+            same,
+            differs,
+        } => {
+            let c = Choose {
+                to: &to,
+                path: &path,
+                checksum: checksum.as_deref(),
+                run: &run,
+            };
+            choose(conn, tree, holdings, &c, [&same, &differs], blob).await
+        }
+        Request::Put(p) if modput::is_module_put(&p) => {
+            let noreply = p.noreply;
+            match modput::put_module(conn, tree, holdings, p, blob, last_put).await {
+                Err(e) if noreply => {
+                    tracing::debug!(error = %e, "module put without reply failed");
+                    Ok(())
+                }
+                other => other,
+            }
+        }
+        Request::Put(p) => match put(conn, tree, holdings, &p, blob).await {
+            Err(e) if p.noreply => {
+                tracing::debug!(error = %e, "put without reply failed");
+                Ok(())
+            }
+            other => other,
+        },
+        Request::Fetch { to, path } => fetch(conn, tree, &to, &path).await,
+        Request::Info { to } => info(conn, tree, &to).await,
+        Request::Call {
+            to,
+            call,
+            noreply: true,
+        } => {
+            call_noreply(tree, &to, call, blob).await;
+            Ok(())
+        }
+        Request::Call { to, call, .. } => agent_call(conn, tree, &to, call, blob).await,
+        Request::Become {
+            to,
+            label,
+            cmd,
+            success,
+            timeout_s,
+        } => {
+            let b = Become {
+                label: label.as_deref().unwrap_or("become"),
+                cmd: &cmd,
+                success: success.as_deref(),
+                timeout_s,
+            };
+            become_agent(conn, tree, &to, &b).await
+        }
+        Request::Release { to, pid } => release(conn, tree, &to, pid).await,
+        Request::Pipe { to, cmd } => pipe(conn, tree, &to, &cmd).await,
+    }
+}
+
+/// One of the daemon's own replies.
+async fn reply<T: serde::Serialize>(conn: &mut UnixStream, v: &T) -> Result<(), ApiError> {
+    let v = serde_json::to_value(v).map_err(|e| ApiError::failed(e.to_string()))?;
+    write_message(conn, &v, b"")
+        .await
+        .map_err(|e| ApiError::failed(e.to_string()))
+}
+
+/// A message of the daemon's during a request.
+async fn write_event<W: tokio::io::AsyncWrite + Unpin>(
+    conn: &mut W,
+    event: &protocol::Event,
+    blob: &[u8],
+) -> std::io::Result<()> {
+    let v = serde_json::to_value(event).map_err(std::io::Error::other)?;
+    write_message(conn, &v, blob).await
+}
+
+/// The next message continuing a request, or None if the glue sent
+/// something else or went away.
+async fn read_follow<R: tokio::io::AsyncRead + Unpin>(conn: &mut R) -> Option<(Follow, Vec<u8>)> {
+    match read_message(conn).await {
+        Ok(Some((v, blob))) => Follow::parse(v).map(|f| (f, blob)),
+        _ => None,
+    }
 }

@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use arbor_wire::NodeId;
 use tokio::sync::oneshot;
 
+use crate::tree::TreeError;
+
 /// A nested (become) agent, as asked for by `TreeHandle::become_slot`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BecomeSlot {
@@ -21,7 +23,7 @@ pub enum BecomeSlot {
 }
 
 /// Who waits for a become agent: its slot, or why it failed.
-pub type SlotWaiter = oneshot::Sender<Result<Option<BecomeSlot>, String>>;
+pub type SlotWaiter = oneshot::Sender<Result<Option<BecomeSlot>, TreeError>>;
 
 /// (login agent, become key).
 type Key = (NodeId, String);
@@ -145,7 +147,11 @@ impl Becomes {
             self.of.remove(&node);
         }
         for w in waiters {
-            let _ = w.send(outcome.clone().map(|_| Some(BecomeSlot::Ready(node))));
+            let answer = match &outcome {
+                Ok(()) => Ok(Some(BecomeSlot::Ready(node))),
+                Err(why) => Err(TreeError::Become(why.clone())),
+            };
+            let _ = w.send(answer);
         }
         true
     }
@@ -259,7 +265,7 @@ mod tests {
         b.settle(NodeId(10), Err("Incorrect sudo password".into()));
         assert_eq!(
             rx.try_recv().expect("answered"),
-            Err("Incorrect sudo password".into())
+            Err(TreeError::Become("Incorrect sudo password".into()))
         );
         assert!(matches!(
             ask(&mut b, 1, "root", true, 11).0,

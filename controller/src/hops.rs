@@ -14,6 +14,8 @@ use arbor_topology::{Hop, HopKey};
 use arbor_wire::NodeId;
 use tokio::sync::oneshot;
 
+use crate::tree::TreeError;
+
 /// What a hop runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HopRole {
@@ -25,7 +27,7 @@ pub enum HopRole {
 pub type Key = (HopKey, HopRole);
 
 /// A caller waiting for a hop: its node, or why it failed.
-pub type Waiter = oneshot::Sender<Result<NodeId, String>>;
+pub type Waiter = oneshot::Sender<Result<NodeId, TreeError>>;
 
 enum State {
     Connecting {
@@ -97,7 +99,7 @@ impl Hops {
             }
             Some(State::Connecting { waiters, .. }) => waiters.push(waiter),
             Some(State::Failed { why, task: t }) if task.is_some() && t.as_deref() == task => {
-                let _ = waiter.send(Err(why.clone()));
+                let _ = waiter.send(Err(TreeError::Hop(why.clone())));
             }
             _ => return Some(waiter),
         }
@@ -174,7 +176,7 @@ impl Hops {
                         why: why.clone(),
                         task,
                     },
-                    Err(why),
+                    Err(TreeError::Hop(why)),
                 )
             }
         };
@@ -218,7 +220,10 @@ impl Hops {
                     .map(|i| i.label)
                     .unwrap_or_default();
                 for w in waiters {
-                    let _ = w.send(Err(labelled(&label, "the connection was reset")));
+                    let _ = w.send(Err(TreeError::Hop(labelled(
+                        &label,
+                        "the connection was reset",
+                    ))));
                 }
                 None
             }
@@ -264,7 +269,7 @@ mod tests {
         (HopKey::of(&[hop]), HopRole::Agent)
     }
 
-    fn waiter() -> (Waiter, oneshot::Receiver<Result<NodeId, String>>) {
+    fn waiter() -> (Waiter, oneshot::Receiver<Result<NodeId, TreeError>>) {
         oneshot::channel()
     }
 
@@ -273,7 +278,7 @@ mod tests {
     }
 
     /// What a caller of `task` is answered at once.
-    fn answer(h: &mut Hops, k: &Key, task: Option<&str>) -> Result<NodeId, String> {
+    fn answer(h: &mut Hops, k: &Key, task: Option<&str>) -> Result<NodeId, TreeError> {
         let (w, mut rx) = waiter();
         assert!(h.lookup(k, task, w).is_none(), "answered");
         rx.try_recv().expect("answered at once")
@@ -291,13 +296,13 @@ mod tests {
         h.settle(NodeId(5), Err("refused".into()));
         assert_eq!(
             rx.try_recv().expect("answered"),
-            Err("t1 (agent): refused".into())
+            Err(TreeError::Hop("t1 (agent): refused".into()))
         );
         assert!(rx2.try_recv().expect("answered").is_err());
         // The same task's next item: at once, with the same message.
         assert_eq!(
             answer(&mut h, &k, Some("task-a")),
-            Err("t1 (agent): refused".into())
+            Err(TreeError::Hop("t1 (agent): refused".into()))
         );
         // Another task, or none: connect again.
         absent(&mut h, &k, Some("task-b"));
@@ -315,7 +320,7 @@ mod tests {
         assert_eq!(h.lost(NodeId(5), "ssh exited"), Some("t1 (agent)".into()));
         assert_eq!(
             answer(&mut h, &k, Some("b")),
-            Err("t1 (agent): ssh exited".into())
+            Err(TreeError::Hop("t1 (agent): ssh exited".into()))
         );
         let w = absent(&mut h, &k, Some("c"));
         h.connecting(NodeId(9), info("t1"), Some("c"), w);
@@ -354,7 +359,9 @@ mod tests {
         assert_eq!(h.forget(&k), None);
         assert_eq!(
             rx2.try_recv().expect("answered"),
-            Err("t1 (agent): the connection was reset".into())
+            Err(TreeError::Hop(
+                "t1 (agent): the connection was reset".into()
+            ))
         );
         assert!(!h.any_connecting());
     }

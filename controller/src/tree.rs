@@ -28,8 +28,10 @@ use crate::sshagent::SshAgent;
 use crate::sshconfig::SshConfig;
 
 mod connect;
+mod error;
 mod handle;
 
+pub use error::TreeError;
 pub use handle::*;
 
 const INBOX_FRAMES: usize = 1024;
@@ -248,7 +250,7 @@ impl Tree {
         key: String,
         label: String,
         start: bool,
-        done: oneshot::Sender<Result<Option<BecomeSlot>, String>>,
+        done: oneshot::Sender<Result<Option<BecomeSlot>, TreeError>>,
     ) {
         let next = &mut self.next_node;
         let new_node = || {

@@ -9,12 +9,11 @@ use super::*;
 /// under a secret of this daemon's. So a task with another password (a
 /// wrong one) gets an interpreter of its own, started with that password,
 /// which the become tool then checks as it does for vanilla on every task.
-pub(super) fn become_key(req: &Value) -> Option<String> {
-    let b = req.get("become")?;
-    let key = b.get("key")?.as_str()?;
-    Some(match b.get("pass").and_then(Value::as_str) {
-        Some(pass) if !pass.is_empty() => format!("{key}|pass:{}", password_digest(pass)),
-        _ => key.to_string(),
+pub(super) fn become_key(to: &Target) -> Option<String> {
+    let b = to.become_as.as_ref()?;
+    Some(match b.pass.as_deref() {
+        Some(pass) if !pass.is_empty() => format!("{}|pass:{}", b.key, password_digest(pass)),
+        _ => b.key.clone(),
     })
 }
 
@@ -39,31 +38,35 @@ pub(super) fn password_digest(pass: &str) -> String {
 /// Longest a become command may take to prompt or succeed.
 pub(super) const BECOME_TIMEOUT_S_MAX: u64 = 600;
 
+/// How to start a become interpreter (`Request::Become`).
+pub(super) struct Become<'a> {
+    /// Names the interpreter in messages (host, user, plugin).
+    pub(super) label: &'a str,
+    /// The become plugin's command around the agent's.
+    pub(super) cmd: &'a str,
+    /// The plugin's success marker.
+    pub(super) success: Option<&'a str>,
+    pub(super) timeout_s: Option<u64>,
+}
+
 /// Starts the nested agent a request's `become` names, unless it is up or
 /// another caller is starting it (then waits for that).
 pub(super) async fn become_agent(
     conn: &mut UnixStream,
     tree: &TreeHandle,
-    req: &Value,
+    to: &Target,
+    b: &Become<'_>,
 ) -> Result<(), ApiError> {
-    let login = login_agent(tree, req).await?;
-    let key = become_key(req).ok_or_else(|| ApiError::failed("become without a key"))?;
-    let key = key.as_str();
-    let label = req
-        .get("label")
-        .and_then(Value::as_str)
-        .unwrap_or("become")
-        .to_string();
-    let slot = tree
-        .become_slot(login, key, &label, true)
-        .await
-        .map_err(ApiError::failed)?;
+    let login = login_agent(tree, to).await?;
+    let key = become_key(to).ok_or_else(|| ApiError::failed("become without a key"))?;
+    let label = b.label;
+    let slot = tree.become_slot(login, &key, label, true).await?;
     let mut log = Value::Null;
     let node = match slot {
         Some(BecomeSlot::Ready(node)) => node,
         Some(BecomeSlot::Start(node)) => {
-            let outcome = drive_become(conn, tree, login, node, req).await;
-            let labelled = outcome.map_err(|e| e.labelled(&label));
+            let outcome = drive_become(conn, tree, login, node, b).await;
+            let labelled = outcome.map_err(|e| e.labelled(label));
             tree.become_done(
                 node,
                 labelled
@@ -77,9 +80,7 @@ pub(super) async fn become_agent(
         }
         None => return Err(ApiError::failed(format!("{label}: not started"))),
     };
-    write_message(conn, &json!({ "node": node.0, "log": log }), b"")
-        .await
-        .map_err(|e| ApiError::failed(e.to_string()))
+    reply(conn, &protocol::BecomeUp { node: node.0, log }).await
 }
 
 /// The become handshake: the agent's output goes to the glue, the glue's
@@ -91,18 +92,14 @@ pub(super) async fn drive_become(
     tree: &TreeHandle,
     login: NodeId,
     node: NodeId,
-    req: &Value,
+    b: &Become<'_>,
 ) -> Result<Value, ApiError> {
-    let timeout = req
-        .get("timeout_s")
-        .and_then(Value::as_u64)
-        .unwrap_or(30)
-        .min(BECOME_TIMEOUT_S_MAX);
+    let timeout = b.timeout_s.unwrap_or(30).min(BECOME_TIMEOUT_S_MAX);
     let agent_req = json!({
         "op": "become",
         "node": node.0,
-        "cmd": req.get("cmd").cloned().unwrap_or(Value::Null),
-        "success": req.get("success").cloned().unwrap_or(Value::Null),
+        "cmd": b.cmd,
+        "success": b.success,
         "timeout_s": timeout,
     });
     let (stream, mut rx) = send_request(tree, login, agent_req, b"").await?;
@@ -126,28 +123,28 @@ pub(super) async fn drive_become(
                 let out: Value =
                     serde_json::from_slice(j).map_err(|e| ApiError::failed(e.to_string()))?;
                 let io = |e: std::io::Error| ApiError::failed(e.to_string());
-                write_message(
-                    conn,
-                    &json!({"op": "output", "output": out.get("output").cloned().unwrap_or(json!(""))}),
-                    b"",
-                )
-                .await
-                .map_err(io)?;
-                let answer = match read_message(conn).await {
-                    Ok(Some((a, _))) if a.get("op").and_then(Value::as_str) == Some("answer") => a,
-                    _ => json!({"abort": "the Ansible worker went away during become"}),
+                let output = out.get("output").and_then(Value::as_str).unwrap_or("");
+                let output = Event::Output {
+                    output: output.to_string(),
+                };
+                write_event(conn, &output, b"").await.map_err(io)?;
+                let (password, abort) = match read_follow(conn).await {
+                    Some((Follow::Answer { password, abort }, _)) => (password, abort),
+                    _ => (
+                        None,
+                        Some("the Ansible worker went away during become".into()),
+                    ),
                 };
                 let mut fwd = serde_json::Map::new();
-                for k in ["password", "abort"] {
-                    if let Some(v) = answer.get(k) {
-                        fwd.insert(k.to_string(), v.clone());
-                    }
+                if let Some(p) = password {
+                    fwd.insert("password".into(), json!(p));
+                }
+                if let Some(a) = abort {
+                    fwd.insert("abort".into(), json!(a));
                 }
                 if !fwd.is_empty() {
                     let payload = msg::encode(Value::Object(fwd).to_string().as_bytes(), b"");
-                    tree.send_part(login, stream, Kind::Data, payload)
-                        .await
-                        .map_err(ApiError::failed)?;
+                    tree.send_part(login, stream, Kind::Data, payload).await?;
                 }
             }
             Kind::Reply => {

@@ -3,30 +3,32 @@
 
 use super::*;
 
+/// A command or module to run (`Request::Exec`).
+pub(super) struct Exec<'a> {
+    pub(super) to: &'a Target,
+    pub(super) cmd: &'a str,
+    pub(super) run: &'a protocol::RunIn,
+}
+
 pub(super) async fn exec(
     conn: &mut UnixStream,
     tree: &TreeHandle,
     holdings: &Holdings,
-    req: &Value,
-    blob: Vec<u8>,
+    e: &Exec<'_>,
+    stdin: &[u8],
 ) -> Result<(), ApiError> {
-    let size = req
-        .get("stdin_size")
-        .and_then(Value::as_u64)
-        .unwrap_or(blob.len() as u64) as usize;
-    let stdin = read_body(conn, blob, size).await?;
-    let node = agent_for(tree, req).await?;
+    let node = agent_for(tree, e.to).await?;
     let agent_req = json!({
         "op": "exec",
-        "cmd": req.get("cmd").cloned().unwrap_or(Value::Null),
-        "isolation": req.get("isolation").cloned().unwrap_or(Value::Null),
-        "cwd": req.get("cwd").cloned().unwrap_or(Value::Null),
+        "cmd": e.cmd,
+        "isolation": e.run.isolation,
+        "cwd": e.run.cwd,
     });
-    let relays = relays_of(tree, req).await;
+    let relays = relays_of(tree, e.to).await;
     let answer = exec_zipped(tree, holdings, node, &relays, |whole| {
         let behind = !relays.is_empty();
         let (fields, body, keys) =
-            zip_form(holdings, node, behind, &stdin, whole, &mut HashSet::new());
+            zip_form(holdings, node, behind, stdin, whole, &mut HashSet::new());
         let mut req = agent_req.clone();
         for (k, v) in fields {
             req[k] = v;
@@ -256,8 +258,7 @@ pub(super) async fn send_body(
     };
     let (stream, rx) = tree
         .open(node, msg::encode(req.to_string().as_bytes(), &head))
-        .await
-        .map_err(ApiError::unreachable)?;
+        .await?;
     let mut keys = Vec::new();
     for part in parts {
         match part {
@@ -269,43 +270,44 @@ pub(super) async fn send_body(
         }
     }
     inject(tree, relay, node, stream, &mut keys).await?;
-    tree.send_part(node, stream, Kind::End, Vec::new())
-        .await
-        .map_err(ApiError::failed)?;
+    tree.send_part(node, stream, Kind::End, Vec::new()).await?;
     Ok((stream, rx))
 }
 
-/// Copy in one round trip (see the module doc).
+/// Copy in one round trip (`Request::Choose`).
+pub(super) struct Choose<'a> {
+    pub(super) to: &'a Target,
+    pub(super) path: &'a str,
+    pub(super) checksum: Option<&'a str>,
+    pub(super) run: &'a protocol::RunIn,
+}
+
 pub(super) async fn choose(
     conn: &mut UnixStream,
     tree: &TreeHandle,
     holdings: &Holdings,
-    req: &Value,
+    c: &Choose<'_>,
+    branches: [&protocol::Branch; 2],
     blob: Vec<u8>,
 ) -> Result<(), ApiError> {
-    let size_of = |k: &str| {
-        req.get(k)
-            .and_then(|c| c.get("size"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0) as usize
-    };
-    let (n_same, n_differs) = (size_of("same"), size_of("differs"));
-    let body = read_body(conn, blob, n_same + n_differs).await?;
-    let node = agent_for(tree, req).await?;
+    let n_same = branches[0].size as usize;
+    let n_differs = branches[1].size as usize;
+    let body = read_body(conn, blob, n_same.saturating_add(n_differs)).await?;
+    let node = agent_for(tree, c.to).await?;
     let stdins = [&body[..n_same], &body[n_same..]];
-    let relays = relays_of(tree, req).await;
+    let relays = relays_of(tree, c.to).await;
     let answer = exec_zipped(tree, holdings, node, &relays, |whole| {
         let mut agent_req = json!({
             "op": "choose",
-            "path": req.get("path").cloned().unwrap_or(Value::Null),
-            "checksum": req.get("checksum").cloned().unwrap_or(Value::Null),
-            "isolation": req.get("isolation").cloned().unwrap_or(Value::Null),
-            "cwd": req.get("cwd").cloned().unwrap_or(Value::Null),
+            "path": c.path,
+            "checksum": c.checksum,
+            "isolation": c.run.isolation,
+            "cwd": c.run.cwd,
         });
         let mut out = Body::default();
         let mut keys = Vec::new();
         let mut sending = HashSet::new();
-        for (name, stdin) in ["same", "differs"].iter().zip(stdins) {
+        for ((name, stdin), branch) in ["same", "differs"].iter().zip(stdins).zip(branches) {
             let (mut fields, part, key) = zip_form(
                 holdings,
                 node,
@@ -314,13 +316,7 @@ pub(super) async fn choose(
                 whole,
                 &mut sending,
             );
-            fields.insert(
-                "cmd".into(),
-                req.get(*name)
-                    .and_then(|c| c.get("cmd"))
-                    .cloned()
-                    .unwrap_or(Value::Null),
-            );
+            fields.insert("cmd".into(), json!(branch.cmd));
             agent_req[*name] = Value::Object(fields);
             if *name == "same" {
                 agent_req["split"] = json!(part.len());

@@ -7,25 +7,18 @@ pub(super) async fn put(
     conn: &mut UnixStream,
     tree: &TreeHandle,
     holdings: &Holdings,
-    req: &Value,
+    p: &protocol::Put,
     first: Vec<u8>,
 ) -> Result<(), ApiError> {
-    let size = req
-        .get("size")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| ApiError::failed("put without size"))?;
-    let path = req
-        .get("path")
-        .cloned()
-        .ok_or_else(|| ApiError::failed("put without path"))?;
+    let size = p.size;
     // Connect first, but read the whole body even if that fails, so the
     // connection stays in step with the glue.
-    let node = agent_for(tree, req).await;
-    let mut agent_req = json!({"op": "put", "path": path, "size": size, "streamed": true});
-    if let Some(mode) = req.get("mode") {
+    let node = agent_for(tree, &p.to).await;
+    let mut agent_req = json!({"op": "put", "path": p.path, "size": size, "streamed": true});
+    if let Some(mode) = &p.mode {
         agent_req["mode"] = mode.clone();
     }
-    let posted = noreply(req);
+    let posted = p.noreply;
     if posted {
         agent_req["noreply"] = json!(true);
     }
@@ -37,7 +30,7 @@ pub(super) async fn put(
                     // A file the relay's cache can keep goes through it: a
                     // file copied to many hosts behind a relay crosses the
                     // links above it once.
-                    let relays = relays_of(tree, req).await;
+                    let relays = relays_of(tree, &p.to).await;
                     let cached =
                         !relays.is_empty() && size <= relay_cache_bytes() / FILE_CACHE_SHARE;
                     Ok(Outgoing {
@@ -49,7 +42,7 @@ pub(super) async fn put(
                         dropped: false,
                     })
                 }
-                Err(e) => Err(ApiError::unreachable(e)),
+                Err(e) => Err(ApiError::from(e)),
             }
         }
         Err(e) => Err(e.clone()),
@@ -69,8 +62,8 @@ pub(super) async fn put(
         if last {
             break;
         }
-        match read_message(conn).await {
-            Ok(Some((m, part))) if m.get("op").and_then(Value::as_str) == Some("data") => {
+        match read_follow(conn).await {
+            Some((Follow::Data, part)) => {
                 read += part.len() as u64;
                 pending.extend(part);
             }
@@ -83,9 +76,7 @@ pub(super) async fn put(
         mut rx,
         ..
     } = out?;
-    tree.send_part(node, stream, Kind::End, Vec::new())
-        .await
-        .map_err(ApiError::failed)?;
+    tree.send_part(node, stream, Kind::End, Vec::new()).await?;
     put_answer(conn, tree, stream, &mut rx, posted).await
 }
 
@@ -207,48 +198,32 @@ impl Outgoing {
         }
         tree.send_part(self.node, self.stream, Kind::Data, chunk)
             .await
-            .map_err(ApiError::failed)
+            .map_err(ApiError::from)
     }
 }
 
 pub(super) async fn fetch(
     conn: &mut UnixStream,
     tree: &TreeHandle,
-    req: &Value,
+    to: &Target,
+    path: &str,
 ) -> Result<(), ApiError> {
-    let node = agent_for(tree, req).await?;
-    let agent_req = json!({"op": "fetch", "path": req.get("path").cloned().unwrap_or(Value::Null)});
+    let node = agent_for(tree, to).await?;
+    let agent_req = json!({"op": "fetch", "path": path});
     let (_stream, mut rx) = send_request(tree, node, agent_req, b"").await?;
     let (v, first) = first_reply(&mut rx).await?;
     let streamed = v.get("streamed").and_then(Value::as_bool) == Some(true);
     let io = |e: std::io::Error| ApiError::failed(e.to_string());
-    write_message(
-        conn,
-        &json!({"size": v.get("size"), "streamed": streamed}),
-        &first,
-    )
-    .await
-    .map_err(io)?;
+    let size = v.get("size").cloned().unwrap_or(Value::Null);
+    let head = serde_json::to_value(protocol::FetchHead { size, streamed })
+        .map_err(|e| ApiError::failed(e.to_string()))?;
+    write_message(conn, &head, &first).await.map_err(io)?;
     if streamed {
-        loop {
-            let Some(f) = rx.recv().await else {
-                return Err(ApiError::unreachable("the agent's file was cut off"));
-            };
-            match f.kind {
-                Kind::Data => write_message(conn, &json!({"op": "data"}), &f.payload)
-                    .await
-                    .map_err(io)?,
-                Kind::End => break,
-                _ => {
-                    return Err(ApiError::unreachable(
-                        String::from_utf8_lossy(&f.payload).into_owned(),
-                    ))
-                }
-            }
+        while let Some(part) = next_part(&mut rx, "the agent's file was cut off").await? {
+            let data = Event::Data { fd: None };
+            write_event(conn, &data, &part).await.map_err(io)?;
         }
-        write_message(conn, &json!({"op": "end"}), b"")
-            .await
-            .map_err(io)?;
+        write_event(conn, &Event::End, b"").await.map_err(io)?;
     }
     Ok(())
 }
@@ -257,17 +232,18 @@ pub(super) async fn fetch(
 pub(super) async fn pipe(
     conn: &mut UnixStream,
     tree: &TreeHandle,
-    req: &Value,
+    to: &Target,
+    cmd: &str,
 ) -> Result<(), ApiError> {
-    let node = agent_for(tree, req).await?;
-    let agent_req = json!({"op": "pipe", "cmd": req.get("cmd").cloned().unwrap_or(Value::Null)});
+    let node = agent_for(tree, to).await?;
+    let agent_req = json!({"op": "pipe", "cmd": cmd});
     let (stream, mut rx) = send_request(tree, node, agent_req, b"").await?;
     first_reply(&mut rx).await?;
     let (mut rd, mut wr) = conn.split();
     let upstream = async {
         loop {
-            match read_message(&mut rd).await {
-                Ok(Some((m, blob))) if m.get("op").and_then(Value::as_str) == Some("data") => {
+            match read_follow(&mut rd).await {
+                Some((Follow::Data, blob)) => {
                     if send_data(tree, node, stream, &blob).await.is_err() {
                         break;
                     }
@@ -282,32 +258,21 @@ pub(super) async fn pipe(
     };
     let downstream = async {
         let io = |e: std::io::Error| ApiError::failed(e.to_string());
-        loop {
-            let Some(f) = rx.recv().await else {
-                return Err(ApiError::unreachable("the tree closed during the command"));
+        while let Some(part) = next_part(&mut rx, "the tree closed during the command").await? {
+            let (j, blob) = msg::split(&part).map_err(|e| ApiError::failed(e.to_string()))?;
+            let v: Value =
+                serde_json::from_slice(j).map_err(|e| ApiError::failed(e.to_string()))?;
+            let event = match v.get("rc") {
+                Some(rc) => Event::Exit {
+                    rc: rc.as_i64().unwrap_or(-1),
+                },
+                None => Event::Data {
+                    fd: Some(v.get("fd").and_then(Value::as_u64).unwrap_or(1) as u8),
+                },
             };
-            match f.kind {
-                Kind::Data => {
-                    let (j, blob) =
-                        msg::split(&f.payload).map_err(|e| ApiError::failed(e.to_string()))?;
-                    let v: Value =
-                        serde_json::from_slice(j).map_err(|e| ApiError::failed(e.to_string()))?;
-                    let out = match v.get("rc") {
-                        Some(rc) => json!({"op": "exit", "rc": rc}),
-                        None => {
-                            json!({"op": "data", "fd": v.get("fd").cloned().unwrap_or(json!(1))})
-                        }
-                    };
-                    write_message(&mut wr, &out, blob).await.map_err(io)?;
-                }
-                Kind::End => return Ok(()),
-                _ => {
-                    return Err(ApiError::unreachable(
-                        String::from_utf8_lossy(&f.payload).into_owned(),
-                    ))
-                }
-            }
+            write_event(&mut wr, &event, blob).await.map_err(io)?;
         }
+        Ok(())
     };
     tokio::pin!(upstream);
     tokio::pin!(downstream);

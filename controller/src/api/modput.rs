@@ -11,12 +11,13 @@
 
 use std::collections::HashSet;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::net::UnixStream;
 
+use super::protocol::{Put, Target};
 use super::{
-    agent_for, noreply, put_answer, read_body, relays_of, send_body, send_request, zip_form,
-    ApiError, Holdings,
+    agent_for, put_answer, read_body, relays_of, send_body, send_request, zip_form, ApiError,
+    Holdings,
 };
 use crate::tree::TreeHandle;
 
@@ -26,23 +27,18 @@ const MODULE_PUT_BYTES_MAX: u64 = 16 << 20;
 /// The last module script this lane put, for a put again after a miss.
 pub struct LastPut {
     path: String,
-    req: Value,
+    to: Target,
     script: Vec<u8>,
 }
 
 /// Whether a put is a module's script: `…/AnsiballZ_*.py`, not too big,
 /// and not to be kept byte for byte (`exact`: keep_remote_files).
-pub fn is_module_put(req: &Value) -> bool {
-    let Some(path) = req.get("path").and_then(Value::as_str) else {
-        return false;
-    };
-    let name = path.rsplit('/').next().unwrap_or("");
-    let size = req.get("size").and_then(Value::as_u64).unwrap_or(u64::MAX);
-    let exact = req.get("exact").and_then(Value::as_bool) == Some(true);
-    !exact
+pub fn is_module_put(p: &Put) -> bool {
+    let name = p.path.rsplit('/').next().unwrap_or("");
+    !p.exact
         && name.starts_with("AnsiballZ_")
         && name.ends_with(".py")
-        && size <= MODULE_PUT_BYTES_MAX
+        && p.size <= MODULE_PUT_BYTES_MAX
 }
 
 /// Puts a module's script (see the module's header).
@@ -50,19 +46,14 @@ pub async fn put_module(
     conn: &mut UnixStream,
     tree: &TreeHandle,
     holdings: &Holdings,
-    req: &Value,
+    p: Put,
     first: Vec<u8>,
     last: &mut Option<LastPut>,
 ) -> Result<(), ApiError> {
-    let size = req.get("size").and_then(Value::as_u64).unwrap_or(0) as usize;
+    let size = p.size as usize;
     let script = read_body(conn, first, size).await?;
-    let path = req
-        .get("path")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let node = agent_for(tree, req).await?;
-    let relays = relays_of(tree, req).await;
+    let node = agent_for(tree, &p.to).await?;
+    let relays = relays_of(tree, &p.to).await;
     let (fields, body, keys) = zip_form(
         holdings,
         node,
@@ -71,17 +62,17 @@ pub async fn put_module(
         false,
         &mut HashSet::new(),
     );
-    let posted = noreply(req);
-    let mut agent_req = json!({"op": "put", "path": path, "size": size, "noreply": posted});
-    if let Some(mode) = req.get("mode") {
+    let posted = p.noreply;
+    let mut agent_req = json!({"op": "put", "path": p.path, "size": size, "noreply": posted});
+    if let Some(mode) = &p.mode {
         agent_req["mode"] = mode.clone();
     }
     for (k, v) in fields {
         agent_req[k] = v;
     }
     *last = Some(LastPut {
-        path,
-        req: req.clone(),
+        path: p.path,
+        to: p.to,
         script,
     });
     let (stream, mut rx) = send_body(tree, holdings, node, &relays, agent_req, body).await?;
@@ -92,18 +83,17 @@ pub async fn put_module(
     put_answer(conn, tree, stream, &mut rx, posted).await
 }
 
-/// After an `exec` answered `zip_miss`: if it runs the script this lane put
-/// last, puts it again whole (the agent writes it as any file) and says to
-/// run the command again.
-pub async fn put_again(tree: &TreeHandle, exec_req: &Value, last: &Option<LastPut>) -> bool {
+/// After an `exec` of `cmd` answered `zip_miss`: if it runs the script this
+/// lane put last, puts it again whole (the agent writes it as any file) and
+/// says to run the command again.
+pub async fn put_again(tree: &TreeHandle, cmd: &str, last: &Option<LastPut>) -> bool {
     let Some(last) = last else {
         return false;
     };
-    let cmd = exec_req.get("cmd").and_then(Value::as_str).unwrap_or("");
     if last.path.is_empty() || !cmd.contains(&last.path) {
         return false;
     }
-    let Ok(node) = agent_for(tree, &last.req).await else {
+    let Ok(node) = agent_for(tree, &last.to).await else {
         return false;
     };
     let req = json!({"op": "put", "path": last.path, "size": last.script.len(), "noreply": true});

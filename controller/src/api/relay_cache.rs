@@ -22,7 +22,7 @@ pub(super) async fn inject(
     tree.post(relay, control::encode(&req))
         .await
         .map(|_| ())
-        .map_err(ApiError::unreachable)
+        .map_err(ApiError::from)
 }
 
 pub(super) fn relay_cache_bytes() -> u64 {
@@ -33,10 +33,7 @@ pub(super) fn relay_cache_bytes() -> u64 {
 }
 
 /// The relays an agent's frames pass, nearest the controller first.
-pub(super) async fn relays_of(tree: &TreeHandle, req: &Value) -> Vec<NodeId> {
-    let Ok(t) = serde_json::from_value::<Target>(req.clone()) else {
-        return Vec::new();
-    };
+pub(super) async fn relays_of(tree: &TreeHandle, t: &Target) -> Vec<NodeId> {
     let n = t.chain.len();
     if n < 2 {
         return Vec::new();
@@ -83,9 +80,7 @@ pub(super) async fn ensure_cached(
                 },
             ),
         };
-        tree.post(to, control::encode(&req))
-            .await
-            .map_err(ApiError::unreachable)?;
+        tree.post(to, control::encode(&req)).await?;
     }
     Ok(true)
 }

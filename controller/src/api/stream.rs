@@ -15,10 +15,8 @@ pub(super) async fn read_body(
         )));
     }
     while body.len() < size {
-        match read_message(conn).await {
-            Ok(Some((m, part))) if m.get("op").and_then(Value::as_str) == Some("data") => {
-                body.extend(part)
-            }
+        match read_follow(conn).await {
+            Some((Follow::Data, part)) => body.extend(part),
             _ => return Err(ApiError::failed("request body ended early")),
         }
     }
@@ -47,9 +45,7 @@ pub(super) async fn rest_of_body(
 ) -> Result<(), ApiError> {
     if body.len() > CHUNK_BYTES {
         send_data(tree, node, stream, &body[CHUNK_BYTES..]).await?;
-        tree.send_part(node, stream, Kind::End, Vec::new())
-            .await
-            .map_err(ApiError::failed)?;
+        tree.send_part(node, stream, Kind::End, Vec::new()).await?;
     }
     Ok(())
 }
@@ -63,8 +59,7 @@ pub(super) async fn send_data(
 ) -> Result<(), ApiError> {
     for part in data.chunks(CHUNK_BYTES) {
         tree.send_part(node, stream, Kind::Data, part.to_vec())
-            .await
-            .map_err(ApiError::failed)?;
+            .await?;
     }
     Ok(())
 }
@@ -76,10 +71,7 @@ pub(super) async fn send_request(
     req: Value,
     body: &[u8],
 ) -> Result<(StreamId, mpsc::Receiver<Frame>), ApiError> {
-    let (stream, rx) = tree
-        .open(node, first_frame(req, body))
-        .await
-        .map_err(ApiError::unreachable)?;
+    let (stream, rx) = tree.open(node, first_frame(req, body)).await?;
     rest_of_body(tree, node, stream, body).await?;
     Ok((stream, rx))
 }
@@ -92,30 +84,35 @@ pub(super) async fn gather_reply(
 ) -> Result<(Value, Vec<u8>), ApiError> {
     let (v, mut blob) = first_reply(rx).await?;
     if v.get("streamed").and_then(Value::as_bool) == Some(true) {
-        loop {
-            let Some(f) = rx.recv().await else {
-                return Err(ApiError::unreachable("the agent's reply was cut off"));
-            };
-            match f.kind {
-                Kind::Data if blob.len() + f.payload.len() <= OUTPUT_BYTES_MAX => {
-                    blob.extend(f.payload)
-                }
-                Kind::Data => {
-                    tree.forget(stream).await;
-                    return Err(ApiError::failed(format!(
-                        "output over {OUTPUT_BYTES_MAX} bytes"
-                    )));
-                }
-                Kind::End => break,
-                _ => {
-                    return Err(ApiError::unreachable(
-                        String::from_utf8_lossy(&f.payload).into_owned(),
-                    ))
-                }
+        while let Some(part) = next_part(rx, "the agent's reply was cut off").await? {
+            if blob.len() + part.len() > OUTPUT_BYTES_MAX {
+                tree.forget(stream).await;
+                return Err(ApiError::failed(format!(
+                    "output over {OUTPUT_BYTES_MAX} bytes"
+                )));
             }
+            blob.extend(part);
         }
     }
     Ok((v, blob))
+}
+
+/// The next part of a streamed reply: its bytes, or None at its end. A
+/// failure frame, or the tree closing the stream (`cut`), is the hop's loss.
+pub(super) async fn next_part(
+    rx: &mut mpsc::Receiver<Frame>,
+    cut: &str,
+) -> Result<Option<Vec<u8>>, ApiError> {
+    let Some(f) = rx.recv().await else {
+        return Err(ApiError::unreachable(cut));
+    };
+    match f.kind {
+        Kind::Data => Ok(Some(f.payload)),
+        Kind::End => Ok(None),
+        _ => Err(ApiError::unreachable(
+            String::from_utf8_lossy(&f.payload).into_owned(),
+        )),
+    }
 }
 
 pub(super) async fn first_reply(
@@ -158,7 +155,7 @@ pub(super) async fn send_chunked(
         .map_err(io)?;
     if blob.len() > part {
         for p in blob[part..].chunks(part) {
-            write_message(conn, &json!({"op": "data"}), p)
+            write_event(conn, &Event::Data { fd: None }, p)
                 .await
                 .map_err(io)?;
         }

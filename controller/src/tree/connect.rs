@@ -20,7 +20,7 @@ impl Tree {
         chain: Vec<Hop>,
         role: HopRole,
         task: Option<String>,
-        done: oneshot::Sender<Result<NodeId, String>>,
+        done: oneshot::Sender<Result<NodeId, TreeError>>,
     ) {
         let key = (HopKey::of(&chain), role);
         let Some(done) = self.hops.lookup(&key, task.as_deref(), done) else {

@@ -8,7 +8,7 @@ pub(super) enum Cmd {
         chain: Vec<Hop>,
         role: HopRole,
         task: Option<String>,
-        done: oneshot::Sender<Result<NodeId, String>>,
+        done: oneshot::Sender<Result<NodeId, TreeError>>,
     },
     /// Forgets the become agent under `parent` whose process (or its
     /// sweeper's, or its parent shell's) is `pid`; answers its node, for
@@ -37,7 +37,7 @@ pub(super) enum Cmd {
         key: String,
         label: String,
         start: bool,
-        done: oneshot::Sender<Result<Option<BecomeSlot>, String>>,
+        done: oneshot::Sender<Result<Option<BecomeSlot>, TreeError>>,
     },
     BecomeDone {
         node: NodeId,
@@ -67,7 +67,7 @@ impl TreeHandle {
         chain: &[Hop],
         role: HopRole,
         task: Option<&str>,
-    ) -> Result<NodeId, String> {
+    ) -> Result<NodeId, TreeError> {
         Ok(*self
             .ensure_path(chain, role, task)
             .await?
@@ -82,8 +82,8 @@ impl TreeHandle {
         chain: &[Hop],
         role: HopRole,
         task: Option<&str>,
-    ) -> Result<Vec<NodeId>, String> {
-        arbor_topology::validate(chain).map_err(|e| e.to_string())?;
+    ) -> Result<Vec<NodeId>, TreeError> {
+        arbor_topology::validate(chain).map_err(|e| TreeError::Chain(e.to_string()))?;
         let target = hops::label(chain, role);
         // The controller's ssh config, read before the tree starts a hop.
         for (i, hop) in chain.iter().enumerate() {
@@ -94,7 +94,7 @@ impl TreeHandle {
                     HopRole::Relay
                 };
                 let hop_label = hops::label(&chain[..=i], r);
-                return Err(hops::labelled(&target, &hops::labelled(&hop_label, &why)));
+                return Err(TreeError::Hop(hops::labelled(&hop_label, &why)).under(&target));
             }
         }
         let mut nodes = Vec::with_capacity(chain.len());
@@ -112,12 +112,8 @@ impl TreeHandle {
                     task: task.map(str::to_string),
                     done,
                 })
-                .await
-                .map_err(|_| "arbor controller is shutting down".to_string())?;
-            let node = wait
-                .await
-                .map_err(|_| "arbor controller is shutting down".to_string())?
-                .map_err(|why| hops::labelled(&target, &why))?;
+                .await?;
+            let node = wait.await?.map_err(|e| e.under(&target))?;
             nodes.push(node);
         }
         Ok(nodes)
@@ -125,30 +121,24 @@ impl TreeHandle {
 
     /// The become agent under `parent` whose process or sweeper is `pid`,
     /// forgotten (its next use starts a new one): the caller ends it.
-    pub async fn release_pid(&self, parent: NodeId, pid: u64) -> Result<Option<NodeId>, String> {
+    pub async fn release_pid(&self, parent: NodeId, pid: u64) -> Result<Option<NodeId>, TreeError> {
         let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Cmd::ReleasePid { parent, pid, done })
-            .await
-            .map_err(|_| "arbor controller is shutting down".to_string())?;
-        wait.await
-            .map_err(|_| "arbor controller is shutting down".to_string())
+        self.tx.send(Cmd::ReleasePid { parent, pid, done }).await?;
+        Ok(wait.await?)
     }
 
     /// Ends every interpreter of the host named `host` (its login agents
     /// and their become agents); its next use connects afresh. Returns how
     /// many login agents were ended.
-    pub async fn reset(&self, host: &str) -> Result<usize, String> {
+    pub async fn reset(&self, host: &str) -> Result<usize, TreeError> {
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Cmd::Reset {
                 host: host.to_string(),
                 done,
             })
-            .await
-            .map_err(|_| "arbor controller is shutting down".to_string())?;
-        wait.await
-            .map_err(|_| "arbor controller is shutting down".to_string())
+            .await?;
+        Ok(wait.await?)
     }
 
     /// Opens a stream to `dst` with a request; frames of its answer arrive
@@ -157,7 +147,7 @@ impl TreeHandle {
         &self,
         dst: NodeId,
         payload: Vec<u8>,
-    ) -> Result<(StreamId, mpsc::Receiver<Frame>), String> {
+    ) -> Result<(StreamId, mpsc::Receiver<Frame>), TreeError> {
         self.open_with(dst, payload, None).await
     }
 
@@ -168,7 +158,7 @@ impl TreeHandle {
         &self,
         dst: NodeId,
         payload: Vec<u8>,
-    ) -> Result<(StreamId, mpsc::Receiver<Frame>, watch::Receiver<u64>), String> {
+    ) -> Result<(StreamId, mpsc::Receiver<Frame>, watch::Receiver<u64>), TreeError> {
         let (credit, consumed) = watch::channel(0);
         let (stream, rx) = self.open_with(dst, payload, Some(credit)).await?;
         Ok((stream, rx, consumed))
@@ -179,7 +169,7 @@ impl TreeHandle {
         dst: NodeId,
         payload: Vec<u8>,
         credit: Option<watch::Sender<u64>>,
-    ) -> Result<(StreamId, mpsc::Receiver<Frame>), String> {
+    ) -> Result<(StreamId, mpsc::Receiver<Frame>), TreeError> {
         fits(&payload)?;
         let (replies, rx) = mpsc::channel(REPLY_QUEUE_FRAMES);
         let (done, wait) = oneshot::channel();
@@ -191,11 +181,8 @@ impl TreeHandle {
                 credit,
                 done,
             })
-            .await
-            .map_err(|_| "arbor controller is shutting down".to_string())?;
-        let stream = wait
-            .await
-            .map_err(|_| "arbor controller is shutting down".to_string())?;
+            .await?;
+        let stream = wait.await?;
         Ok((stream, rx))
     }
 
@@ -207,19 +194,16 @@ impl TreeHandle {
         stream: StreamId,
         kind: Kind,
         payload: Vec<u8>,
-    ) -> Result<(), String> {
+    ) -> Result<(), TreeError> {
         fits(&payload)?;
         let frame = Frame::new(kind, dst, NodeId::CONTROLLER, stream, payload);
-        self.tx
-            .send(Cmd::Send(frame))
-            .await
-            .map_err(|_| "arbor controller is shutting down".to_string())
+        Ok(self.tx.send(Cmd::Send(frame)).await?)
     }
 
     /// Opens a stream to `dst` with a request that gets no answer (the
     /// agent acts on it in order with the requests before and after it);
     /// its Data and End parts go on the returned stream.
-    pub async fn post(&self, dst: NodeId, payload: Vec<u8>) -> Result<StreamId, String> {
+    pub async fn post(&self, dst: NodeId, payload: Vec<u8>) -> Result<StreamId, TreeError> {
         let (stream, _rx) = self.open(dst, payload).await?;
         self.forget(stream).await;
         Ok(stream)
@@ -234,7 +218,7 @@ impl TreeHandle {
         key: &str,
         label: &str,
         start: bool,
-    ) -> Result<Option<BecomeSlot>, String> {
+    ) -> Result<Option<BecomeSlot>, TreeError> {
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Cmd::Become {
@@ -244,10 +228,8 @@ impl TreeHandle {
                 start,
                 done,
             })
-            .await
-            .map_err(|_| "arbor controller is shutting down".to_string())?;
-        wait.await
-            .map_err(|_| "arbor controller is shutting down".to_string())?
+            .await?;
+        wait.await?
     }
 
     /// How starting the become agent `node` ended.
@@ -278,12 +260,9 @@ impl TreeHandle {
 }
 
 /// A payload one frame can carry; callers chunk larger data.
-pub(super) fn fits(payload: &[u8]) -> Result<(), String> {
+pub(super) fn fits(payload: &[u8]) -> Result<(), TreeError> {
     if payload.len() > arbor_wire::FRAME_PAYLOAD_BYTES_MAX {
-        return Err(format!(
-            "arbor internal error: a frame of {} bytes was about to be sent",
-            payload.len()
-        ));
+        return Err(TreeError::FrameTooBig(payload.len()));
     }
     Ok(())
 }
