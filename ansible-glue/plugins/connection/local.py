@@ -20,12 +20,11 @@ _builtin_local = sys.modules[_ArborSsh.__module__].load_builtin("local")
 
 
 def _documentation():
-    glue = sys.modules[_ArborSsh.__module__]
-    doc = glue.yaml_load(_builtin_local.DOCUMENTATION)
-    doc["short_description"] = "run on the controller in a persistent arbor agent"
-    for name in ("arbor_inventory_hostname", "arbor_python", "arbor_task_isolation"):
-        doc.setdefault("options", {})[name] = glue.ARBOR_OPTIONS[name]
-    return glue.yaml_dump(doc)
+    from arbor_glue import docs  # on the path once arbor's ssh plugin is loaded
+    ours = sys.modules[_ArborSsh.__module__].ARBOR_OPTIONS
+    names = ("arbor_inventory_hostname", "arbor_python", "arbor_task_isolation")
+    return docs.with_options(_builtin_local.DOCUMENTATION, "run on the controller in a persistent arbor agent",
+                             dict((name, ours[name]) for name in names))
 
 
 DOCUMENTATION = _documentation()

@@ -16,18 +16,14 @@ import base64
 import importlib.util
 import json
 import os
-import re
 import shlex
 import sys
-
-import yaml
 
 import ansible.constants as C
 from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
 from ansible.module_utils.common.text.converters import to_bytes, to_text
 import ansible.plugins.connection as _connection_pkg
 from ansible.utils.display import Display
-from ansible.utils.shlex import shlex_split
 
 display = Display()
 
@@ -37,9 +33,11 @@ if _GLUE not in sys.path:
     sys.path.insert(0, _GLUE)
 from arbor_glue import wire  # noqa: E402
 from arbor_glue.daemon import connect_daemon, run_dir as _run_dir  # noqa: E402
-from arbor_glue.chain import (CONTAINER_CONNECTIONS, container_hop, parse_via, parse_via_rules,  # noqa: E402,F401
-                              via_become_hop, via_for)
-from arbor_glue import actions, scancache  # noqa: E402
+from arbor_glue.chain import container_hop  # noqa: E402
+from arbor_glue import actions, docs, scancache  # noqa: E402
+from arbor_glue.docs import yaml_load  # noqa: E402
+from arbor_glue.become import Become, BecomeNeeded, BecomeProxy  # noqa: E402
+from arbor_glue.hops import Hops  # noqa: E402
 from arbor_glue.progress import Progress  # noqa: E402
 import ansible.executor.module_common as _module_common  # noqa: E402
 from ansible.release import __version__ as _ansible_version  # noqa: E402
@@ -60,20 +58,6 @@ def load_builtin(name):
 
 
 _vanilla = load_builtin("ssh")
-
-
-# libyaml's loader and dumper where PyYAML has them: Ansible loads every
-# plugin in this directory, and each builds its documentation at import.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-
-
-def yaml_load(text):
-    return yaml.load(text, Loader=_YAML_LOADER)
-
-
-def yaml_dump(doc):
-    return yaml.dump(doc, Dumper=_YAML_DUMPER, sort_keys=False)
 
 
 # What `ansible-doc -t connection ssh` shows with arbor's plugin path (it
@@ -153,59 +137,25 @@ options:
 ARBOR_OPTIONS = yaml_load(DOCUMENTATION)["options"]
 
 
-def _documentation():
-    """The builtin ssh plugin's options, plus arbor's."""
-    doc = yaml_load(_vanilla.DOCUMENTATION)
-    doc["short_description"] = "connect via ssh through arbor's relay tree"
-    doc["options"].update(ARBOR_OPTIONS)
-    return yaml_dump(doc)
-
-
 def _run_time_documentation():
     # Set in a function: ansible-doc reads the module's assignments, and
     # keeps the literal above.
     global DOCUMENTATION
-    DOCUMENTATION = _documentation()
+    DOCUMENTATION = docs.with_options(_vanilla.DOCUMENTATION, "connect via ssh through arbor's relay tree",
+                                      ARBOR_OPTIONS)
 
 
 _run_time_documentation()
 
-_HOP_MAX = 16
-# `userdel` refusing because a process of the user runs (shadow-utils' words).
-_USER_BUSY = re.compile(rb"user \S+ is currently used by process (\d+)")
+
+def container_documentation(method):
+    """The documentation of arbor's plugin for a container method."""
+    return docs.container_documentation(method, ARBOR_OPTIONS)
+
+
 # Interpreters of one user ended for one command, at most (and its sweeper).
 _RELEASE_TRIES_MAX = 4
 _PART_BYTES = 4 << 20
-
-def container_documentation(method):
-    """Options of arbor's plugin for a container method: the host and user,
-    and arbor's own options."""
-    ours = ARBOR_OPTIONS
-    doc = {
-        "name": method,
-        "short_description": "run in a %s container, through arbor's relay on its host" % method,
-        "description": ["Reaches the container from the host in its arbor_via/mitogen_via, whose relay"
-                        " runs the container tool; like Mitogen's method of the same name."],
-        "author": "arbor",
-        "options": {
-            "remote_addr": {"description": "The container's name.", "type": "str",
-                            "default": "inventory_hostname",
-                            "vars": [{"name": "inventory_hostname"}, {"name": "ansible_host"},
-                                     {"name": "ansible_%s_host" % method}]},
-            "remote_user": {"description": "The user in the container.", "type": "str",
-                            "vars": [{"name": "ansible_user"}, {"name": "ansible_%s_user" % method}]},
-        },
-    }
-    for name in ("arbor_via", "arbor_inventory_hostname", "arbor_python", "arbor_task_isolation"):
-        doc["options"][name] = ours[name]
-    doc["options"]["timeout"] = {"description": "Seconds a become prompt may take.", "type": "int",
-                                 "default": 10, "vars": [{"name": "ansible_timeout"}]}
-    return yaml_dump(doc)
-
-
-class _BecomeNeeded(AnsibleError):
-    """The request's become interpreter is not up yet."""
-
 
 class _Client(wire.Client):
     """The daemon's local API, with its failures as Ansible's errors."""
@@ -226,54 +176,12 @@ class _Client(wire.Client):
             if obj.get("unreachable"):
                 raise AnsibleConnectionFailure(obj["error"])
             if obj.get("become_needed"):
-                raise _BecomeNeeded(obj["error"])
+                raise BecomeNeeded(obj["error"])
             raise AnsibleError("arbor: %s" % obj["error"])
         return obj, blob
 
 
-def _become_opt(plugin, name):
-    """A become plugin's option as text; "" if it has no such option."""
-    try:
-        return to_text(plugin.get_option(name) or "")
-    except KeyError:
-        return ""
-
-
-class _BecomeProxy(object):
-    """The task's become plugin as Ansible's action code sees it. Through
-    arbor, become is a nested persistent interpreter under the become user,
-    started once with the plugin's own command and prompt checks (see
-    Connection._arbor_become): so a command to run with become is not
-    wrapped, only marked, and goes to that interpreter. Everything else is
-    the plugin's."""
-
-    def __init__(self, conn, real):
-        object.__setattr__(self, "_arbor_conn", conn)
-        object.__setattr__(self, "_arbor_real", real)
-
-    def __getattr__(self, name):
-        return getattr(self._arbor_real, name)
-
-    def __setattr__(self, name, value):
-        setattr(self._arbor_real, name, value)
-
-    @property
-    def pipelining(self):
-        # The nested interpreter has its own terminal: a plugin that needs a
-        # tty (su) still gets pipelined modules.
-        if self._arbor_conn._enabled():
-            return True
-        return self._arbor_real.pipelining
-
-    def build_become_command(self, cmd, shell):
-        conn = self._arbor_conn
-        if not conn._enabled():
-            return self._arbor_real.build_become_command(cmd, shell)
-        conn._arbor_sudo_next = True
-        return cmd
-
-
-class Connection(_vanilla.Connection):
+class Connection(Hops, Become, _vanilla.Connection):
     """Ansible's ssh plugin, carried by arbor's tree unless disabled."""
 
     has_pipelining = True
@@ -292,7 +200,7 @@ class Connection(_vanilla.Connection):
         self._arbor_hello = None
         # A put or mkdtemp was sent and no answered request followed it yet.
         self._arbor_unacked = False
-        # The next command runs with become (see _BecomeProxy).
+        # The next command runs with become (see BecomeProxy).
         self._arbor_sudo_next = False
         # Copy in one round trip: module commands captured, or an answer
         # already had for the next one.
@@ -306,124 +214,10 @@ class Connection(_vanilla.Connection):
     def set_become_plugin(self, plugin):
         self._arbor_become_real = plugin
         super(Connection, self).set_become_plugin(
-            _BecomeProxy(self, plugin) if plugin is not None else None)
+            BecomeProxy(self, plugin) if plugin is not None else None)
 
     def _enabled(self):
         return not self.get_option("arbor_disable")
-
-    # ---------------------------------------------------------------- chain
-
-    def _hop_from(self, name, get):
-        """One hop from a getter of the ssh plugin's options for that host."""
-        for opt, var in (("sftp_extra_args", "ansible_sftp_extra_args"),
-                         ("scp_extra_args", "ansible_scp_extra_args")):
-            if get(opt):
-                raise AnsibleConnectionFailure(
-                    "%s: %s is set, but arbor runs no sftp or scp: files travel in the host's own"
-                    " ssh session. Move ssh options to ansible_ssh_extra_args, or set"
-                    " arbor_disable: true for this host." % (name, var))
-        args = []
-        for opt in ("ssh_args", "ssh_common_args", "ssh_extra_args"):
-            value = get(opt)
-            if value:
-                args.extend(shlex_split(to_text(value)))
-        host = get("host")
-        if not host or host == "inventory_hostname":
-            host = name
-        port = get("port")
-        timeout = get("timeout")
-        exe = get("ssh_executable")
-        # --ask-pass (-k) answers every host's ssh, as vanilla's does.
-        password = get("password") or getattr(self._play_context, "password", None)
-        hop = {
-            "name": name,
-            "method": "ssh",
-            "host": to_text(host),
-            "port": int(port) if port not in (None, "") else None,
-            "user": to_text(get("remote_user")) if get("remote_user") else None,
-            "key_file": os.path.expanduser(to_text(get("private_key_file"))) if get("private_key_file") else None,
-            "ssh_args": args,
-            "host_key_checking": bool(get("host_key_checking")) if get("host_key_checking") is not None else True,
-            "timeout_s": int(timeout) if timeout not in (None, "") else None,
-        }
-        if exe and to_text(exe) != "ssh":
-            hop["exe"] = os.path.expanduser(to_text(exe))
-        if password:
-            hop["password"] = to_text(password)
-        return hop
-
-    def _via_hop(self, name, hostvars):
-        if name not in hostvars:
-            raise AnsibleConnectionFailure("%s: via host %r is not in the inventory"
-                                           % (self.get_option("arbor_inventory_hostname"), name))
-        hv = hostvars[name]
-        method = CONTAINER_CONNECTIONS.get(to_text(hv.get("ansible_connection") or "ssh"))
-        if method:
-            return container_hop(name, method, hv.get), hv
-
-        def get(opt):
-            try:
-                return C.config.get_config_value(opt, plugin_type="connection", plugin_name="ssh",
-                                                  variables=hv)
-            except Exception:
-                return None
-        return self._hop_from(name, get), hv
-
-    def _rule_via(self, name, hop, hv):
-        """The via that `arbor_via_rules` (from the host's own variables)
-        gives a host without a via of its own; never the host itself."""
-        if "arbor_via" in hv or "mitogen_via" in hv:
-            return None
-        try:
-            rules = parse_via_rules(hv.get("arbor_via_rules"))
-        except ValueError as e:
-            raise AnsibleConnectionFailure("%s: arbor_via_rules: %s" % (name, e))
-        via = via_for(hop["host"], rules)
-        if via is not None and via.rsplit("@", 1)[-1] == name:
-            return None
-        return via
-
-    def _arbor_name(self):
-        """The host's inventory name: the last hop of its chain."""
-        return to_text(self.get_option("arbor_inventory_hostname") or self.get_option("host"))
-
-    def _build_chain(self):
-        name = self._arbor_name()
-        target = self._hop_from(name, self.get_option)
-        python = self.get_option("arbor_python")
-        if python and not to_text(python).startswith("auto"):
-            target["python"] = to_text(python)
-        return self._with_vias(name, target)
-
-    def _with_vias(self, name, target):
-        """`target`'s chain: its via hosts (each one's own settings), then it."""
-        chain = [target]
-        # Every host's variables, as the task's own (lazy) hostvars, handed
-        # over by the action (not a connection option: Ansible would template
-        # every host's variables into it for every task).
-        hostvars = self._arbor_hostvars if self._arbor_hostvars is not None else {}
-        via = self.get_option("arbor_via")
-        if via is None:
-            via = self._rule_via(name, target, hostvars.get(name) or {})
-        seen = [name]
-        while via:
-            via, become_method, become_user = parse_via(via)
-            if via in seen:
-                raise AnsibleConnectionFailure("%s: via cycle: %s" % (name, " -> ".join(seen + [via])))
-            if len(chain) >= _HOP_MAX:
-                raise AnsibleConnectionFailure("%s: via chain longer than %d hops" % (name, _HOP_MAX))
-            hop, hv = self._via_hop(via, hostvars)
-            if become_user:
-                # Mitogen's `[method:]user@host`: become `user` on the via
-                # host (its become settings), and relay from there.
-                chain.insert(0, via_become_hop(hop, hv, become_method, become_user))
-            chain.insert(0, hop)
-            seen.append(via)
-            if "arbor_via" in hv or "mitogen_via" in hv:
-                via = hv.get("arbor_via") or hv.get("mitogen_via")
-            else:
-                via = self._rule_via(hop["name"], hop, hv)
-        return chain
 
     # ---------------------------------------------------------------- calls
 
@@ -451,25 +245,6 @@ class Connection(_vanilla.Connection):
         chain = base64.b64encode(json.dumps(self._chain).encode()).decode()
         return " ".join(shlex.quote(a) for a in (sys.executable, script,
                                                    os.path.join(_run_dir(), "sock"), chain))
-
-    def arbor_stack(self, become=False):
-        """The hops to this host as arbor resolves them (Mitogen's
-        `mitogen_get_stack` shape: [{"method", "kwargs"}]), first hop first,
-        and the become interpreter last if the task uses one. No secrets."""
-        stack = []
-        for hop in self._build_chain():
-            kwargs = dict((k, v) for k, v in hop.items() if k not in ("method", "password") and v not in (None, [], ""))
-            stack.append({"method": hop["method"], "kwargs": kwargs})
-        stack[-1]["kwargs"]["role"] = "agent"
-        for entry in stack[:-1]:
-            entry["kwargs"]["role"] = "relay"
-        if become and self._arbor_become_real is not None:
-            b = self._arbor_become_real
-            stack.append({"method": b.name, "kwargs": {
-                "role": "nested agent", "become_user": _become_opt(b, "become_user"),
-                "become_exe": _become_opt(b, "become_exe"), "become_flags": _become_opt(b, "become_flags"),
-                "password": bool(_become_opt(b, "become_pass"))}})
-        return stack
 
     def arbor_info(self, sudo=False):
         """The target agent's hello (pid, user, home): the daemon has it, so
@@ -512,33 +287,6 @@ class Connection(_vanilla.Connection):
         self._arbor_unacked = False
         return self._arbor_roundtrip(send, sudo)[0]
 
-    # ---------------------------------------------------------------- become
-
-    def _arbor_become_spec(self):
-        """Which become interpreter: its settings, and the task's password,
-        which the daemon folds into the key (digested, never logged) so a
-        task with another password is checked by the become tool anew."""
-        spec = {"key": self._arbor_become_key()}
-        password = _become_opt(self._arbor_become_real, "become_pass")
-        if password:
-            spec["pass"] = password
-        return spec
-
-    def _arbor_become_key(self):
-        """Everything that makes a become interpreter what it is: the plugin
-        and all its options (the prompt it waits for, sudo's chdir, ...);
-        the password apart (see _arbor_become_spec). A task whose become
-        differs in any of them gets an interpreter of its own, started as
-        vanilla would start its command."""
-        b = self._arbor_become_real
-        parts = [b.name or type(b).__name__]
-        parts += [_become_opt(b, opt) for opt in ("become_user", "become_exe", "become_flags")]
-        others = getattr(b, "_options", None) or {}
-        parts.append(sorted((k, to_text(v)) for k, v in others.items()
-                            if k not in ("become_pass", "become_user", "become_exe", "become_flags")
-                            and v not in (None, "")))
-        return json.dumps(parts)
-
     def _arbor_target(self, obj):
         """`obj` addressed to this host: its chain, and the task asking."""
         return dict(obj, chain=self._chain, task=self._arbor_task)
@@ -557,82 +305,12 @@ class Connection(_vanilla.Connection):
         try:
             send()
             return self._arbor.recv()
-        except _BecomeNeeded:
+        except BecomeNeeded:
             if not sudo:
                 raise
         self._arbor_become()
         send()
         return self._arbor.recv()
-
-    def _arbor_become(self):
-        """Makes sure the become interpreter for this task's become settings
-        is up. The first time, the plugin builds its own command around the
-        agent's start command, and its own checks read what that command
-        prints: a password prompt gets `become_pass`, once."""
-        b = self._arbor_become_real
-        spec = self._arbor_become_spec()
-        user = _become_opt(b, "become_user")
-        host = self._chain[-1]["name"]
-        flags = _become_opt(b, "become_flags")
-        label = "%s (become %s via %s%s)" % (host, user or "default user", b.name,
-                                              " " + flags if flags else "")
-        python = self.arbor_info().get("executable") or "python3"
-        self._arbor.send({"op": "agent_command", "python": python})
-        agent_cmd = self._arbor.recv()[0]["cmd"]
-        cmd = b.build_become_command(agent_cmd, self._shell)
-        try:
-            timeout = int(self.get_option("timeout") or 10)
-        except (KeyError, TypeError, ValueError):  # the local plugin has no timeout
-            timeout = 10
-        display.vvv("ARBOR BECOME %s" % label, host=host)
-        self._arbor.send(self._arbor_target({"op": "become", "become": spec,
-                                             "label": label, "cmd": cmd, "success": b.success,
-                                             "timeout_s": timeout + 10}))
-        output = b""
-        verdict = None
-        answered = False
-        try:
-            while True:
-                m = self._arbor.recv()[0]
-                if m.get("op") != "output":
-                    return
-                output += to_bytes(m.get("output", ""), errors="surrogate_or_strict")
-                answer = {"op": "answer"}
-                if verdict is None:
-                    if b.check_incorrect_password(output) or (answered and b.check_password_prompt(output)):
-                        verdict = "Incorrect %s password" % b.name
-                    elif b.check_missing_password(output):
-                        verdict = "Missing %s password" % b.name
-                    elif b.check_password_prompt(output):
-                        password = b.get_option("become_pass")
-                        if not password:
-                            verdict = "Missing %s password" % b.name
-                        else:
-                            answer["password"] = to_text(password)
-                            answered = True
-                            output = b""
-                    if verdict is not None:
-                        answer["abort"] = verdict
-                self._arbor.send(answer)
-        except AnsibleConnectionFailure:
-            raise
-        except AnsibleError as e:
-            if verdict is None:
-                # The command may have ended before its last words were
-                # relayed: they are in the error, for the plugin's checks.
-                said = to_bytes(to_text(e), errors="surrogate_or_strict")
-                if b.check_incorrect_password(said):
-                    verdict = "Incorrect %s password" % b.name
-                elif b.check_missing_password(said):
-                    verdict = "Missing %s password" % b.name
-            if verdict is not None:
-                raise AnsibleError("%s: %s" % (label, verdict))
-            if "no become prompt or success within" in to_text(e):
-                # As vanilla's ssh says it: the host did not answer as the
-                # become plugin expects (a prompt it does not know, a hang).
-                raise AnsibleConnectionFailure("%s: Timeout (%ds) waiting for privilege escalation prompt: %s"
-                                               % (label, timeout, to_text(output, errors="replace")))
-            raise e
 
     def exec_command(self, cmd, in_data=None, sudoable=True):
         if not self._enabled():
@@ -664,22 +342,6 @@ class Connection(_vanilla.Connection):
                 break
         n = res["stdout_len"]
         return res["rc"], blob[:n], blob[n:]
-
-    def _arbor_released(self, output):
-        """A command refused because one of arbor's become interpreters runs
-        as the user it deletes (`userdel: user X is currently used by
-        process N`, from userdel, deluser or the user module): that
-        interpreter is ended, and True says to run the command again (it
-        changed nothing). With vanilla, no process of the user is left."""
-        m = _USER_BUSY.search(output)
-        if m is None:
-            return False
-        self._arbor.send(self._arbor_target({"op": "release", "pid": int(m.group(1))}))
-        if not self._arbor.recv()[0].get("released"):
-            return False
-        display.vvv("ARBOR RELEASE ended the interpreter (pid %s) that kept the user busy" % m.group(1),
-                    host=self._chain[-1]["name"])
-        return True
 
     def _arbor_cwd(self):
         """Where commands and modules run: the login directory (the local
