@@ -51,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "deploy" / "lab"))
 import lab  # noqa: E402  (deploy/lab/lab.py)
+import teardown  # noqa: E402  (deploy/lab/teardown.py: cgroups, processes)
 
 VENV = REPO / ".venv"
 CFG_STYLES = ("tuned", "defaults")
@@ -207,7 +208,7 @@ def wan_ctl(labinfo, verb):
 def host_cpu(labinfo):
     by_role = {"bastion": 0.0, "rack": 0.0, "target": 0.0}
     for h in labinfo["hosts"].values():
-        by_role[h["role"]] += lab.cgroup_cpu_seconds(h["cgroup"])
+        by_role[h["role"]] += teardown.cgroup_cpu_seconds(h["cgroup"])
     return by_role
 
 
@@ -235,7 +236,7 @@ def check_recap(recap, rc, expected_hosts):
 
 def controller_cgroup():
     """The cgroup that holds one run's ansible-playbook and all it spawns."""
-    _, cg_root = lab.cgroup_base()
+    _, cg_root = teardown.cgroup_base()
     return cg_root.parent / "arbor-bench" / f"run-{os.getpid()}"
 
 
@@ -273,10 +274,10 @@ def run_once(mode, rep, order, ctx):
     wall = time.monotonic() - t0
     wan = wan_ctl(labinfo, "stats")
     cpu1 = host_cpu(labinfo)
-    leftover = lab.cgroup_pids(cg)
-    lab.kill_pids(leftover)  # ssh ControlPersist masters, stray helpers
-    cpu_controller = lab.cgroup_cpu_seconds(cg)
-    lab.rmdir_retry(cg)
+    leftover = teardown.cgroup_pids(cg)
+    teardown.kill_pids(leftover)  # ssh ControlPersist masters, stray helpers
+    cpu_controller = teardown.cgroup_cpu_seconds(cg)
+    teardown.rmdir_retry(cg)
     shutil.rmtree(cp_dir, ignore_errors=True)
 
     text = logfile.read_text(errors="replace")

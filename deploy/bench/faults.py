@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench  # noqa: E402
-from bench import REPO, VENV, lab, mode_setup, start_agent  # noqa: E402
+from bench import REPO, VENV, mode_setup, start_agent  # noqa: E402
 
 WAIT_PLAY = """- hosts: targets
   gather_facts: false

@@ -14,6 +14,27 @@ DOCKER_DIR = Path(f"{RUN_DIR}-docker")
 JOIN_CGROUP = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
 
 
+REPO = Path(__file__).resolve().parents[2]
+NS_PREFIX = "arb-"
+ROOT_IF = "arb-wan0"
+CONTROLLER_ADDR = "10.240.0.1"
+WAN_NET = "10.240.0"
+# Target LANs are unroutable from the controller: refused at once instead of
+# leaking to the machine's real network. Only these ranges are blocked (a
+# wider one could swallow the machine's own nameserver).
+LAB_UNREACHABLE = ("10.241.0.0/16", "10.242.0.0/16")
+LAB_RANGES = ("10.240.0.0/24",) + LAB_UNREACHABLE
+BASTION_LAN = "10.241.{b}"
+RACK_LAN = "10.242.{r}"
+HOSTS_PER_LAN_MAX = 240
+BASTIONS_MAX = 200
+RACKS_MAX = 250
+CGROUP_NAME = "arbor-lab"
+SSHD_READY_TIMEOUT_S = 30.0
+WAN_READY_TIMEOUT_S = 10.0
+KILL_GRACE_S = 2.0
+
+
 class LabError(Exception):
     pass
 
