@@ -10,8 +10,7 @@ pub(super) const PIN_BYTES_MAX: usize = 960 * 1024;
 pub(super) fn pin_key(what: &str, data: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     let d = Sha256::digest(data);
-    let hex: String = d[..16].iter().map(|x| format!("{x:02x}")).collect();
-    format!("pin:{what}:{hex}")
+    format!("pin:{what}:{}", crate::ansiballz::hex(&d[..16]))
 }
 
 impl Tree {
