@@ -56,6 +56,9 @@ import teardown  # noqa: E402  (deploy/lab/teardown.py: cgroups, processes)
 VENV = REPO / ".venv"
 CFG_STYLES = ("tuned", "defaults")
 RUN_TIMEOUT_S_DEFAULT = 1800
+# How long a run's processes may take to end after ansible-playbook does
+# before they count as left over.
+TEARDOWN_WAIT_S = 5.0
 PAYLOAD_BYTES = 3 * 1024 * 1024
 METRICS = ["wall_s", "cpu_controller_s", "cpu_bastions_s", "cpu_racks_s", "cpu_targets_s",
            "wan_up_bytes", "wan_down_bytes"]
@@ -274,8 +277,17 @@ def run_once(mode, rep, order, ctx):
     wall = time.monotonic() - t0
     wan = wan_ctl(labinfo, "stats")
     cpu1 = host_cpu(labinfo)
+    # What the run leaves on the controller: a layer's own teardown (arbor's
+    # daemon ends its tree when it sees ansible-playbook gone) is waited for
+    # up to TEARDOWN_WAIT_S and timed; what is still there then is left over
+    # (ssh ControlPersist masters, stray helpers) and killed.
+    t_end = time.monotonic()
+    at_exit = len(teardown.cgroup_pids(cg))
+    while teardown.cgroup_pids(cg) and time.monotonic() - t_end < TEARDOWN_WAIT_S:
+        time.sleep(0.01)
+    teardown_s = time.monotonic() - t_end
     leftover = teardown.cgroup_pids(cg)
-    teardown.kill_pids(leftover)  # ssh ControlPersist masters, stray helpers
+    teardown.kill_pids(leftover)
     cpu_controller = teardown.cgroup_cpu_seconds(cg)
     teardown.rmdir_retry(cg)
     shutil.rmtree(cp_dir, ignore_errors=True)
@@ -295,6 +307,8 @@ def run_once(mode, rep, order, ctx):
         "wan_up_bytes": wan["up"]["bytes"], "wan_down_bytes": wan["down"]["bytes"],
         "wan_up_packets": wan["up"]["packets"], "wan_down_packets": wan["down"]["packets"],
         "wan_dropped": sum(wan[d]["dropped_loss"] + wan[d]["dropped_queue"] for d in ("up", "down")),
+        "controller_processes_at_exit": at_exit,
+        "controller_teardown_s": round(teardown_s, 3) if not leftover else None,
         "controller_leftover_processes": len(leftover),
         "hosts": len(recap), "recap": recap, "log": str(logfile.relative_to(out)),
     }

@@ -31,12 +31,12 @@ def lab_down_at_end():
 
 def test_all_modes_interleaved_with_outputs(tmp_path):
     out = tmp_path / "smoke"
-    res = bench("--workload", "seed:2x2", "--modes", "floor,vanilla,mitogen,mitogen-agent",
+    res = bench("--workload", "seed:2x2", "--modes", "floor,vanilla,mitogen,mitogen-agent,arbor",
                 "--reps", "2", "--targets", "2", "--out", out)
     assert res.returncode == 0, res.stdout + res.stderr
     rs = runs(out)
-    assert [r["mode"] for r in rs] == ["floor", "vanilla", "mitogen", "mitogen-agent",
-                                       "vanilla", "mitogen", "mitogen-agent", "floor"]
+    assert [r["mode"] for r in rs] == ["floor", "vanilla", "mitogen", "mitogen-agent", "arbor",
+                                       "vanilla", "mitogen", "mitogen-agent", "arbor", "floor"]
     for r in rs:
         assert r["ok"], r
         # temp dir, 2 copies, 2 edits, cleanup: 4 tasks, each ok on both targets
@@ -44,11 +44,18 @@ def test_all_modes_interleaved_with_outputs(tmp_path):
         assert all(h["ok"] == 4 and h["changed"] == 4 for h in r["recap"].values()), r["recap"]
         assert r["wall_s"] > 0 and r["cpu_controller_s"] > 0
     by_mode = {m: [r for r in rs if r["mode"] == m]
-               for m in ("floor", "vanilla", "mitogen", "mitogen-agent")}
+               for m in ("floor", "vanilla", "mitogen", "mitogen-agent", "arbor")}
+    # What a run leaves on the controller is counted after its teardown:
+    # vanilla's ControlPersist masters stay (that is what they are for);
+    # arbor's daemon takes its tree down when ansible-playbook is gone.
+    for r in by_mode["vanilla"]:
+        assert r["controller_leftover_processes"] > 0 and r["controller_teardown_s"] is None, r
+    for r in by_mode["arbor"]:
+        assert r["controller_leftover_processes"] == 0 and r["controller_teardown_s"] < 5, r
     # The floor touches no host; the others cross the WAN and run on targets.
     for r in by_mode["floor"]:
         assert r["wan_up_bytes"] < 10_000 and r["cpu_targets_s"] < 0.05, r
-    for r in by_mode["vanilla"] + by_mode["mitogen"] + by_mode["mitogen-agent"]:
+    for r in by_mode["vanilla"] + by_mode["mitogen"] + by_mode["mitogen-agent"] + by_mode["arbor"]:
         assert r["wan_up_bytes"] > 50_000 and r["wan_down_bytes"] > 1_000, r
         assert r["cpu_targets_s"] > 0, r
     # Mitogen runs an interpreter on the bastion; vanilla only forwards through sshd.
