@@ -129,14 +129,14 @@ impl Tree {
             next_link: 1,
             next_node: 1,
             next_stream: 1,
-            hops: Hops::default(),
+            hops: hops::table(),
             streams: HashMap::new(),
             spawns: HashMap::new(),
             ssh_agent: None,
             hop_keys: HashMap::new(),
             askpass: HashMap::new(),
             hellos: hellos.clone(),
-            becomes: Becomes::new(interpreters_max),
+            becomes: crate::becomes::table(interpreters_max),
             started: HashMap::new(),
             pins: HashMap::new(),
             relay_parent: HashMap::new(),
@@ -307,7 +307,7 @@ impl Tree {
     /// Ends the login agents of `host` (their become agents end with them)
     /// and forgets their hops; returns how many were up.
     fn reset(&mut self, host: &str) -> usize {
-        let nodes = self.hops.forget_host(host);
+        let nodes = self.hops.forget_host(host, hops::is_agent);
         for &node in &nodes {
             let req = serde_json::json!({"op": "exit", "noreply": true});
             let payload = arbor_wire::msg::encode(req.to_string().as_bytes(), b"");

@@ -21,7 +21,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
+pub mod becomes;
 pub mod cache;
+pub mod hops;
 pub mod liveness;
 pub mod relay;
 pub mod window;
