@@ -7,19 +7,11 @@ from __future__ import annotations
 from ansible.plugins.strategy.free import StrategyModule as _Builtin
 from ansible.utils.display import Display
 
-display = Display()
-
-DOCUMENTATION = """
-name: mitogen_free
-short_description: Ansible's own free strategy, under Mitogen's name (arbor)
-description:
-  - arbor works through connection plugins under Ansible's own strategies; this
-    name lets an ansible.cfg written for Mitogen run unchanged.
-author: arbor
-"""
+DOCUMENTATION = """{name: mitogen_free, author: arbor, short_description: "Ansible's own free strategy, under Mitogen's name (arbor)",
+  description: ["arbor works through connection plugins under Ansible's own strategies; this name lets an ansible.cfg written for Mitogen run unchanged."]}"""
 
 
 class StrategyModule(_Builtin):
     def __init__(self, *args, **kwargs):
         super(StrategyModule, self).__init__(*args, **kwargs)
-        display.vvv("arbor: strategy mitogen_free is Ansible's own free")
+        Display().vvv("arbor: strategy mitogen_free is Ansible's own free")

@@ -7,19 +7,11 @@ from __future__ import annotations
 from ansible.plugins.strategy.linear import StrategyModule as _Builtin
 from ansible.utils.display import Display
 
-display = Display()
-
-DOCUMENTATION = """
-name: mitogen_linear
-short_description: Ansible's own linear strategy, under Mitogen's name (arbor)
-description:
-  - arbor works through connection plugins under Ansible's own strategies; this
-    name lets an ansible.cfg written for Mitogen run unchanged.
-author: arbor
-"""
+DOCUMENTATION = """{name: mitogen_linear, author: arbor, short_description: "Ansible's own linear strategy, under Mitogen's name (arbor)",
+  description: ["arbor works through connection plugins under Ansible's own strategies; this name lets an ansible.cfg written for Mitogen run unchanged."]}"""
 
 
 class StrategyModule(_Builtin):
     def __init__(self, *args, **kwargs):
         super(StrategyModule, self).__init__(*args, **kwargs)
-        display.vvv("arbor: strategy mitogen_linear is Ansible's own linear")
+        Display().vvv("arbor: strategy mitogen_linear is Ansible's own linear")
