@@ -1,11 +1,18 @@
 """This run's arbor daemon, as the glue finds or starts it: one per
 `ansible-playbook` run, in a private run dir (`$TMPDIR/arbor-UID/PID`)
 that it removes when the run ends. Dirs of runs killed outright are swept
-by the next run."""
+by the next run.
+
+With `arbor_persist` (ARBOR_PERSIST), the daemon and its tree outlive the
+run: it serves every run of this user with the same arbor binary and the
+same settings (`$TMPDIR/arbor-UID/persist-DIGEST`), and ends once no run
+has used it for that long."""
 
 import fcntl
+import hashlib
 import multiprocessing
 import os
+import re
 import shutil
 import socket
 import stat
@@ -13,6 +20,8 @@ import subprocess
 import time
 
 from ansible.errors import AnsibleConnectionFailure
+
+from arbor_glue import wire
 
 # How long a daemon may take to answer on its socket once started.
 DAEMON_START_S = 15.0
@@ -53,23 +62,60 @@ def private_dir(path):
         raise AnsibleConnectionFailure("arbor: %s is not a private directory of this user" % path)
 
 
-def run_dir():
-    return os.path.join(os.environ.get("TMPDIR", "/tmp"), "arbor-%d" % os.getuid(), str(run_pid()))
+def persist_secs(value):
+    """`arbor_persist` in seconds: `90s`, `10m`, `1h`, `2d` or seconds; 0 for
+    an empty value, 0, no or off."""
+    text = ("%s" % (value if value is not None else "")).strip().lower()
+    if text in ("", "0", "no", "off", "false"):
+        return 0
+    m = re.match(r"^(\d+)\s*([smhd]?)$", text)
+    if m is None:
+        raise AnsibleConnectionFailure("arbor: ARBOR_PERSIST (arbor_persist) must be a duration such as"
+                                       " 90s, 10m or 1h, not %r" % value)
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _settings_digest():
+    """What a persistent daemon was started with: the arbor binary (path,
+    size, mtime), the ARBOR_* settings, the home and the user's ssh-agent.
+    A run with other settings gets a daemon of its own."""
+    binary = arbor_bin()
+    try:
+        st = os.stat(binary)
+        ident = "%s %d %d" % (os.path.realpath(binary), st.st_size, st.st_mtime_ns)
+    except OSError:
+        ident = binary
+    env = sorted((k, v) for k, v in os.environ.items()
+                 if k.startswith("ARBOR_") and k not in ("ARBOR_PERSIST", "ARBOR_LOG_FILE"))
+    env += [("HOME", os.environ.get("HOME", "")), ("SSH_AUTH_SOCK", os.environ.get("SSH_AUTH_SOCK", ""))]
+    return hashlib.sha256(repr((ident, env)).encode()).hexdigest()[:16]
+
+
+def run_dir(persist=0):
+    """The daemon's private dir: this run's, or the persistent one's."""
+    base = os.path.join(os.environ.get("TMPDIR", "/tmp"), "arbor-%d" % os.getuid())
+    if persist:
+        return os.path.join(base, "persist-" + _settings_digest())
+    return os.path.join(base, str(run_pid()))
 
 
 def sweep_stale_runs(base, mine):
     """Removes the run dirs of runs that were killed outright (SIGKILL, a
-    reboot): no process of that PID and nothing listening on its socket.
-    A live run's dir is never touched; a reused PID keeps its dir."""
+    reboot), and those of persistent daemons killed while they ended: no
+    process of that PID and nothing listening on its socket. A live run's
+    dir is never touched; a reused PID keeps its dir."""
     try:
         names = os.listdir(base)
     except OSError:
         return
     for name in names:
-        if not name.isdigit() or name == mine:
+        # A run's dir is its PID; a persistent daemon's, while it ends,
+        # `ending-PID`.
+        pid = name[len("ending-"):] if name.startswith("ending-") else name
+        if not pid.isdigit() or name == mine:
             continue
         try:
-            os.kill(int(name), 0)
+            os.kill(int(pid), 0)
             continue
         except ProcessLookupError:
             pass
@@ -87,25 +133,52 @@ def sweep_stale_runs(base, mine):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def connect_daemon(client):
-    """Connects to this run's daemon (`client(socket path)`), starting it if
-    it is not up yet."""
-    mine = run_dir()
+# How long a persistent daemon that is ending may take to remove its socket.
+ENDING_S = 5.0
+
+
+def _connect(client, sock, persist):
+    """A connection to the daemon on `sock`, or None if none is up. A
+    persistent daemon must answer a ping: one that was ending when this
+    connected (its idle time over) is waited for, and None says to start
+    another."""
+    try:
+        c = client(sock)
+    except OSError:
+        return None
+    if not persist:
+        return c
+    try:
+        wire.send(c.sock, {"op": "ping"})
+        if wire.recv(c.sock) is not None:
+            return c
+    except OSError:
+        pass
+    c.close()
+    deadline = time.monotonic() + ENDING_S
+    while os.path.exists(sock) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return None
+
+
+def connect_daemon(client, persist=0):
+    """Connects to this run's daemon (`client(socket path)`), or with
+    `persist` seconds to the user's persistent one, starting it if it is
+    not up yet."""
+    mine = run_dir(persist)
     base = os.path.dirname(mine)
     private_dir(base)
     sock = os.path.join(mine, "sock")
-    try:
-        return client(sock)
-    except OSError:
-        pass
+    c = _connect(client, sock, persist)
+    if c is not None:
+        return c
     sweep_stale_runs(base, os.path.basename(mine))
     private_dir(mine)
     with open(os.path.join(mine, "lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return client(sock)
-        except OSError:
-            pass
+        c = _connect(client, sock, persist)
+        if c is not None:
+            return c
         binary = arbor_bin()
         # ARBOR_LOG_FILE keeps the daemon's log past the run (the run dir
         # goes with it); private to the user either way.
@@ -115,8 +188,8 @@ def connect_daemon(client):
         except OSError as e:
             raise AnsibleConnectionFailure("arbor: cannot open the daemon's log %s: %s" % (log_path, e))
         try:
-            proc = subprocess.Popen([binary, "daemon", "--run-dir", mine,
-                                     "--parent-pid", str(run_pid())],
+            life = ["--idle-secs", str(persist)] if persist else ["--parent-pid", str(run_pid())]
+            proc = subprocess.Popen([binary, "daemon", "--run-dir", mine] + life,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=log, start_new_session=True, close_fds=True)
         except OSError as e:

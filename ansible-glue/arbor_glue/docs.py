@@ -46,7 +46,7 @@ def container_documentation(method, arbor_options):
                             "vars": [{"name": "ansible_user"}, {"name": "ansible_%s_user" % method}]},
         },
     }
-    for name in ("arbor_via", "arbor_inventory_hostname", "arbor_python", "arbor_task_isolation"):
+    for name in ("arbor_via", "arbor_inventory_hostname", "arbor_python", "arbor_task_isolation", "arbor_persist"):
         doc["options"][name] = arbor_options[name]
     doc["options"]["timeout"] = {"description": "Seconds a become prompt may take.", "type": "int",
                                  "default": 10, "vars": [{"name": "ansible_timeout"}]}

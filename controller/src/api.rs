@@ -40,6 +40,7 @@ use protocol::{Event, Follow, Request, Target};
 use relay_cache::*;
 use stream::*;
 
+use crate::life::{Life, Open};
 use crate::tree::{BecomeSlot, HopRole, TreeError, TreeHandle};
 pub use holdings::{Holdings, RELAY_CACHE_BYTES_DEFAULT};
 
@@ -176,13 +177,17 @@ fn in_lane(mut req: Value) -> Value {
     req
 }
 
-/// Serves one glue connection until it closes.
-pub async fn serve(conn: UnixStream, tree: TreeHandle, holdings: Holdings) {
+/// Serves one glue connection until it closes. `open` counts it in the
+/// daemon's life from its accept: while it is open a persistent daemon is
+/// not idle; if it asks for work (not `arbor status` or `stop`), its end
+/// starts the idle time afresh.
+pub async fn serve(conn: UnixStream, tree: TreeHandle, holdings: Holdings, open: Open) {
     let lane = NEXT_LANE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    LANE.scope(lane, serve_lane(conn, tree, holdings)).await
+    LANE.scope(lane, serve_lane(conn, tree, holdings, open))
+        .await
 }
 
-async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, holdings: Holdings) {
+async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, holdings: Holdings, mut open: Open) {
     let mut last_put = None;
     loop {
         let (raw, blob) = match read_message(&mut conn).await {
@@ -211,7 +216,17 @@ async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, holdings: Holdings) 
         let host = host.to_string();
         let started = std::time::Instant::now();
         tracing::debug!(%op, %host, blob = blob.len(), "request");
-        let result = answer(&mut conn, &tree, &holdings, req, blob, &mut last_put).await;
+        if !matches!(req, Request::Status | Request::Stop) {
+            open.worked();
+        }
+        let result = match req {
+            Request::Status => status(&mut conn, &tree, &holdings, open.life()).await,
+            Request::Stop => {
+                open.life().stop();
+                reply(&mut conn, &protocol::Stopping { stopping: true }).await
+            }
+            req => answer(&mut conn, &tree, &holdings, req, blob, &mut last_put).await,
+        };
         tracing::debug!(%op, %host, ok = result.is_ok(), ms = started.elapsed().as_millis() as u64, "answered");
         if let Err(e) = result {
             if write_message(&mut conn, &e.to_json(), b"").await.is_err() {
@@ -324,6 +339,7 @@ async fn answer(
         }
         Request::Release { to, pid } => release(conn, tree, &to, pid).await,
         Request::Pipe { to, cmd } => pipe(conn, tree, &to, &cmd).await,
+        Request::Status | Request::Stop => Err(ApiError::failed("served by the lane")),
     }
 }
 

@@ -15,7 +15,9 @@ Turn it on with one line in ansible.cfg:
     connection_plugins = <the directory `arbor plugin-path` prints>
 (or ANSIBLE_CONNECTION_PLUGINS=...), and reach hosts through a bastion with
 the inventory variable mitogen_via=<host> (or arbor_via=<host>). The glue
-starts `arbor daemon` for each ansible-playbook run; it exits with the run.";
+starts `arbor daemon` for each ansible-playbook run; it exits with the run,
+unless ARBOR_PERSIST (e.g. 10m) keeps its tree for the next run: `arbor
+status` shows it, `arbor stop` takes it down.";
 
 const EXIT_CODES: &str = "\
 Exit codes: 0 success, 1 error (the message says which host and hop), 64 usage error";
@@ -32,16 +34,29 @@ pub enum Cmd {
     /// Serve one Ansible run on DIR/sock (started by the glue)
     ///
     /// DIR is made 0700. The daemon exits, tearing the tree down and
-    /// removing DIR, when PID exits, on SIGTERM/SIGINT, or when DIR/sock is
-    /// removed.
+    /// removing DIR, when PID exits (or, with --idle-secs, after that long
+    /// with no run connected), on SIGTERM/SIGINT, `arbor stop`, or when
+    /// DIR/sock is removed.
     Daemon {
         /// The run's private directory (its socket is DIR/sock)
         #[arg(long, value_name = "DIR")]
         run_dir: PathBuf,
         /// The ansible-playbook process served
-        #[arg(long, value_name = "PID")]
+        #[arg(long, value_name = "PID", conflicts_with = "idle_secs")]
         parent_pid: Option<i32>,
+        /// Outlive the run: serve runs until nobody has been connected for
+        /// SECS (ARBOR_PERSIST), or until `arbor stop`
+        #[arg(long, value_name = "SECS")]
+        idle_secs: Option<u64>,
     },
+    /// Show the persistent trees that are up (ARBOR_PERSIST): hosts, hops, age, cache use
+    Status {
+        /// As JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take the persistent trees down, leaving nothing on any host
+    Stop,
     /// Print the tree a run would build
     ///
     /// Each host under the host it is reached through (its

@@ -3,7 +3,8 @@
 //! on a private UNIX socket; a small CLI speaks to people.
 //!
 //! # Layout
-//! - `main.rs`: the daemon's life (socket, peer check, teardown).
+//! - `main.rs`: the daemon's start and end (socket, peer check, teardown).
+//! - `life.rs`: a run's daemon or a persistent one (idle bound, stop).
 //! - `cli.rs`: the command line (clap).
 //! - `relays.rs`: the relays carried, one per machine.
 //! - `tree.rs`: the tree task (router node 0, ssh links, hop states).
@@ -22,6 +23,7 @@ mod api;
 mod becomes;
 mod cli;
 mod hops;
+mod life;
 mod methods;
 mod relays;
 mod ssh;
@@ -112,7 +114,10 @@ fn run(cmd: Option<cli::Cmd>) -> Result<()> {
         Some(Cmd::Daemon {
             run_dir,
             parent_pid,
-        }) => daemon(run_dir, parent_pid),
+            idle_secs,
+        }) => daemon(run_dir, parent_pid, idle_secs.map(Duration::from_secs)),
+        Some(Cmd::Status { json }) => life::status(json),
+        Some(Cmd::Stop) => life::stop(),
     }
 }
 
@@ -220,7 +225,19 @@ fn private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn daemon(run_dir: PathBuf, parent: Option<i32>) -> Result<()> {
+/// Longest path a UNIX socket may have (`sun_path`, its NUL included).
+const SOCKET_PATH_MAX: usize = 107;
+
+fn daemon(run_dir: PathBuf, parent: Option<i32>, idle: Option<Duration>) -> Result<()> {
+    // The longest socket the daemon makes there is its ssh-agent's.
+    let longest = run_dir.join("agent.sock");
+    if longest.as_os_str().len() > SOCKET_PATH_MAX {
+        bail!(
+            "{} is too long for a UNIX socket path ({SOCKET_PATH_MAX} bytes at most): \
+             set TMPDIR to a shorter directory",
+            longest.display()
+        );
+    }
     private_dir(&run_dir)?;
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -233,10 +250,11 @@ fn daemon(run_dir: PathBuf, parent: Option<i32>) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let result = rt.block_on(serve(&run_dir, parent));
+    let result = rt.block_on(serve(&run_dir, parent, idle));
     // The run is over: nothing of it stays behind.
-    let _ = std::fs::remove_dir_all(&run_dir);
-    result
+    let dir = result.as_ref().unwrap_or(&run_dir);
+    let _ = std::fs::remove_dir_all(dir);
+    result.map(|_| ())
 }
 
 /// `ARBOR_MAX_INTERPRETERS` (or Mitogen's `MITOGEN_MAX_INTERPRETERS`):
@@ -275,7 +293,9 @@ fn process_ended(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
+/// Serves until the run ends (or, persistent, until idle or stopped).
+/// Returns the directory to remove.
+async fn serve(run_dir: &Path, parent: Option<i32>, idle: Option<Duration>) -> Result<PathBuf> {
     let sock = run_dir.join("sock");
     let _ = std::fs::remove_file(&sock);
     let listener =
@@ -294,7 +314,8 @@ async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
     });
     let tree_task = tokio::spawn(tree.run());
     let holdings = api::Holdings::new(handle.hellos());
-    tracing::info!(socket = %sock.display(), ?parent, "arbor daemon serving");
+    let life = life::Life::new(idle);
+    tracing::info!(socket = %sock.display(), ?parent, ?idle, "arbor daemon serving");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -307,7 +328,8 @@ async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
                 let (conn, _) = conn?;
                 match conn.peer_cred() {
                     Ok(c) if c.uid() == uid => {
-                        tokio::spawn(api::serve(conn, handle.clone(), holdings.clone()));
+                        let open = life.opened();
+                        tokio::spawn(api::serve(conn, handle.clone(), holdings.clone(), open));
                     }
                     Ok(c) => tracing::warn!(peer_uid = c.uid(), "refused a connection from another user"),
                     Err(e) => tracing::warn!(error = %e, "refused a connection without credentials"),
@@ -324,14 +346,32 @@ async fn serve(run_dir: &Path, parent: Option<i32>) -> Result<()> {
                     tracing::info!("socket removed; tearing the tree down");
                     break;
                 }
+                if life.idle_over() {
+                    tracing::info!(idle = ?life.idle_for(0), "idle for its bound; tearing the tree down");
+                    break;
+                }
+            }
+            _ = life.stopped() => {
+                tracing::info!("asked to stop; tearing the tree down");
+                break;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
+    // A persistent daemon's directory is the next run's to make: it is
+    // moved aside first, so a run that comes while this tree goes down
+    // starts a new daemon there and nothing of it is removed.
+    let mut dir = run_dir.to_path_buf();
+    if idle.is_some() {
+        let aside = run_dir.with_file_name(format!("ending-{}", std::process::id()));
+        if std::fs::rename(run_dir, &aside).is_ok() {
+            dir = aside;
+        }
+    }
     drop(listener);
-    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(dir.join("sock"));
     handle.shutdown().await;
     let _ = tree_task.await;
-    Ok(())
+    Ok(dir)
 }

@@ -108,6 +108,16 @@ pub struct Tree {
     /// Relays and first-hop agents, pinged so that they end by themselves
     /// when the link to them dies (told the bound by `Keepalive`).
     pinger: Pinger,
+    /// Frame bytes sent to and received from each node (`arbor status`).
+    traffic: HashMap<NodeId, Traffic>,
+}
+
+/// Frame bytes (headers included) the controller sent to a node and
+/// received from it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub sent: u64,
+    pub received: u64,
 }
 
 impl Tree {
@@ -146,6 +156,7 @@ impl Tree {
                 Instant::now(),
                 Duration::from_secs(u64::from(ssh::keepalive_secs())),
             ),
+            traffic: HashMap::new(),
         };
         (
             tree,
@@ -240,6 +251,16 @@ impl Tree {
                 done,
             } => self.become_slot(parent, key, label, start, done),
             Cmd::BecomeDone { node, outcome } => self.become_settle(node, outcome),
+            Cmd::Traffic(done) => {
+                let up = self
+                    .hellos
+                    .lock()
+                    .map(|h| h.keys().copied().collect::<HashSet<_>>());
+                if let Ok(up) = up {
+                    self.traffic.retain(|n, _| up.contains(n));
+                }
+                let _ = done.send(self.traffic.clone());
+            }
             Cmd::Shutdown(_) => {}
         }
     }
@@ -358,6 +379,8 @@ impl Tree {
                 // off once its queue is full.
                 tracing::trace!(link = link.0, kind = ?frame.kind, src = frame.src.0, dst = frame.dst.0,
                                 stream = frame.stream.0, len = frame.payload.len(), "frame out");
+                self.traffic.entry(frame.dst).or_default().sent +=
+                    (arbor_wire::HEADER_BYTES + frame.payload.len()) as u64;
                 if let Some(l) = self.links.get_mut(&link) {
                     l.send(frame);
                 }
@@ -383,6 +406,9 @@ impl Tree {
                     if let Some(t) = self.started.remove(&node) {
                         info["connect_ms"] = serde_json::json!(t.elapsed().as_millis() as u64);
                     }
+                    // For `arbor status`: how long it has been up.
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                    info["up_since"] = serde_json::json!(now.map(|d| d.as_secs()).unwrap_or(0));
                     if let Some(m) = info.get("machine").and_then(|m| m.as_str()) {
                         if let (Some(r), Some(host)) = (
                             relays::for_machine(m),
@@ -467,6 +493,8 @@ impl Tree {
     }
 
     async fn deliver(&mut self, frame: Frame) {
+        self.traffic.entry(frame.src).or_default().received +=
+            (arbor_wire::HEADER_BYTES + frame.payload.len()) as u64;
         if let Some(node) = self.spawns.remove(&frame.stream) {
             let outcome = match frame.kind {
                 Kind::Reply => match control::decode::<Reply>(&frame.payload) {

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 PLUGINS = REPO / "ansible-glue" / "plugins" / "connection"
 VENVS = {"2.19": REPO / ".venv", "2.21": REPO / ".venv-2.21"}
 OPTIONS = ["arbor_via", "arbor_via_rules", "arbor_inventory_hostname", "arbor_python",
-           "arbor_task_isolation", "arbor_disable"]
+           "arbor_task_isolation", "arbor_disable", "arbor_persist"]
 VARIABLES = ["arbor_via", "mitogen_via", "arbor_via_rules", "arbor_task_isolation",
              "mitogen_task_isolation", "arbor_disable"]
 

@@ -22,7 +22,7 @@ _builtin_local = sys.modules[_ArborSsh.__module__].load_builtin("local")
 def _documentation():
     from arbor_glue import docs  # on the path once arbor's ssh plugin is loaded
     ours = sys.modules[_ArborSsh.__module__].ARBOR_OPTIONS
-    names = ("arbor_inventory_hostname", "arbor_python", "arbor_task_isolation")
+    names = ("arbor_inventory_hostname", "arbor_python", "arbor_task_isolation", "arbor_persist")
     return docs.with_options(_builtin_local.DOCUMENTATION, "run on the controller in a persistent arbor agent",
                              dict((name, ours[name]) for name in names))
 

@@ -32,7 +32,7 @@ _GLUE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _GLUE not in sys.path:
     sys.path.insert(0, _GLUE)
 from arbor_glue import wire  # noqa: E402
-from arbor_glue.daemon import connect_daemon, run_dir as _run_dir  # noqa: E402
+from arbor_glue.daemon import connect_daemon, persist_secs, run_dir as _run_dir  # noqa: E402
 from arbor_glue.chain import container_hop  # noqa: E402
 from arbor_glue import actions, docs, scancache  # noqa: E402
 from arbor_glue.docs import yaml_load  # noqa: E402
@@ -131,6 +131,22 @@ options:
       - name: arbor_disable
     env:
       - name: ARBOR_DISABLE
+  arbor_persist:
+    description:
+      - Keep arbor's tree (the daemon, its relays and its interpreters) after the run,
+        and reuse it in the next run of this user with the same arbor and settings; it
+        goes down once no run has used it for this long, or on C(arbor stop)
+        (C(arbor status) shows it). A duration (C(90s), C(10m), C(1h), or seconds);
+        empty or C(0) keeps the tree for the run only.
+      - A hop is reused only if everything that defines it is equal (host, port, user,
+        keys, ssh options, via chain, become settings, interpreter).
+    type: str
+    default: ""
+    env:
+      - name: ARBOR_PERSIST
+    ini:
+      - section: arbor
+        key: persist
 """
 
 # arbor's own options, beside the builtin ssh plugin's.
@@ -226,12 +242,19 @@ class Connection(Hops, Become, _vanilla.Connection):
             return super(Connection, self)._connect()
         if self._arbor is None:
             self._chain = self._build_chain()
-            self._arbor = connect_daemon(_Client)
+            self._arbor = connect_daemon(_Client, self._arbor_persist())
             self._arbor.host = self._chain[-1]["name"]
             self._connected = True
             if display.verbosity >= 3:
                 self.arbor_info()  # shows each hop and its connect time
         return self
+
+    def _arbor_persist(self):
+        """Seconds the tree outlives the run (`arbor_persist`); 0: it does not."""
+        try:
+            return persist_secs(self.get_option("arbor_persist"))
+        except KeyError:  # a plugin without the option
+            return 0
 
     def arbor_active(self):
         return self._enabled()
@@ -244,7 +267,7 @@ class Connection(Hops, Become, _vanilla.Connection):
                               "arbor_rsh.py")
         chain = base64.b64encode(json.dumps(self._chain).encode()).decode()
         return " ".join(shlex.quote(a) for a in (sys.executable, script,
-                                                   os.path.join(_run_dir(), "sock"), chain))
+                                                   os.path.join(_run_dir(self._arbor_persist()), "sock"), chain))
 
     def arbor_info(self, sudo=False):
         """The target agent's hello (pid, user, home): the daemon has it, so
@@ -470,7 +493,7 @@ class Connection(Hops, Become, _vanilla.Connection):
         self.close()
         name = self._arbor_name()
         try:
-            client = _Client(os.path.join(_run_dir(), "sock"))
+            client = _Client(os.path.join(_run_dir(self._arbor_persist()), "sock"))
         except OSError:
             return
         try:

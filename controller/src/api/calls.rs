@@ -111,3 +111,59 @@ pub(super) async fn login_agent(tree: &TreeHandle, to: &Target) -> Result<NodeId
         .await
         .map_err(ApiError::from)
 }
+
+/// `arbor status`: the daemon's life, every node's hello with its age, and
+/// each relay's cache use. Names, pids and sizes only.
+pub(super) async fn status(
+    conn: &mut UnixStream,
+    tree: &TreeHandle,
+    holdings: &Holdings,
+    life: &Life,
+) -> Result<(), ApiError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let cache: std::collections::HashMap<u32, (usize, usize)> = holdings
+        .relay_cache_use()
+        .into_iter()
+        .map(|(n, b, e)| (n.0, (b, e)))
+        .collect();
+    let traffic = tree.traffic().await;
+    let mut hops: Vec<Value> = tree
+        .hellos()
+        .lock()
+        .map(|h| h.values().cloned().collect())
+        .unwrap_or_default();
+    hops.sort_by_key(|h| h.get("node").and_then(Value::as_u64).unwrap_or(0));
+    let hops: Vec<Value> = hops
+        .into_iter()
+        .map(|h| {
+            let node = h.get("node").and_then(Value::as_u64).unwrap_or(0);
+            let since = h.get("up_since").and_then(Value::as_u64).unwrap_or(now);
+            let mut v = json!({"node": node, "label": h.get("label"), "pid": h.get("pid"),
+                               "python": h.get("python"), "machine": h.get("machine"),
+                               "age_s": now.saturating_sub(since)});
+            if let Some(t) = traffic.get(&NodeId(node as u32)) {
+                v["sent_bytes"] = json!(t.sent);
+                v["received_bytes"] = json!(t.received);
+            }
+            if let Some((bytes, entries)) = cache.get(&(node as u32)) {
+                v["cache"] = json!({"bytes": bytes, "entries": entries});
+            }
+            v
+        })
+        .collect();
+    let v = json!({
+        "pid": std::process::id(),
+        "uptime_s": life.uptime().as_secs(),
+        "idle_s": life.idle_for(1).as_secs(),
+        "idle_limit_s": life.idle_bound().map(|d| d.as_secs()),
+        // Runs connected, this one aside.
+        "connections": life.connections().saturating_sub(1),
+        "hops": hops,
+    });
+    write_message(conn, &v, b"")
+        .await
+        .map_err(|e| ApiError::failed(e.to_string()))
+}

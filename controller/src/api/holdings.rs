@@ -105,6 +105,11 @@ impl Holdings {
         }
     }
 
+    /// What each relay's content cache holds: (relay, bytes, entries).
+    pub(super) fn relay_cache_use(&self) -> Vec<(NodeId, usize, usize)> {
+        self.2.lock().map(|m| m.usage()).unwrap_or_default()
+    }
+
     pub(super) fn set(&self, node: NodeId, key: &str) {
         if let Ok(mut m) = self.0.lock() {
             if !m.contains_key(&node) {

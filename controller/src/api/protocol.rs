@@ -68,6 +68,11 @@ pub struct Branch {
 pub enum Request {
     /// -> [`Pong`].
     Ping,
+    /// The tree that is up: the daemon's life, every hop's hello with its
+    /// age, each relay's cache use (`arbor status`).
+    Status,
+    /// Takes the tree down and ends the daemon (`arbor stop`) -> [`Stopping`].
+    Stop,
     /// The command that starts an agent with `python` -> [`AgentCommand`].
     AgentCommand {
         #[serde(default = "python3")]
@@ -208,6 +213,8 @@ impl Request {
     pub fn op(&self) -> &'static str {
         match self {
             Request::Ping => "ping",
+            Request::Status => "status",
+            Request::Stop => "stop",
             Request::AgentCommand { .. } => "agent_command",
             Request::Reset { .. } => "reset",
             Request::Exec { .. } => "exec",
@@ -225,7 +232,11 @@ impl Request {
     /// Where it runs, if on a target.
     pub fn target(&self) -> Option<&Target> {
         match self {
-            Request::Ping | Request::AgentCommand { .. } | Request::Reset { .. } => None,
+            Request::Ping
+            | Request::Status
+            | Request::Stop
+            | Request::AgentCommand { .. }
+            | Request::Reset { .. } => None,
             Request::Put(p) => Some(&p.to),
             Request::Exec { to, .. }
             | Request::Choose { to, .. }
@@ -286,6 +297,12 @@ pub enum Event {
 pub struct Pong {
     pub pid: u32,
     pub version: &'static str,
+}
+
+/// `stop`'s reply, before the tree goes down.
+#[derive(Serialize)]
+pub struct Stopping {
+    pub stopping: bool,
 }
 
 /// `agent_command`'s reply.
@@ -375,6 +392,8 @@ mod tests {
     fn every_request_names_itself_and_its_target() {
         let reqs = [
             json!({"op": "ping"}),
+            json!({"op": "status"}),
+            json!({"op": "stop"}),
             json!({"op": "agent_command"}),
             json!({"op": "reset", "host": "web1"}),
             json!({"op": "info", "chain": chain()}),
@@ -390,7 +409,10 @@ mod tests {
             let op = v["op"].as_str().unwrap_or_default().to_string();
             let r = Request::parse(v).unwrap_or_else(|e| panic!("{op}: {e}"));
             assert_eq!(r.op(), op);
-            let on_target = !matches!(op.as_str(), "ping" | "agent_command" | "reset");
+            let on_target = !matches!(
+                op.as_str(),
+                "ping" | "status" | "stop" | "agent_command" | "reset"
+            );
             assert_eq!(r.target().map(Target::host), on_target.then_some("web1"));
         }
     }

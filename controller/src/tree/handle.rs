@@ -43,6 +43,8 @@ pub(super) enum Cmd {
         node: NodeId,
         outcome: Result<(), String>,
     },
+    /// Frame bytes to and from each node that is up.
+    Traffic(oneshot::Sender<HashMap<NodeId, Traffic>>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -235,6 +237,15 @@ impl TreeHandle {
     /// How starting the become agent `node` ended.
     pub async fn become_done(&self, node: NodeId, outcome: Result<(), String>) {
         let _ = self.tx.send(Cmd::BecomeDone { node, outcome }).await;
+    }
+
+    /// Frame bytes sent to and received from each node that is up.
+    pub async fn traffic(&self) -> HashMap<NodeId, Traffic> {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Cmd::Traffic(done)).await.is_err() {
+            return HashMap::new();
+        }
+        wait.await.unwrap_or_default()
     }
 
     /// Every node up, with its hello.

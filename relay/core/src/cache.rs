@@ -62,6 +62,15 @@ impl<V> Fifo<V> {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 /// One step that moves an entry toward the last relay of a chain.
@@ -148,6 +157,17 @@ impl Mirror {
 
     pub fn knows(&self, relay: NodeId) -> bool {
         self.relays.contains_key(&relay)
+    }
+
+    /// What each relay's cache holds: (relay, bytes, entries), by node.
+    pub fn usage(&self) -> Vec<(NodeId, usize, usize)> {
+        let mut u: Vec<_> = self
+            .relays
+            .iter()
+            .map(|(r, c)| (*r, c.bytes(), c.len()))
+            .collect();
+        u.sort();
+        u
     }
 }
 
