@@ -219,14 +219,16 @@ async fn serve_lane(mut conn: UnixStream, tree: TreeHandle, holdings: Holdings, 
         if !matches!(req, Request::Status | Request::Stop) {
             open.worked();
         }
-        let result = match req {
-            Request::Status => status(&mut conn, &tree, &holdings, open.life()).await,
-            Request::Stop => {
-                open.life().stop();
-                reply(&mut conn, &protocol::Stopping { stopping: true }).await
-            }
-            req => answer(&mut conn, &tree, &holdings, req, blob, &mut last_put).await,
-        };
+        let result = answer(
+            &mut conn,
+            &tree,
+            &holdings,
+            open.life(),
+            req,
+            blob,
+            &mut last_put,
+        )
+        .await;
         tracing::debug!(%op, %host, ok = result.is_ok(), ms = started.elapsed().as_millis() as u64, "answered");
         if let Err(e) = result {
             if write_message(&mut conn, &e.to_json(), b"").await.is_err() {
@@ -241,6 +243,7 @@ async fn answer(
     conn: &mut UnixStream,
     tree: &TreeHandle,
     holdings: &Holdings,
+    life: &Life,
     req: Request,
     blob: Vec<u8>,
     last_put: &mut Option<modput::LastPut>,
@@ -339,7 +342,11 @@ async fn answer(
         }
         Request::Release { to, pid } => release(conn, tree, &to, pid).await,
         Request::Pipe { to, cmd } => pipe(conn, tree, &to, &cmd).await,
-        Request::Status | Request::Stop => Err(ApiError::failed("served by the lane")),
+        Request::Status => status(conn, tree, holdings, life).await,
+        Request::Stop => {
+            life.stop();
+            reply(conn, &protocol::Stopping { stopping: true }).await
+        }
     }
 }
 

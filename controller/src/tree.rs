@@ -460,6 +460,7 @@ impl Tree {
         self.pins.remove(&node);
         self.relay_parent.remove(&node);
         self.node_parent.remove(&node);
+        self.traffic.remove(&node);
         if let Ok(mut h) = self.hellos.lock() {
             h.remove(&node);
         }
