@@ -274,6 +274,12 @@ class Execute(object):
             rc, out, err, names = ip.end()
             self.reply(src, stream, dict(extra or {}, rc=rc, stdout_len=len(out)), out + err)
             self.after_module(names, files, zipmods.served)
+            if not self.waiting:
+                # The module_utils it imported were dropped: their cycles
+                # are collected now, after the reply, or the agent's memory
+                # grows run after run (a full collection comes ever later
+                # as the heap grows).
+                gc.collect()
             self.start_waiting()
         self.jobs.append(ThreadJob(None, [os.fdopen(r_done, "rb", 0)], None, b"", finish))
 
