@@ -7,17 +7,9 @@
 # user and host rsync names are already part of CHAIN.
 import base64
 import json
-import os
-import select
 import sys
-import threading
 
-from arbor_glue import wire
-
-
-def send(client, lock, obj, blob=b""):
-    with lock:
-        client.send(obj, blob)
+from arbor_glue import pipe, wire
 
 
 def main(argv):
@@ -32,44 +24,7 @@ def main(argv):
         sys.stderr.write("arbor rsh: no command\n")
         return 255
     cmd = " ".join(args[1:])
-    sock = wire.Client(sock_path)
-    lock = threading.Lock()
-    send(sock, lock, {"op": "pipe", "chain": chain, "cmd": cmd})
-
-    def feed():
-        try:
-            while True:
-                try:
-                    data = os.read(0, 256 * 1024)
-                except BlockingIOError:
-                    select.select([0], [], [])
-                    continue
-                if not data:
-                    break
-                send(sock, lock, {"op": "data"}, data)
-            send(sock, lock, {"op": "end"})
-        except OSError:
-            pass
-    threading.Thread(target=feed, daemon=True).start()
-    while True:
-        got = sock.recv()
-        if got is None:
-            sys.stderr.write("arbor rsh: the controller daemon closed the connection\n")
-            return 255
-        obj, blob = got
-        if "error" in obj:
-            sys.stderr.write("arbor rsh: %s\n" % obj["error"])
-            return 255
-        if obj.get("op") == "exit":
-            return int(obj.get("rc") or 0) & 0xFF
-        fd = 2 if obj.get("fd") == 2 else 1
-        view = memoryview(blob)
-        while view:
-            try:
-                view = view[os.write(fd, view):]
-            except BlockingIOError:
-                # rsync may make its end of the pipe non-blocking.
-                select.select([], [fd], [])
+    return pipe.run(wire.Client(sock_path), {"op": "pipe", "chain": chain, "cmd": cmd}, name="arbor rsh")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,11 @@ def persist_secs(value):
     return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
+# ARBOR_* settings that do not change what a daemon does: its idle time
+# (that of its start holds), its log file, and `arbor ssh`'s own.
+NOT_THE_DAEMONS = ("ARBOR_PERSIST", "ARBOR_LOG_FILE", "ARBOR_PYTHON", "ARBOR_SHELL_FD")
+
+
 def _settings_digest():
     """What a persistent daemon was started with: the arbor binary (path,
     size, mtime), the ARBOR_* settings, the home and the user's ssh-agent.
@@ -86,7 +91,7 @@ def _settings_digest():
     except OSError:
         ident = binary
     env = sorted((k, v) for k, v in os.environ.items()
-                 if k.startswith("ARBOR_") and k not in ("ARBOR_PERSIST", "ARBOR_LOG_FILE"))
+                 if k.startswith("ARBOR_") and k not in NOT_THE_DAEMONS)
     env += [("HOME", os.environ.get("HOME", "")), ("SSH_AUTH_SOCK", os.environ.get("SSH_AUTH_SOCK", ""))]
     return hashlib.sha256(repr((ident, env)).encode()).hexdigest()[:16]
 

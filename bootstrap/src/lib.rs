@@ -45,6 +45,10 @@ pub const AGENT_MODULES: &[(&str, &str)] = &[
         include_str!("../agent/arbor_agent/files.py"),
     ),
     (
+        "arbor_agent.forwards",
+        include_str!("../agent/arbor_agent/forwards.py"),
+    ),
+    (
         "arbor_agent.jobs",
         include_str!("../agent/arbor_agent/jobs.py"),
     ),
@@ -55,6 +59,10 @@ pub const AGENT_MODULES: &[(&str, &str)] = &[
     (
         "arbor_agent.modules",
         include_str!("../agent/arbor_agent/modules.py"),
+    ),
+    (
+        "arbor_agent.pipes",
+        include_str!("../agent/arbor_agent/pipes.py"),
     ),
     (
         "arbor_agent.transfer",

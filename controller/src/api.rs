@@ -26,6 +26,7 @@ mod become_agent;
 mod calls;
 mod exec;
 mod files;
+mod forward;
 mod holdings;
 mod modput;
 pub mod protocol;
@@ -36,6 +37,7 @@ use become_agent::*;
 use calls::*;
 use exec::*;
 use files::*;
+use forward::forward;
 use protocol::{Event, Follow, Request, Target};
 use relay_cache::*;
 use stream::*;
@@ -341,7 +343,12 @@ async fn answer(
             become_agent(conn, tree, &to, &b).await
         }
         Request::Release { to, pid } => release(conn, tree, &to, pid).await,
-        Request::Pipe { to, cmd } => pipe(conn, tree, &to, &cmd).await,
+        Request::Pipe { to, cmd, pty } => pipe(conn, tree, &to, &cmd, pty).await,
+        Request::Forward {
+            to,
+            listen,
+            connect,
+        } => forward(conn, tree, &to, &listen, &connect).await,
         Request::Status => status(conn, tree, holdings, life).await,
         Request::Stop => {
             life.stop();

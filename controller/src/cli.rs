@@ -57,6 +57,21 @@ pub enum Cmd {
     },
     /// Take the persistent trees down, leaving nothing on any host
     Stop,
+    /// Open a shell, or run COMMAND, on an inventory host through the tree
+    ///
+    /// `arbor ssh [-i INVENTORY] [-u USER] [-b [--become-user U]] [-K] [-k]
+    /// [-e VARS] [-t|-T] [-v] HOST [COMMAND...]`: HOST is reached as a task
+    /// would reach it (its vias, users, keys, become settings), reusing a
+    /// tree kept by ARBOR_PERSIST. A shell or -t gets a pty. The exit status
+    /// is COMMAND's, 255 if HOST cannot be reached. `arbor ssh --help` says
+    /// more. Runs the Python that runs Ansible (ARBOR_PYTHON, else the one
+    /// beside arbor, else ansible's).
+    #[command(disable_help_flag = true)]
+    Ssh {
+        /// Options, HOST and COMMAND, as `arbor ssh --help` shows
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
     /// Print the tree a run would build
     ///
     /// Each host under the host it is reached through (its

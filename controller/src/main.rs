@@ -26,6 +26,7 @@ mod hops;
 mod life;
 mod methods;
 mod relays;
+mod shell;
 mod ssh;
 mod sshagent;
 mod sshconfig;
@@ -117,6 +118,7 @@ fn run(cmd: Option<cli::Cmd>) -> Result<()> {
             idle_secs,
         }) => daemon(run_dir, parent_pid, idle_secs.map(Duration::from_secs)),
         Some(Cmd::Status { json }) => life::status(json),
+        Some(Cmd::Ssh { args }) => shell::exec(&plugin_path(), &args),
         Some(Cmd::Stop) => life::stop(),
     }
 }

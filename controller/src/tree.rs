@@ -526,9 +526,13 @@ impl Tree {
         let done = matches!(frame.kind, Kind::End | Kind::Undeliverable)
             || (frame.kind == Kind::Reply && !is_streamed_reply(&frame.payload));
         let stream = frame.stream;
-        if let Some((_, tx, _)) = self.streams.get(&stream) {
+        if let Some((_, tx, credit)) = self.streams.get(&stream) {
             let tx = tx.clone();
-            if done {
+            // A credited stream whose far side ended its half (a forwarded
+            // connection, half-closed) still takes credit for ours: its
+            // owner forgets it.
+            let half_closed = frame.kind == Kind::End && credit.is_some();
+            if done && !half_closed {
                 self.streams.remove(&stream);
             }
             let _ = tx.send(frame).await;

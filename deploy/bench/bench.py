@@ -24,6 +24,9 @@ Modes:
   arbor    arbor, switched on by one variable (ANSIBLE_CONNECTION_PLUGINS),
            targets via mitogen_via in the same inventory as mitogen; the
            controller daemon and its ssh processes count as controller CPU
+  arbor-persist  arbor with ARBOR_PERSIST: every measured run is a second
+           run, reusing the tree a warm-up run left (kept.py); the kept
+           daemon's CPU during a run counts as that run's controller CPU
 
 Every mode runs with a tuned ansible.cfg (pipelining, ControlPersist) unless
 --ansible-defaults is given, which leaves both at Ansible's defaults (the
@@ -52,6 +55,8 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "deploy" / "lab"))
 import lab  # noqa: E402  (deploy/lab/lab.py)
 import teardown  # noqa: E402  (deploy/lab/teardown.py: cgroups, processes)
+sys.path.insert(0, str(HERE))
+from kept import KeptTree  # noqa: E402
 
 VENV = REPO / ".venv"
 CFG_STYLES = ("tuned", "defaults")
@@ -67,7 +72,7 @@ RECAP = re.compile(
     r"\s+skipped=(\d+)\s+rescued=(\d+)\s+ignored=(\d+)", re.M)
 # arbor-base: the arbor of another checkout (ARBOR_BENCH_BASE=DIR, with its
 # own release build), to compare a change with the code before it.
-ALL_MODES = ("floor", "vanilla", "mitogen", "mitogen-agent", "arbor", "arbor-base")
+ALL_MODES = ("floor", "vanilla", "mitogen", "mitogen-agent", "arbor", "arbor-base", "arbor-persist")
 ARBOR_BIN = REPO / "target" / "release" / "arbor"
 GLUE = REPO / "ansible-glue" / "plugins" / "connection"
 
@@ -164,7 +169,7 @@ def mode_setup(mode, style, labinfo, out, forks, agent_sock, venv):
         return cfg, labinfo["inventory"], [], {}
     if mode == "mitogen-agent":
         return cfg, labinfo["inventory"], [], {"SSH_AUTH_SOCK": str(agent_sock)}
-    if mode == "arbor":
+    if mode in ("arbor", "arbor-persist"):
         if not ARBOR_BIN.exists():
             raise BenchError(f"{ARBOR_BIN} not built: run deploy/setup")
         return cfg, labinfo["inventory"], [], {"ANSIBLE_CONNECTION_PLUGINS": str(GLUE),
@@ -260,6 +265,14 @@ def run_once(mode, rep, order, ctx):
     cmd = [str(venv / "bin" / "ansible-playbook"), "-i", inventory, str(ctx["playbook"]),
            *[a for k, v in ctx["extra_vars"].items() for a in ("-e", f"{k}={v}")], *extra]
 
+    kept = ctx["kept"].get(mode)
+    if kept is not None:
+        env.update(kept.env)
+        try:
+            kept.warm_up(cmd, env, out / "logs" / f"{mode.replace(':', '-')}-warm-up.log")
+        except RuntimeError as e:
+            raise BenchError(f"{mode}: {e}")
+    kept_cpu0 = kept.cpu() if kept else 0.0
     wan_ctl(labinfo, "reset")
     cpu0 = host_cpu(labinfo)
     t0 = time.monotonic()
@@ -289,6 +302,8 @@ def run_once(mode, rep, order, ctx):
     leftover = teardown.cgroup_pids(cg)
     teardown.kill_pids(leftover)
     cpu_controller = teardown.cgroup_cpu_seconds(cg)
+    if kept is not None:
+        cpu_controller += kept.cpu() - kept_cpu0
     teardown.rmdir_retry(cg)
     shutil.rmtree(cp_dir, ignore_errors=True)
 
@@ -311,6 +326,7 @@ def run_once(mode, rep, order, ctx):
         "controller_teardown_s": round(teardown_s, 3) if not leftover else None,
         "controller_leftover_processes": len(leftover),
         "hosts": len(recap), "recap": recap, "log": str(logfile.relative_to(out)),
+        **({"kept_tree_alive": kept.alive()} if kept is not None else {}),
     }
 
 
@@ -535,7 +551,7 @@ def main(argv=None):
             local_inv.write_text(json.dumps({"targets": {"hosts": {"localhost": {
                 "ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3"}}}}))
             labinfo = dict(labinfo, inventory=str(local_inv), inventory_vanilla=str(local_inv))
-        agent = None
+        agent = ctx = None
         try:
             agent, agent_sock = start_agent(out, labinfo["private_key"])
             ctx = {
@@ -546,6 +562,8 @@ def main(argv=None):
                 "venv": venv,
                 "modes": {m: mode_setup(*styled[m], labinfo, out, forks, agent_sock, venv)
                           for m in modes},
+                "kept": {m: KeptTree(m, controller_cgroup().parent, ARBOR_BIN)
+                         for m in modes if styled[m][0] == "arbor-persist"},
             }
             config = {
                 "workload": args.workload, "modes": modes, "reps": args.reps, "targets": targets,
@@ -571,6 +589,11 @@ def main(argv=None):
                                f"{human_bytes(r['wan_down_bytes'])} down"
                                if r["ok"] else f"FAILED: {r['error']} (see {out / r['log']})"))
         finally:
+            for m, kept in (ctx["kept"].items() if ctx else ()):
+                env = dict(os.environ, ARBOR_BIN=str(ARBOR_BIN), **kept.env)
+                left = kept.stop(env)
+                if left:
+                    log(f"{m}: {left} processes of the kept tree were left after arbor stop (killed)")
             if agent:
                 agent.kill()
                 agent.wait()

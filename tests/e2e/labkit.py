@@ -121,6 +121,13 @@ def host_procs(lab, host):
     return out
 
 
+def in_host(lab, host, *cmd, env=None):
+    """Runs `cmd` inside a lab host's mount and network namespaces."""
+    pid = next(p for p, _, e, _ in host_procs(lab, host) if e.endswith("sshd"))
+    return run("nsenter", "-t", pid, "-m", "-n", "env", "-i", "PATH=/usr/bin:/bin:/usr/sbin:/sbin",
+               *(env or []), *cmd, check=False)
+
+
 def arbor_procs(lab):
     """arbor's processes on every lab host: relays (memfd), agents (python
     interpreters) and any other process carrying arbor's commands (the ssh

@@ -7,6 +7,7 @@ host. Each test has its own TMPDIR, so its persistent daemon is its own."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit import ARBOR, VENV, arbor_procs, env_for, recap, wait_gone
+from labkit import ARBOR, VENV, arbor_procs, env_for, host_procs, in_host, recap, wait_gone
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
@@ -145,3 +146,61 @@ def test_a_bad_persist_value_is_refused_with_its_name(lab, persist):
                          env=env("ten minutes"), capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "ARBOR_PERSIST (arbor_persist) must be a duration" in res.stdout, res.stdout[-2000:]
+
+
+def test_a_host_whose_key_changed_is_checked_again_as_on_a_first_run(lab, persist):
+    """target1's host key changes and its agent dies (as when the machine is
+    replaced): the kept hop is not trusted, the next run connects again and
+    fails the host key check as a first run would; target2 keeps its
+    interpreter. With the old key back, target1 is reached again."""
+    env, book, _ = persist
+    play(lab, env("60"), book, "-l", "target1,target2")
+    before = tree_pids(lab)
+    key = Path(lab["hosts"]["target1"]["home"]).parent / "etc-ssh" / "ssh_host_ed25519_key"
+    saved = {p: p.read_bytes() for p in (key, Path(f"{key}.pub"))}
+    listener = [p for p, _, e, c in host_procs(lab, "target1") if e.endswith("sshd") and b"[listener]" in c]
+    assert len(listener) == 1, host_procs(lab, "target1")
+    try:
+        key.unlink()
+        Path(f"{key}.pub").unlink()
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        os.kill(listener[0], signal.SIGHUP)  # sshd re-reads its host keys
+        for pid in before["target1"][1]:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(1)
+        res = subprocess.run([str(VENV / "ansible-playbook"), "-i", lab["inventory"], str(book),
+                              "-l", "target1,target2"], env=env("60"), capture_output=True, text=True,
+                             timeout=300)
+        out = res.stdout + res.stderr
+        assert recap(out)["target1"][2] == 1, out[-3000:]  # unreachable
+        assert "Host key verification failed" in out or "HOST IDENTIFICATION HAS CHANGED" in out, out[-3000:]
+        assert recap(out)["target2"][2:] == (0, 0), out[-3000:]
+        assert tree_pids(lab)["target2"] == before["target2"]
+    finally:
+        for p, data in saved.items():
+            p.write_bytes(data)
+        key.chmod(0o600)
+        os.kill(listener[0], signal.SIGHUP)
+    time.sleep(1)
+    play(lab, env("60"), book, "-l", "target1")
+
+
+def bastion_agent_socks(lab):
+    return set(in_host(lab, "bastion1", "sh", "-c", "ls -d /tmp/ssh-*/agent.* 2>/dev/null").stdout.split())
+
+
+def test_between_runs_the_kept_trees_ssh_agent_is_locked(lab, persist):
+    """While no hop is connecting, the daemon's ssh-agent, forwarded to the
+    bastion, lists and signs nothing: after a run, for as long as the tree
+    is kept; the next run still connects a new hop through it."""
+    env, book, _ = persist
+    before = bastion_agent_socks(lab)
+    play(lab, env("60"), book, "-l", "target1")
+    socks = bastion_agent_socks(lab) - before
+    assert len(socks) == 1, socks
+    sock = socks.pop()
+    for _ in range(2):
+        listed = in_host(lab, "bastion1", "ssh-add", "-l", env=[f"SSH_AUTH_SOCK={sock}"])
+        assert listed.returncode == 1 and "no identities" in listed.stdout + listed.stderr, listed
+        play(lab, env("60"), book, "-l", "target2")  # a new hop through the kept relay
+    assert tree_pids(lab)["target2"][1]

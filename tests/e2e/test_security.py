@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from labkit import PLAYBOOKS, VENV, arbor_procs, env_for, host_procs, run, ssh
+from labkit import PLAYBOOKS, VENV, arbor_procs, env_for, host_procs, in_host, run, ssh
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
@@ -104,13 +104,6 @@ def test_secrets_never_reach_a_log(lab, users, tmp_path):
     for path, kind in ((logs["daemon"], "daemon"),):
         assert (path.stat().st_mode & 0o777) == 0o600, kind
     print({k: len(v) for k, v in texts.items()})
-
-
-def in_host(lab, host, *cmd, env=None):
-    """Runs `cmd` inside a lab host's mount and network namespaces."""
-    pid = next(p for p, _, e, _ in host_procs(lab, host) if e.endswith("sshd"))
-    return run("nsenter", "-t", pid, "-m", "-n", "env", "-i", "PATH=/usr/bin:/bin:/usr/sbin:/sbin",
-               *(env or []), *cmd, check=False)
 
 
 def test_keys_stay_home_the_forwarded_agent_is_private_and_locked_when_idle(lab):

@@ -15,9 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 PLUGINS = REPO / "ansible-glue" / "plugins" / "connection"
 VENVS = {"2.19": REPO / ".venv", "2.21": REPO / ".venv-2.21"}
 OPTIONS = ["arbor_via", "arbor_via_rules", "arbor_inventory_hostname", "arbor_python",
-           "arbor_task_isolation", "arbor_disable", "arbor_persist"]
+           "arbor_task_isolation", "arbor_disable", "arbor_persist", "arbor_forward"]
 VARIABLES = ["arbor_via", "mitogen_via", "arbor_via_rules", "arbor_task_isolation",
-             "mitogen_task_isolation", "arbor_disable"]
+             "mitogen_task_isolation", "arbor_disable", "arbor_forward"]
 
 
 def settings_in_code():
@@ -29,7 +29,7 @@ def settings_in_code():
                 found |= set(re.findall(r'"(ARBOR_[A-Z_]+)"', f.read_text(errors="replace")))
     # Set by arbor for its own children, not by users.
     return found - {"ARBOR_ASKPASS", "ARBOR_KNOWN_HOSTS", "ARBOR_NODE", "ARBOR_PAYLOAD",
-                    "ARBOR_ANSIBLE_INVENTORY", "ARBOR_RECORD"}
+                    "ARBOR_ANSIBLE_INVENTORY", "ARBOR_RECORD", "ARBOR_SHELL_FD"}
 
 
 @pytest.mark.parametrize("version", sorted(VENVS))

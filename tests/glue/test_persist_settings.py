@@ -30,6 +30,9 @@ def test_a_run_without_persist_has_its_own_dir_and_settings_pick_the_persistent_
     # The idle time and the log file are not part of it; any other setting is.
     monkeypatch.setenv("ARBOR_PERSIST", "1h")
     monkeypatch.setenv("ARBOR_LOG_FILE", str(tmp_path / "log"))
+    # Nor `arbor ssh`'s own: it finds the tree a playbook run kept.
+    monkeypatch.setenv("ARBOR_PYTHON", "/usr/bin/python3")
+    monkeypatch.setenv("ARBOR_SHELL_FD", "7")
     assert daemon.run_dir(3600) == first
     monkeypatch.setenv("ARBOR_KEEPALIVE_SECS", "60")
     assert daemon.run_dir(600) != first

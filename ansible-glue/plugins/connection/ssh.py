@@ -34,7 +34,7 @@ if _GLUE not in sys.path:
 from arbor_glue import wire  # noqa: E402
 from arbor_glue.daemon import connect_daemon, persist_secs, run_dir as _run_dir  # noqa: E402
 from arbor_glue.chain import container_hop  # noqa: E402
-from arbor_glue import actions, docs, scancache  # noqa: E402
+from arbor_glue import actions, docs, forwards, scancache  # noqa: E402
 from arbor_glue.docs import yaml_load  # noqa: E402
 from arbor_glue.become import Become, BecomeNeeded, BecomeProxy  # noqa: E402
 from arbor_glue.hops import Hops  # noqa: E402
@@ -84,7 +84,8 @@ notes:
     C(ARBOR_STREAM_WINDOW_BYTES) (bytes in flight per transfer, default 1 MiB),
     C(ARBOR_STREAM_STALL_SECS) (a transfer with no credit this long fails, default 300),
     C(ARBOR_RELAY_CACHE_BYTES) (each relay's content cache, default 64 MiB),
-    C(ARBOR_LOG) and C(ARBOR_LOG_FILE) (the daemon's log level and file)."
+    C(ARBOR_LOG) and C(ARBOR_LOG_FILE) (the daemon's log level and file),
+    C(ARBOR_PYTHON) (the Python C(arbor ssh) runs Ansible with)."
   - "On the target: C(ARBOR_STAGE0_LOADER) (perl, python or shm) and
     C(ARBOR_STAGE0_VERBOSE) in a relay host's environment choose and show the loader."
 options:
@@ -123,6 +124,17 @@ options:
     vars:
       - name: arbor_task_isolation
       - name: mitogen_task_isolation
+  arbor_forward:
+    description:
+      - Sockets forwarded while a task that sets it (in its C(vars), or its block's)
+        runs on this host, each a C({listen, connect}); the target's agent listens on
+        C(listen) (C(PORT) or C(HOST:PORT) on the loopback only, or a UNIX socket
+        C(/PATH), made 0600), and each connection to it is carried through the tree to
+        C(connect) on the controller (C(PORT), C(HOST:PORT) or C(/PATH)). Gone when the
+        task ends, fails, or the run is interrupted.
+    type: raw
+    vars:
+      - name: arbor_forward
   arbor_disable:
     description: Use Ansible's own ssh for this host.
     type: bool
@@ -211,6 +223,7 @@ class Connection(Hops, Become, _vanilla.Connection):
         actions.install(Connection)
         scancache.install(_module_common, _ansible_version)
         self._arbor = None
+        self._arbor_forwards = None
         self._chain = None
         self._arbor_hostvars = None
         self._arbor_hello = None
@@ -247,7 +260,16 @@ class Connection(Hops, Become, _vanilla.Connection):
             self._connected = True
             if display.verbosity >= 3:
                 self.arbor_info()  # shows each hop and its connect time
+            self._arbor_forwards = forwards.open_all(
+                _Client, os.path.join(_run_dir(self._arbor_persist()), "sock"),
+                self._arbor_target({}), self._arbor_option("arbor_forward"))
         return self
+
+    def _arbor_option(self, name):
+        try:
+            return self.get_option(name)
+        except KeyError:  # a plugin without the option
+            return None
 
     def _arbor_persist(self):
         """Seconds the tree outlives the run (`arbor_persist`); 0: it does not."""
@@ -268,6 +290,18 @@ class Connection(Hops, Become, _vanilla.Connection):
         chain = base64.b64encode(json.dumps(self._chain).encode()).decode()
         return " ".join(shlex.quote(a) for a in (sys.executable, script,
                                                    os.path.join(_run_dir(self._arbor_persist()), "sock"), chain))
+
+    def arbor_shell_target(self, sudo=False):
+        """Where `arbor ssh` sends its pipe: the run's socket, and this host
+        (with sudo: its become interpreter, started here if need be, with
+        the task's password, which the caller must keep in memory)."""
+        self._connect()
+        self.arbor_info()  # reached now: a failure is this task's, unreachable
+        target = {"chain": self._chain}
+        if sudo:
+            self.arbor_info(sudo=True)
+            target["become"] = self._arbor_become_spec()
+        return {"sock": os.path.join(_run_dir(self._arbor_persist()), "sock"), "target": target}
 
     def arbor_info(self, sudo=False):
         """The target agent's hello (pid, user, home): the daemon has it, so
@@ -477,6 +511,8 @@ class Connection(Hops, Become, _vanilla.Connection):
                     display.warning("arbor: %s" % e, host=self._chain[-1]["name"])
             self._arbor.close()
             self._arbor = None
+        forwards.close_all(self._arbor_forwards)
+        self._arbor_forwards = None
         # The next connect asks again: after a reset, the host's agent is new.
         self._arbor_hello = None
         self._connected = False

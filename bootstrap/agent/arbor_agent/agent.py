@@ -6,7 +6,6 @@ import os
 import selectors
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -15,7 +14,8 @@ from .wire import LinkGone, REPLY, WireError, msg
 from .bounds import LOG_LINES_MAX, SWEEP_PATHS_MAX
 from .files import ENV_FILES, EnvFile, file_stat, sweep, symbolic_mode
 from .modules import CodeCache, MODULE_FILE, MemberStore, WarmImports
-from .jobs import Pipe
+from .pipes import Pipe
+from .forwards import Forwards
 from .become import Become, login_shell
 from .link import Link
 from .execute import Execute
@@ -41,6 +41,7 @@ class Agent(Link, Become, Execute, Transfer):
         self.deferred = {}
         self.jobs = []  # commands and modules running
         self.pipes = {}  # stream -> Pipe
+        self.forwards = Forwards(self.send)
         self.env_files = [EnvFile(p) for p in ENV_FILES]
         self.logs = collections.deque(maxlen=LOG_LINES_MAX)
         self.tmpdirs = set()  # the temp dirs this agent made and has not removed
@@ -119,11 +120,27 @@ class Agent(Link, Become, Execute, Transfer):
                     sub["cwd"] = req.get("cwd")
                     self.exec_(src, stream, sub, *script, extra={"stat": st, "branch": branch})
             elif op == "pipe":
-                proc = self.popen([self.shell, "-c", req["cmd"]], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  start_new_session=True)
-                self.pipes[stream] = Pipe(src, stream, proc)
+                self.pipes[stream] = Pipe.start(self, src, stream, req)
                 self.send(REPLY, src, stream, msg({"streamed": True}))
+            elif op == "resize":
+                pipe = self.pipes.get(req.get("pipe"))
+                if pipe is not None and pipe.src == src:
+                    pipe.resize(req["rows"], req["cols"])
+            elif op == "hangup":
+                # The client went: the command goes, as sshd's does; or a
+                # forward is no longer declared.
+                pipe = self.pipes.get(req.get("pipe"))
+                if pipe is not None and pipe.src == src:
+                    del self.pipes[pipe.stream]
+                    pipe.kill()
+                else:
+                    self.forwards.hangup(src, req.get("pipe"))
+            elif op == "listen":
+                self.forwards.listen(src, stream, req)
+            elif op == "fwd_conn":
+                self.forwards.bind(src, stream, req)
+            elif op == "fwd_close":
+                self.forwards.drop(req)
             elif op == "fetch":
                 self.fetch(src, stream, req)
             elif op == "stat":
@@ -180,6 +197,7 @@ class Agent(Link, Become, Execute, Transfer):
         pipes, self.pipes = self.pipes, {}
         for pipe in pipes.values():
             pipe.kill()
+        self.forwards.close()
         children = list(self.children.values()) + self.leaving
         self.children = {}
         self.leaving = []

@@ -69,3 +69,12 @@ MODULE_FILE_BYTES_MAX = 64 * 1024 * 1024
 # Modules waiting for the in-process one to end (the agent never forks while
 # a module's thread runs: the fork would inherit locks the thread holds).
 MODULES_WAITING_MAX = 256
+
+# Forwards (arbor_forward) one agent listens on at once, and connections
+# open through each: past them, a listen is refused, a connection closed.
+FORWARDS_MAX = 64
+FORWARD_CONNS_MAX = 256
+# What a forwarded connection sends the daemon beyond what the daemon has
+# written out (its credit): a slow end on the controller holds its own
+# connection only.
+FORWARD_WINDOW_BYTES = 1024 * 1024

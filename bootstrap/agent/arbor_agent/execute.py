@@ -331,8 +331,10 @@ class Execute(object):
                     for fd in j.fds():
                         os.close(fd)
                 for pipe in self.pipes.values():
-                    for fd in list(pipe.outs) + ([pipe.proc.stdin.fileno()] if pipe.proc.stdin else []):
+                    for fd in pipe.fds():
                         os.close(fd)
+                for fd in self.forwards.fds():
+                    os.close(fd)
                 # A nested agent must see EOF when this one goes, whatever
                 # the module leaves running.
                 for c in self.children.values():

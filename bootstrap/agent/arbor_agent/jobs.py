@@ -1,6 +1,6 @@
 """What runs beside the agent's loop: commands and forked modules (Job),
-modules in a thread of the agent (InProcess, with the process state they
-may touch saved and put back), and piped commands (Pipe)."""
+and modules in a thread of the agent (InProcess, with the process state
+they may touch saved and put back). Piped commands are in pipes.py."""
 
 import atexit
 import io
@@ -277,52 +277,3 @@ def run_module_code(codes, source, env, path=None):
     except BaseException:
         traceback.print_exc()
         return 1
-
-
-class Pipe(object):
-    """A command whose stdin and outputs stream both ways while it runs
-    (`pipe`): what arrives for its stream is written to its stdin, what it
-    prints goes out at once."""
-
-    def __init__(self, src, stream, proc):
-        self.src = src
-        self.stream = stream
-        self.proc = proc
-        self.outs = {proc.stdout.fileno(): (1, proc.stdout), proc.stderr.fileno(): (2, proc.stderr)}
-        self.inq = bytearray()
-        self.eof = False
-        os.set_blocking(proc.stdin.fileno(), False)
-
-    def writer(self):
-        if self.proc.stdin is None:
-            return None
-        if self.inq:
-            return self.proc.stdin.fileno()
-        if self.eof:
-            self.proc.stdin.close()
-            self.proc.stdin = None
-        return None
-
-    def on_write(self):
-        try:
-            n = os.write(self.proc.stdin.fileno(), self.inq[:4 * READ_BYTES])
-            del self.inq[:n]
-        except BlockingIOError:
-            pass
-        except OSError:
-            # It stopped reading (exited): what it did not read is dropped.
-            self.inq = bytearray()
-            self.eof = True
-
-    def kill(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        for _, f in self.outs.values():
-            f.close()
-        self.outs = {}
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-            self.proc.stdin = None
-        self.proc.wait()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from .wire import (CHUNK_BYTES, CONTROLLER, DATA, END, LinkGone, PING, PONG, READ_BYTES, REPLY,
+from .wire import (CHUNK_BYTES, CONTROLLER, CREDIT, DATA, END, LinkGone, PING, PONG, READ_BYTES, REPLY,
                    REQUEST, ROUTE_ADD, WireError, decode, encode, msg, split_msg, write_all)
 from .bounds import CHILD_QUEUE_BYTES_MAX, PENDING_BYTES_MAX, PIPE_EXIT_WAIT_S
 
@@ -115,6 +115,8 @@ class Link(object):
             watch.extend(j.readers)
             if j.writer() is not None:
                 wlist.append(j.writer())
+        watch.extend(self.forwards.readers())
+        wlist.extend(self.forwards.writers())
         for pipe in self.pipes.values():
             watch.extend(pipe.outs)
             if pipe.writer() is not None:
@@ -140,6 +142,8 @@ class Link(object):
             self.service_jobs(r, w)
         if self.pipes:
             self.service_pipes(r, w)
+        if self.forwards.listeners:
+            self.forwards.service(r, w)
         for c in list(self.children.values()):
             if c.inp is not None and c.inp in w:
                 self.child_flush(c)
@@ -169,18 +173,14 @@ class Link(object):
 
     def service_pipes(self, r, w):
         for pipe in list(self.pipes.values()):
-            if pipe.proc.stdin is not None and pipe.proc.stdin.fileno() in w:
+            if pipe.wfd is not None and pipe.wfd in w:
                 pipe.on_write()
             for fd in list(pipe.outs):
                 if fd not in r:
                     continue
-                which, f = pipe.outs[fd]
-                chunk = os.read(fd, READ_BYTES)
-                if chunk:
-                    self.send(DATA, pipe.src, pipe.stream, msg({"fd": which}, chunk))
-                else:
-                    f.close()
-                    del pipe.outs[fd]
+                got = pipe.on_read(fd)
+                if got and got[1]:
+                    self.send(DATA, pipe.src, pipe.stream, msg({"fd": got[0]}, got[1]))
             if not pipe.outs:
                 # Its outputs are closed: it has exited, or will at once.
                 pipe.eof = True
@@ -233,6 +233,8 @@ class Link(object):
             self.request(src, stream, payload)
         elif kind in (DATA, END):
             self.stream_part(kind, src, stream, payload)
+        elif kind == CREDIT:
+            self.forwards.credit(src, stream, payload)
 
     def request(self, src, stream, payload):
         try:

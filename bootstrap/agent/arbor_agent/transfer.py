@@ -87,6 +87,8 @@ class Transfer(object):
         self.answer(src, stream, p.req, {"size": p.size})
 
     def stream_part(self, kind, src, stream, payload):
+        if self.forwards.part(kind, src, stream, payload):
+            return
         pipe = self.pipes.get(stream)
         if pipe is not None and pipe.src == src:
             if kind == DATA:

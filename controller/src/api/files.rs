@@ -118,7 +118,7 @@ pub(super) struct Window {
 pub(super) const STREAM_STALL_SECS_DEFAULT: u64 = 300;
 
 impl Window {
-    fn new(consumed: tokio::sync::watch::Receiver<u64>) -> Window {
+    pub(super) fn new(consumed: tokio::sync::watch::Receiver<u64>) -> Window {
         let size = std::env::var("ARBOR_STREAM_WINDOW_BYTES")
             .ok()
             .and_then(|v| v.trim().parse().ok())
@@ -137,7 +137,7 @@ impl Window {
 
     /// Waits until `len` more bytes fit. False if the receiver dropped the
     /// stream (it failed, and says why in its answer).
-    async fn reserve(&mut self, len: usize) -> Result<bool, ApiError> {
+    pub(super) async fn reserve(&mut self, len: usize) -> Result<bool, ApiError> {
         use arbor_core::window::Reserve;
         loop {
             let now = std::time::Instant::now();
@@ -234,24 +234,39 @@ pub(super) async fn pipe(
     tree: &TreeHandle,
     to: &Target,
     cmd: &str,
+    pty: Option<protocol::Pty>,
 ) -> Result<(), ApiError> {
     let node = agent_for(tree, to).await?;
-    let agent_req = json!({"op": "pipe", "cmd": cmd});
+    let agent_req = json!({"op": "pipe", "cmd": cmd, "pty": pty});
     let (stream, mut rx) = send_request(tree, node, agent_req, b"").await?;
     first_reply(&mut rx).await?;
     let (mut rd, mut wr) = conn.split();
+    // Ends with true if the glue went away (the command is then hung up
+    // on, as sshd does when its client goes), false at the end of stdin.
     let upstream = async {
         loop {
             match read_follow(&mut rd).await {
                 Some((Follow::Data, blob)) => {
                     if send_data(tree, node, stream, &blob).await.is_err() {
-                        break;
+                        return false;
                     }
                 }
-                // "end", or the glue went away: the command's stdin ends.
-                _ => {
+                Some((Follow::Resize { rows, cols }, _)) => {
+                    let req = json!({"op": "resize", "pipe": stream, "rows": rows, "cols": cols,
+                                     "noreply": true});
+                    if tree.post(node, first_frame(req, b"")).await.is_err() {
+                        return false;
+                    }
+                }
+                Some((Follow::End, _)) => {
                     let _ = tree.send_part(node, stream, Kind::End, Vec::new()).await;
-                    break;
+                    return false;
+                }
+                Some((Follow::Answer { .. }, _)) => {}
+                None => {
+                    let req = json!({"op": "hangup", "pipe": stream, "noreply": true});
+                    let _ = tree.post(node, first_frame(req, b"")).await;
+                    return true;
                 }
             }
         }
@@ -279,7 +294,7 @@ pub(super) async fn pipe(
     // Once the command has ended, its stdin is of no more use.
     let down = tokio::select! {
         d = &mut downstream => d,
-        _ = &mut upstream => downstream.await,
+        gone = &mut upstream => if gone { Ok(()) } else { downstream.await },
     };
     tree.forget(stream).await;
     down

@@ -153,11 +153,36 @@ pub enum Request {
     },
     /// A command whose stdin ([`Follow::Data`], [`Follow::End`]) and output
     /// ([`Event::Data`], then [`Event::Exit`]) stream both ways.
+    /// With `pty`, on a new pty of that size (output all `fd` 1), resized
+    /// by [`Follow::Resize`]; with an empty `cmd`, the account's login shell.
     Pipe {
         #[serde(flatten)]
         to: Target,
+        #[serde(default)]
         cmd: String,
+        #[serde(default)]
+        pty: Option<Pty>,
     },
+    /// The target's agent listens on `listen` (`PORT`, `HOST:PORT` with a
+    /// loopback HOST, or a UNIX socket `/PATH`, made 0600), and carries each
+    /// connection to `connect` on the controller (`PORT`, `HOST:PORT`,
+    /// `/PATH`) -> `{"listening", "connect"}` once it listens; it lasts until
+    /// this connection ends.
+    Forward {
+        #[serde(flatten)]
+        to: Target,
+        listen: String,
+        connect: String,
+    },
+}
+
+/// A pipe's pty: the client's window and terminal type.
+#[derive(Clone, Deserialize, Serialize)]
+pub struct Pty {
+    pub rows: u16,
+    pub cols: u16,
+    #[serde(default)]
+    pub term: Option<String>,
 }
 
 fn python3() -> String {
@@ -226,6 +251,7 @@ impl Request {
             Request::Become { .. } => "become",
             Request::Release { .. } => "release",
             Request::Pipe { .. } => "pipe",
+            Request::Forward { .. } => "forward",
         }
     }
 
@@ -245,7 +271,8 @@ impl Request {
             | Request::Call { to, .. }
             | Request::Become { to, .. }
             | Request::Release { to, .. }
-            | Request::Pipe { to, .. } => Some(to),
+            | Request::Pipe { to, .. }
+            | Request::Forward { to, .. } => Some(to),
         }
     }
 }
@@ -258,6 +285,8 @@ pub enum Follow {
     Data,
     /// A body of unknown size (a pipe's stdin) ends.
     End,
+    /// A pipe's pty has a new window size.
+    Resize { rows: u16, cols: u16 },
     /// The answer to one [`Event::Output`] of a become command: type
     /// `password`, or `abort` with the glue's verdict, or neither (wait on).
     Answer {
@@ -404,6 +433,8 @@ mod tests {
             json!({"op": "become", "chain": chain(), "cmd": "sudo x", "become": {"key": "k"}}),
             json!({"op": "release", "chain": chain(), "pid": 7}),
             json!({"op": "pipe", "chain": chain(), "cmd": "rsync --server"}),
+            json!({"op": "pipe", "chain": chain(), "pty": {"rows": 24, "cols": 80, "term": "xterm"}}),
+            json!({"op": "forward", "chain": chain(), "listen": "3128", "connect": "127.0.0.1:3128"}),
         ];
         for v in reqs {
             let op = v["op"].as_str().unwrap_or_default().to_string();
@@ -428,6 +459,13 @@ mod tests {
             Some(Follow::End)
         ));
         assert!(Follow::parse(json!({"op": "exec"})).is_none());
+        assert!(matches!(
+            Follow::parse(json!({"op": "resize", "rows": 50, "cols": 132})),
+            Some(Follow::Resize {
+                rows: 50,
+                cols: 132
+            })
+        ));
         let Some(Follow::Answer { password, abort }) =
             Follow::parse(json!({"op": "answer", "password": "pw"}))
         else {
