@@ -128,6 +128,43 @@ def in_host(lab, host, *cmd, env=None):
                *(env or []), *cmd, check=False)
 
 
+def run_in_pty(argv, env, rows=24, cols=80, send=b"", when=b"", timeout=60, cwd=None):
+    """Runs argv with a pty of rows x cols as its terminal, typing `send`
+    once `when` (a prompt) has been printed; (exit status, output)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True)
+    os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    sent = False
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([master], [], [], 0.5)
+        if r:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        if send and not sent and when in out:
+            os.write(master, send)
+            sent = True
+        if proc.poll() is not None and not r:
+            break
+    os.close(master)
+    if proc.poll() is None:
+        proc.kill()
+    return proc.wait(timeout=10), out.decode(errors="replace")
+
+
 def arbor_procs(lab):
     """arbor's processes on every lab host: relays (memfd), agents (python
     interpreters) and any other process carrying arbor's commands (the ssh

@@ -6,18 +6,14 @@ reached, and nothing left on any host afterwards (or, with ARBOR_PERSIST,
 the kept tree reused)."""
 
 import os
-import pty
-import select
 import shutil
-import struct
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from labkit import ARBOR, VENV, arbor_procs, any_arbor, env_for, wait_gone
+from labkit import ARBOR, VENV, arbor_procs, any_arbor, env_for, run_in_pty, wait_gone
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
@@ -75,39 +71,6 @@ def test_an_unknown_or_unreachable_host_is_255_with_its_name(lab, tmp_path):
     err = res.stderr.decode()
     assert "target3" in err and "unreachable" in err, err
     assert not any_arbor(wait_gone(lab)), arbor_procs(lab)
-
-
-def run_in_pty(argv, env, rows, cols, send=b"", when=b"", timeout=60):
-    """Runs argv with a pty of rows x cols as its terminal, typing `send`
-    once `when` (a prompt) has been printed; (exit status, output)."""
-    import fcntl
-    import termios
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-    proc = subprocess.Popen(argv, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
-    os.close(slave)
-    out = bytearray()
-    deadline = time.monotonic() + timeout
-    sent = False
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([master], [], [], 0.5)
-        if r:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        if send and not sent and when in out:
-            os.write(master, send)
-            sent = True
-        if proc.poll() is not None and not r:
-            break
-    os.close(master)
-    if proc.poll() is None:
-        proc.kill()
-    return proc.wait(timeout=10), out.decode(errors="replace")
 
 
 def test_a_pty_has_the_callers_window_and_a_shell_reads_the_terminal(lab):

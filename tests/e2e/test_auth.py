@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit import ARBOR, GLUE, VENV, recap, run
+from labkit import ARBOR, GLUE, VENV, recap, run, run_in_pty
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
@@ -322,43 +322,18 @@ def test_password_logins_on_every_hop(ctl, pwuser, tmp_path):
 
 def ask_pass(inventory, mode, password, env):
     """ansible-playbook -k, with the password typed at its prompt (a pty)."""
-    import pty
     write(WORK / "book.yml", BOOK, 0o644)
     e = {"HOME": "/root", "PATH": f"{VENV}:/usr/bin:/bin:/usr/sbin:/sbin", "ANSIBLE_NOCOLOR": "1",
          "ANSIBLE_PIPELINING": "True", "LANG": "C.UTF-8", "ANSIBLE_SSH_CONTROL_PATH_DIR": str(SSH_DIR / "cp"),
          **env}
     if mode == "arbor":
         e.update(ANSIBLE_CONNECTION_PLUGINS=str(GLUE), ARBOR_BIN=str(ARBOR))
-    master, slave = pty.openpty()
     wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c",
             'mount --bind "$0" /root/.ssh && exec "$@"', str(SSH_DIR)]
-    p = subprocess.Popen(wrap + [str(VENV / "ansible-playbook"), "-k", "-v", "-i", str(inventory),
-                                 str(WORK / "book.yml")],
-                         env=e, cwd=WORK, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
-    os.close(slave)
-    out = b""
-    typed = False
-    deadline = time.monotonic() + 180
-    import select
-    while True:
-        r, _, _ = select.select([master], [], [], 0.5)
-        if r:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-            if not typed and b"SSH password:" in out:
-                os.write(master, password.encode() + b"\n")
-                typed = True
-        elif p.poll() is not None:
-            break
-        assert time.monotonic() < deadline, out[-2000:]
-    p.wait(timeout=30)
-    os.close(master)
-    return p.returncode, out.decode(errors="replace").replace("\r\n", "\n")
+    rc, out = run_in_pty(wrap + [str(VENV / "ansible-playbook"), "-k", "-v", "-i", str(inventory),
+                                 str(WORK / "book.yml")], e, cwd=WORK, send=password.encode() + b"\n",
+                         when=b"SSH password:", timeout=180)
+    return rc, out.replace("\r\n", "\n")
 
 
 def test_ssh_executable_and_extra_args_and_sftp_args(ctl, tmp_path):
