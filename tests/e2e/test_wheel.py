@@ -141,6 +141,13 @@ def test_a_playbook_runs_on_what_the_wheel_installed(lab, wheel, tmp_path):
     assert plugins == str(venv / "share" / "arbor" / "ansible-glue" / "plugins" / "connection")
     _, seen = run_play(lab, venv, plugins, tmp_path / "work", daemons)
     assert seen and set(seen) == {str(arbor)}, seen
+    # `arbor ssh` from the install alone: the venv's Python beside it runs
+    # the glue beside it (no ARBOR_*, no ansible.cfg, the venv not on PATH).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARBOR_", "ANSIBLE_"))}
+    env.update(PATH="/usr/bin:/bin", HOME=str(tmp_path))
+    res = subprocess.run([str(arbor), "ssh", "-i", lab["inventory"], "target1", "echo wheel-$((6*7))"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout == "wheel-42\n", res.stdout + res.stderr
 
 def pip_for_platform(wheel, platform, target):
     """pip installing `wheel` as it would for `platform` (Python 3.12)."""
