@@ -7,6 +7,7 @@ controller CPU. `arbor stop` at the end; whatever is left in its cgroup
 after that is killed and reported."""
 
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -48,8 +49,10 @@ class KeptTree(object):
         return bool(teardown.cgroup_pids(self.cg)) if self.warm else False
 
     def stop(self, env):
-        """`arbor stop`; returns how many processes were left after it."""
+        """`arbor stop`; returns how many processes were left after it.
+        Its TMPDIR goes too."""
         if not self.warm:
+            shutil.rmtree(self.tmp, ignore_errors=True)
             return 0
         subprocess.run([str(self.arbor_bin), "stop"], env=env, capture_output=True, timeout=120)
         t0 = time.monotonic()
@@ -58,4 +61,5 @@ class KeptTree(object):
         left = teardown.cgroup_pids(self.cg)
         teardown.kill_pids(left)
         teardown.rmdir_retry(self.cg)
+        shutil.rmtree(self.tmp, ignore_errors=True)
         return len(left)
