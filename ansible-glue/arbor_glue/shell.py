@@ -111,7 +111,7 @@ def resolve(opts):
         except BlockingIOError:
             pass
         if rc != 0 or not got:
-            if not got:
+            if rc == 0:  # (a failure has been told by the callback)
                 sys.stderr.write("arbor ssh: %s: not reached\n" % opts.host)
             return None
         return json.loads(got.decode())
