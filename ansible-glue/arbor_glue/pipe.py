@@ -12,7 +12,6 @@ import sys
 import threading
 
 
-
 def window(fd):
     """(rows, cols) of the terminal `fd`, or None."""
     try:

@@ -12,6 +12,8 @@ import os
 import socket
 import sys
 
+from arbor_glue import pipe, wire
+
 GLUE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 USAGE = """arbor ssh [options] HOST [COMMAND...]
@@ -93,10 +95,7 @@ def resolve(opts):
         cli.callback = "arbor_shell"
         try:
             rc = cli.run()
-        except Refused as e:
-            sys.stderr.write("arbor ssh: %s\n" % e)
-            return None
-        except AnsibleError as e:
+        except (Refused, AnsibleError) as e:
             sys.stderr.write("arbor ssh: %s\n" % e)
             return None
         child.close()
@@ -118,8 +117,7 @@ def resolve(opts):
     finally:
         os.environ.pop("ARBOR_SHELL_FD", None)
         parent.close()
-        if child.fileno() >= 0:
-            child.close()
+        child.close()
 
 
 def main(argv):
@@ -127,9 +125,6 @@ def main(argv):
     where = resolve(opts)
     if where is None:
         return 255
-    if GLUE not in sys.path:
-        sys.path.insert(0, GLUE)
-    from arbor_glue import pipe, wire
     cmd = " ".join(opts.command)
     tty = opts.tty if opts.tty is not None else (not cmd and os.isatty(0))
     req = dict(where["target"], op="pipe", cmd=cmd)

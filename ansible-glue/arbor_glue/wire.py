@@ -43,6 +43,7 @@ class Client(object):
     """One connection to the daemon's socket."""
 
     def __init__(self, path):
+        self.path = str(path)  # the daemon's socket, for other connections to it
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.connect(str(path))

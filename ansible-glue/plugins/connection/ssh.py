@@ -261,8 +261,7 @@ class Connection(Hops, Become, _vanilla.Connection):
             if display.verbosity >= 3:
                 self.arbor_info()  # shows each hop and its connect time
             self._arbor_forwards = forwards.open_all(
-                _Client, os.path.join(_run_dir(self._arbor_persist()), "sock"),
-                self._arbor_target({}), self._arbor_option("arbor_forward"))
+                _Client, self._arbor.path, self._arbor_target({}), self._arbor_option("arbor_forward"))
         return self
 
     def _arbor_option(self, name):
@@ -273,10 +272,7 @@ class Connection(Hops, Become, _vanilla.Connection):
 
     def _arbor_persist(self):
         """Seconds the tree outlives the run (`arbor_persist`); 0: it does not."""
-        try:
-            return persist_secs(self.get_option("arbor_persist"))
-        except KeyError:  # a plugin without the option
-            return 0
+        return persist_secs(self._arbor_option("arbor_persist"))
 
     def arbor_active(self):
         return self._enabled()
@@ -289,7 +285,7 @@ class Connection(Hops, Become, _vanilla.Connection):
                               "arbor_rsh.py")
         chain = base64.b64encode(json.dumps(self._chain).encode()).decode()
         return " ".join(shlex.quote(a) for a in (sys.executable, script,
-                                                   os.path.join(_run_dir(self._arbor_persist()), "sock"), chain))
+                                                   self._arbor.path, chain))
 
     def arbor_shell_target(self, sudo=False):
         """Where `arbor ssh` sends its pipe: the run's socket, and this host
@@ -301,7 +297,7 @@ class Connection(Hops, Become, _vanilla.Connection):
         if sudo:
             self.arbor_info(sudo=True)
             target["become"] = self._arbor_become_spec()
-        return {"sock": os.path.join(_run_dir(self._arbor_persist()), "sock"), "target": target}
+        return {"sock": self._arbor.path, "target": target}
 
     def arbor_info(self, sudo=False):
         """The target agent's hello (pid, user, home): the daemon has it, so

@@ -46,7 +46,6 @@ class Conn(object):
     def __init__(self, sock):
         self.sock = sock
         self.stream = None  # the daemon's stream, once bound
-        self.src = None
         self.outq = bytearray()  # from the daemon, to write to the socket
         self.written = 0
         self.in_done = False  # the daemon's side ended
@@ -118,7 +117,7 @@ class Forwards(object):
         if c is None or c.stream is not None:
             self.send(REPLY, src, stream, msg({"error": "no such forwarded connection"}))
             return
-        c.stream, c.src = stream, src
+        c.stream = stream
         self.bound[stream] = (lst, c)
         self.send(REPLY, src, stream, msg({"streamed": True}))
 
@@ -132,7 +131,7 @@ class Forwards(object):
     def part(self, kind, src, stream, payload):
         """A Data or End for a bound connection: True if it was one."""
         got = self.bound.get(stream)
-        if got is None or got[1].src != src:
+        if got is None or got[0].src != src:
             return False
         c = got[1]
         if kind == DATA:
@@ -144,7 +143,7 @@ class Forwards(object):
     def credit(self, src, stream, payload):
         """The daemon has written out this much of a connection's data."""
         got = self.bound.get(stream)
-        if got is not None and got[1].src == src and len(payload) >= 8:
+        if got is not None and got[0].src == src and len(payload) >= 8:
             got[1].credited = max(got[1].credited, CREDIT_PAYLOAD.unpack(payload[:8])[0])
 
     def fds(self):
@@ -171,9 +170,9 @@ class Forwards(object):
                 self._accept(lst)
             for cid, c in list(lst.conns.items()):
                 if c.sock in w:
-                    self._write(c)
+                    self._write(lst.src, c)
                 if c.sock in r:
-                    self._read(c)
+                    self._read(lst.src, c)
                 if c.out_done and c.shut:
                     self._end(lst, cid, c)
 
@@ -191,19 +190,21 @@ class Forwards(object):
         lst.conns[cid] = Conn(sock)
         self.send(DATA, lst.src, lst.stream, msg({"accepted": cid}))
 
-    def _write(self, c):
+    def _write(self, src, c):
         if c.outq:
             try:
                 n = c.sock.send(c.outq[:4 * READ_BYTES])
             except BlockingIOError:
                 return
             except OSError:
+                # The socket is gone both ways: the daemon's side ends too.
                 c.outq = bytearray()
-                c.out_done = c.in_done = c.shut = True
+                c.in_done = c.shut = True
+                self._read_end(src, c)
                 return
             del c.outq[:n]
             c.written += n
-            self.send(CREDIT, c.src, c.stream, CREDIT_PAYLOAD.pack(c.written))
+            self.send(CREDIT, src, c.stream, CREDIT_PAYLOAD.pack(c.written))
         if not c.outq and c.in_done and not c.shut:
             try:
                 c.sock.shutdown(socket.SHUT_WR)
@@ -211,7 +212,7 @@ class Forwards(object):
                 pass
             c.shut = True
 
-    def _read(self, c):
+    def _read(self, src, c):
         try:
             chunk = c.sock.recv(READ_BYTES)
         except BlockingIOError:
@@ -220,10 +221,14 @@ class Forwards(object):
             chunk = b""
         if chunk:
             c.sent += len(chunk)
-            self.send(DATA, c.src, c.stream, chunk)
+            self.send(DATA, src, c.stream, chunk)
         else:
+            self._read_end(src, c)
+
+    def _read_end(self, src, c):
+        if not c.out_done:
             c.out_done = True
-            self.send(END, c.src, c.stream, b"")
+            self.send(END, src, c.stream, b"")
 
     def _end(self, lst, cid, c):
         del lst.conns[cid]

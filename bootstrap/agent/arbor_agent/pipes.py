@@ -35,7 +35,7 @@ class Pipe(object):
         self.master = master
         self.inq = bytearray()
         self.eof = False
-        self.files = {}
+        self.files = {}  # fd -> the file to close (not for a pty)
         if master is None:
             self.files = {proc.stdout.fileno(): proc.stdout, proc.stderr.fileno(): proc.stderr}
             self.outs = {proc.stdout.fileno(): 1, proc.stderr.fileno(): 2}
