@@ -1,9 +1,11 @@
 """Builds modules' AnsiballZ with ansible-core's own builder, as a task
 worker does, and prints what went into each zip.
 
-usage: python build_module.py [--cache DIR] [--utils DIR] MODULE...
+usage: python build_module.py [--cache DIR] [--keep DIR] [--utils DIR]
+                              [--library DIR] MODULE...
 Prints JSON: {"installed": bool, "modules": {name: {"members": {path: sha256},
 "parses": n}}}; each module gets a fresh local tmp (a fresh run's cache).
+--cache installs scancache, --keep buildcache (payloads kept across runs).
 """
 
 import argparse
@@ -23,6 +25,7 @@ sys.path.insert(0, str(REPO / "ansible-glue"))
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--cache")
+ap.add_argument("--keep")
 ap.add_argument("--utils")
 ap.add_argument("--library")
 ap.add_argument("modules", nargs="+")
@@ -56,6 +59,9 @@ installed = False
 if opts.cache:
     from arbor_glue import scancache
     installed = scancache.install(mc, __version__, opts.cache)
+if opts.keep:
+    from arbor_glue import buildcache
+    installed = buildcache.install(mc, __version__, opts.keep)
 
 out = {"installed": installed, "version": __version__, "modules": {}}
 for name in opts.modules:

@@ -19,9 +19,10 @@ from arbor_glue import scancache  # noqa: E402
 VENVS = {"2.19": REPO / ".venv", "2.21": REPO / ".venv-2.21"}
 
 
-def build(venv, *args):
+def build(venv, *args, env=None):
+    """build_module.py's JSON for `args`, run by `venv`'s Python."""
     p = subprocess.run([str(venv / "bin" / "python"), str(BUILD), *map(str, args)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout)
 

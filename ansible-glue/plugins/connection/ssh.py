@@ -34,7 +34,7 @@ if _GLUE not in sys.path:
 from arbor_glue import wire  # noqa: E402
 from arbor_glue.daemon import connect_daemon, persist_secs, run_dir as _run_dir  # noqa: E402
 from arbor_glue.chain import container_hop  # noqa: E402
-from arbor_glue import actions, docs, forwards, scancache  # noqa: E402
+from arbor_glue import actions, buildcache, docs, forwards, scancache  # noqa: E402
 from arbor_glue.docs import yaml_load  # noqa: E402
 from arbor_glue.become import Become, BecomeNeeded, BecomeProxy  # noqa: E402
 from arbor_glue.hops import Hops  # noqa: E402
@@ -219,9 +219,11 @@ class Connection(Hops, Become, _vanilla.Connection):
         # Ansible's action code patched, once per process, when a
         # connection is first made (Ansible makes a task's connection
         # before its action): the fast paths, and a module_util's imports
-        # found once per source, not once per run.
+        # found once per source, not once per run, and a module's built
+        # payload kept across runs while what it was built from is unchanged.
         actions.install(Connection)
         scancache.install(_module_common, _ansible_version)
+        buildcache.install(_module_common, _ansible_version)
         self._arbor = None
         self._arbor_forwards = None
         self._chain = None
