@@ -105,7 +105,7 @@ def run(mode, scenario, ctx):
                        capture_output=True)
         start = time.monotonic()
     try:
-        p.wait(timeout=ctx["cap"])
+        bench.wait_exact(p, ctx["cap"])
         ended, secs = True, time.monotonic() - start
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
