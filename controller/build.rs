@@ -8,6 +8,11 @@
 //! `ARBOR_RELAY_BIN` / `ARBOR_RELAY_BIN_AARCH64` name prebuilt relays
 //! instead. Each is built by a nested cargo in its own target directory,
 //! with the size-oriented `relay` profile.
+//!
+//! Each machine also gets the relay with QUIC (feature `quic`, for hosts
+//! with `arbor_transport: quic`), where ring's C builds: the host's own
+//! machine (`ARBOR_RELAY_BIN_QUIC` / `ARBOR_RELAY_BIN_AARCH64_QUIC` name
+//! prebuilt ones).
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -55,16 +60,26 @@ fn main() {
     }
     for m in &MACHINES {
         let dest = out.join(format!("arbor-relay-{}", m.name));
-        let build = relay_for(m, &root, &out, &dest);
+        let build = relay_for(m, &root, &out, &dest, false);
         let var = format!("ARBOR_RELAY_BUILD_{}", m.name.to_uppercase());
+        println!("cargo:rustc-env={var}={build}");
+        let dest = out.join(format!("arbor-relay-quic-{}", m.name));
+        let build = relay_for(m, &root, &out, &dest, true);
+        let var = format!("ARBOR_RELAY_QUIC_BUILD_{}", m.name.to_uppercase());
         println!("cargo:rustc-env={var}={build}");
     }
 }
 
-/// Writes the relay for `m` to `dest` (empty if none) and says how it was built.
-fn relay_for(m: &Machine, root: &Path, out: &Path, dest: &Path) -> String {
-    println!("cargo:rerun-if-env-changed={}", m.prebuilt_env);
-    if let Ok(prebuilt) = env::var(m.prebuilt_env) {
+/// Writes the relay for `m` (with QUIC if `quic`) to `dest` (empty if
+/// none) and says how it was built.
+fn relay_for(m: &Machine, root: &Path, out: &Path, dest: &Path, quic: bool) -> String {
+    let prebuilt_env = if quic {
+        format!("{}_QUIC", m.prebuilt_env)
+    } else {
+        m.prebuilt_env.to_string()
+    };
+    println!("cargo:rerun-if-env-changed={prebuilt_env}");
+    if let Ok(prebuilt) = env::var(&prebuilt_env) {
         println!("cargo:rerun-if-changed={prebuilt}");
         std::fs::copy(&prebuilt, dest).expect("copy a prebuilt relay");
         return "prebuilt".into();
@@ -73,7 +88,17 @@ fn relay_for(m: &Machine, root: &Path, out: &Path, dest: &Path) -> String {
         std::fs::write(dest, b"").expect("write an empty relay");
         return format!("not built ({} not installed)", m.targets[0].0);
     };
-    let target_dir = out.join("relay-target");
+    // ring compiles C for its target: only where the host's C compiler
+    // builds for it (not aarch64 from x86_64 without a cross compiler).
+    if quic && !target.starts_with(env::consts::ARCH) {
+        std::fs::write(dest, b"").expect("write an empty relay");
+        return format!("not built (ring needs a C compiler for {target})");
+    }
+    let target_dir = out.join(if quic {
+        "relay-quic-target"
+    } else {
+        "relay-target"
+    });
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args([
@@ -87,6 +112,11 @@ fn relay_for(m: &Machine, root: &Path, out: &Path, dest: &Path) -> String {
         "--target",
         target,
     ])
+    .args(if quic {
+        &["--features", "quic"][..]
+    } else {
+        &[][..]
+    })
     .arg("--target-dir")
     .arg(&target_dir)
     .arg("--manifest-path")

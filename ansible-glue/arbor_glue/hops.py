@@ -57,6 +57,9 @@ class Hops(object):
         }
         if exe and to_text(exe) != "ssh":
             hop["exe"] = os.path.expanduser(to_text(exe))
+        transport = get("arbor_transport")
+        if transport and to_text(transport) != "ssh":
+            hop["transport"] = to_text(transport)
         if password:
             hop["password"] = to_text(password)
         return hop

@@ -103,6 +103,9 @@ pub enum Cmd {
         /// x86_64 or aarch64
         #[arg(default_value = "x86_64")]
         machine: String,
+        /// The relay built with QUIC (for `arbor_transport: quic`)
+        #[arg(long)]
+        quic: bool,
     },
     /// Print arbor's version and the relays it carries
     Version,
@@ -114,9 +117,16 @@ pub enum Cmd {
 pub fn version_line() -> String {
     let carried: Vec<String> = crate::relays::all()
         .iter()
-        .map(|r| match r.bytes.len() {
-            0 => format!("{}: {}", r.machine, r.build),
-            n => format!("{}: {n} bytes, {}", r.machine, r.build),
+        .map(|r| {
+            let name = if r.quic {
+                format!("{} with QUIC", r.machine)
+            } else {
+                r.machine.to_string()
+            };
+            match r.bytes.len() {
+                0 => format!("{name}: {}", r.build),
+                n => format!("{name}: {n} bytes, {}", r.build),
+            }
         })
         .collect();
     format!(

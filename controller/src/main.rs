@@ -85,14 +85,19 @@ fn run(cmd: Option<cli::Cmd>) -> Result<()> {
             let info: Vec<serde_json::Value> = relays::all()
                 .iter()
                 .map(|r| {
-                    serde_json::json!({"machine": r.machine, "bytes": r.bytes.len(), "build": r.build})
+                    serde_json::json!({"machine": r.machine, "quic": r.quic, "bytes": r.bytes.len(), "build": r.build})
                 })
                 .collect();
             println!("{}", serde_json::Value::Array(info));
             Ok(())
         }
-        Some(Cmd::RelayWrite { path, machine }) => {
-            let relay = relays::for_machine(&machine)
+        Some(Cmd::RelayWrite {
+            path,
+            machine,
+            quic,
+        }) => {
+            let relay = relays::carried(&machine, quic)
+                .filter(|r| r.quic == quic)
                 .with_context(|| format!("no relay carried for machine {machine}"))?;
             std::fs::write(&path, relay.bytes)
                 .with_context(|| format!("writing {}", path.display()))?;

@@ -11,20 +11,36 @@ use std::borrow::Cow;
 /// A relay binary and how it was built.
 pub struct Relay {
     pub machine: &'static str,
+    /// Built with QUIC (for hosts with `arbor_transport: quic`).
+    pub quic: bool,
     pub bytes: &'static [u8],
     pub build: &'static str,
 }
 
-static CARRIED: [Relay; 2] = [
+static CARRIED: [Relay; 4] = [
     Relay {
         machine: "x86_64",
+        quic: false,
         bytes: include_bytes!(concat!(env!("OUT_DIR"), "/arbor-relay-x86_64")),
         build: env!("ARBOR_RELAY_BUILD_X86_64"),
     },
     Relay {
         machine: "aarch64",
+        quic: false,
         bytes: include_bytes!(concat!(env!("OUT_DIR"), "/arbor-relay-aarch64")),
         build: env!("ARBOR_RELAY_BUILD_AARCH64"),
+    },
+    Relay {
+        machine: "x86_64",
+        quic: true,
+        bytes: include_bytes!(concat!(env!("OUT_DIR"), "/arbor-relay-quic-x86_64")),
+        build: env!("ARBOR_RELAY_QUIC_BUILD_X86_64"),
+    },
+    Relay {
+        machine: "aarch64",
+        quic: true,
+        bytes: include_bytes!(concat!(env!("OUT_DIR"), "/arbor-relay-quic-aarch64")),
+        build: env!("ARBOR_RELAY_QUIC_BUILD_AARCH64"),
     },
 ];
 
@@ -35,37 +51,52 @@ pub fn all() -> &'static [Relay] {
 
 /// The relay for `machine` (as `uname -m` names it), if carried.
 pub fn for_machine(machine: &str) -> Option<&'static Relay> {
+    carried(machine, false)
+}
+
+/// The relay for `machine`, with QUIC if `quic` and one is carried for it
+/// (else without: that hop stays on ssh).
+pub fn carried(machine: &str, quic: bool) -> Option<&'static Relay> {
     let m = match machine {
         "amd64" => "x86_64",
         "arm64" => "aarch64",
         m => m,
     };
-    CARRIED
-        .iter()
-        .find(|r| r.machine == m && !r.bytes.is_empty())
+    let find = |q: bool| {
+        CARRIED
+            .iter()
+            .find(|r| r.machine == m && r.quic == q && !r.bytes.is_empty())
+    };
+    if quic {
+        find(true).or_else(|| find(false))
+    } else {
+        find(false)
+    }
 }
 
 /// The relay a host of unknown machine is sent first: this controller's
 /// own machine's, else the first carried.
-pub fn default_relay() -> &'static Relay {
-    for_machine(std::env::consts::ARCH)
-        .or_else(|| CARRIED.iter().find(|r| !r.bytes.is_empty()))
+pub fn default_relay(quic: bool) -> &'static Relay {
+    carried(std::env::consts::ARCH, quic)
+        .or_else(|| CARRIED.iter().find(|r| !r.quic && !r.bytes.is_empty()))
         .expect("arbor carries at least one relay")
 }
 
 /// The relay to send a host whose machine was last `machine` (if known).
-pub fn guess(machine: Option<&str>) -> &'static Relay {
-    machine.and_then(for_machine).unwrap_or_else(default_relay)
+pub fn guess(machine: Option<&str>, quic: bool) -> &'static Relay {
+    machine
+        .and_then(|m| carried(m, quic))
+        .unwrap_or_else(|| default_relay(quic))
 }
 
 /// What a stage-0 that asked for `machine` is sent, or why nothing is.
-pub fn answer(machine: &str) -> Result<Cow<'static, [u8]>, String> {
-    for_machine(machine)
+pub fn answer(machine: &str, quic: bool) -> Result<Cow<'static, [u8]>, String> {
+    carried(machine, quic)
         .map(|r| Cow::Borrowed(r.bytes))
         .ok_or_else(|| {
             let carried: Vec<&str> = CARRIED
                 .iter()
-                .filter(|r| !r.bytes.is_empty())
+                .filter(|r| !r.quic && !r.bytes.is_empty())
                 .map(|r| r.machine)
                 .collect();
             format!(
@@ -95,9 +126,23 @@ mod tests {
     }
 
     #[test]
+    fn the_quic_relay_is_carried_for_this_machine_and_never_sent_unasked() {
+        let q = carried(std::env::consts::ARCH, true).expect("a relay");
+        assert!(q.quic, "{}: {}", q.machine, q.build);
+        assert_eq!(&q.bytes[..4], b"\x7fELF");
+        assert!(!guess(None, false).quic);
+        assert!(!carried("x86_64", false).expect("x86_64").quic);
+        // aarch64 without its QUIC build: the plain relay (the hop stays
+        // on ssh).
+        if let Some(r) = carried("aarch64", true) {
+            assert_eq!(r.machine, "aarch64");
+        }
+    }
+
+    #[test]
     fn an_unknown_machine_is_refused_by_name() {
-        let why = answer("riscv64").expect_err("no riscv64 relay");
+        let why = answer("riscv64", false).expect_err("no riscv64 relay");
         assert!(why.contains("riscv64") && why.contains("x86_64"), "{why}");
-        assert!(answer("amd64").is_ok());
+        assert!(answer("amd64", false).is_ok());
     }
 }

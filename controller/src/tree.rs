@@ -30,6 +30,7 @@ use crate::sshconfig::SshConfig;
 mod connect;
 mod error;
 mod handle;
+mod quic;
 
 pub use error::TreeError;
 pub use handle::*;
@@ -110,6 +111,8 @@ pub struct Tree {
     pinger: Pinger,
     /// Frame bytes sent to and received from each node (`arbor status`).
     traffic: HashMap<NodeId, Traffic>,
+    /// First-hop relays moving to QUIC, and the links that have.
+    upgrades: quic::Upgrades,
 }
 
 /// Frame bytes (headers included) the controller sent to a node and
@@ -157,6 +160,7 @@ impl Tree {
                 Duration::from_secs(u64::from(ssh::keepalive_secs())),
             ),
             traffic: HashMap::new(),
+            upgrades: quic::Upgrades::default(),
         };
         (
             tree,
@@ -231,10 +235,14 @@ impl Tree {
                 payload,
                 replies,
                 credit,
+                about,
                 done,
             } => {
                 let stream = self.stream_id();
                 self.streams.insert(stream, (dst, replies, credit));
+                if let Some(about) = about {
+                    self.note_about(dst, stream, about);
+                }
                 let f = Frame::new(Kind::Request, dst, NodeId::CONTROLLER, stream, payload);
                 self.core.send(Instant::now(), f);
                 let _ = done.send(stream);
@@ -349,11 +357,26 @@ impl Tree {
                 self.core.handle_frame(now, link, frame)
             }
             Input::Closed(link, why) => match self.links.get_mut(&link) {
+                _ if {
+                    tracing::debug!(link = link.0, why, "link closed");
+                    false
+                } => {}
+                // A link over QUIC ends with either channel: its ssh is
+                // ended with why.
+                Some(l) if self.upgrades.is_lanes(link) => l.cut_off(why),
                 // Down once its process has exited and said why.
                 Some(l) => l.stdout_closed(why, now),
                 None => self.core.handle_link_down(now, link, &why),
             },
+            Input::Upgraded(link, tx, channel) => {
+                if let Some(l) = self.links.get_mut(&link) {
+                    l.set_writer(tx);
+                    self.upgrade_done(link, Ok(channel));
+                }
+            }
+            Input::NotUpgraded(link, why) => self.upgrade_done(link, Err(why)),
             Input::Exited(link, status, tail) => {
+                tracing::debug!(link = link.0, status, tail = %String::from_utf8_lossy(&tail), "link exited");
                 let child = self.links.remove(&link);
                 let node = self.local_nodes.remove(&link);
                 let label = node
@@ -381,8 +404,10 @@ impl Tree {
                                 stream = frame.stream.0, len = frame.payload.len(), "frame out");
                 self.traffic.entry(frame.dst).or_default().sent +=
                     (arbor_wire::HEADER_BYTES + frame.payload.len()) as u64;
+                let lane = self.lanes_relay(link).map(|r| self.lane(r, &frame));
+                self.upgrades.sent(&frame);
                 if let Some(l) = self.links.get_mut(&link) {
-                    l.send(frame);
+                    l.send_lane(frame, lane);
                 }
                 continue;
             }
@@ -420,8 +445,12 @@ impl Tree {
                     if let Ok(mut h) = self.hellos.lock() {
                         h.insert(node, info);
                     }
-                    self.settle(node, Ok(()));
                     self.watch(node);
+                    // A relay moving to QUIC is settled when it has (or
+                    // has stayed on ssh).
+                    if !self.upgrade_started(node) {
+                        self.settle(node, Ok(()));
+                    }
                 }
                 Event::NodeDown { node, reason } => self.node_lost(node, &reason),
                 Event::Dropped {
@@ -496,6 +525,9 @@ impl Tree {
     async fn deliver(&mut self, frame: Frame) {
         self.traffic.entry(frame.src).or_default().received +=
             (arbor_wire::HEADER_BYTES + frame.payload.len()) as u64;
+        if self.upgrade_answer(&frame) {
+            return;
+        }
         if let Some(node) = self.spawns.remove(&frame.stream) {
             let outcome = match frame.kind {
                 Kind::Reply => match control::decode::<Reply>(&frame.payload) {

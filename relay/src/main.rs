@@ -23,6 +23,8 @@ use arbor_io::{
     LinkEvent as Input, LinkTx,
 };
 use arbor_wire::control::{Spawn, AUTH_SOCK_TOKEN, KNOWN_HOSTS_TOKEN};
+
+mod quic;
 use arbor_wire::NodeId;
 use tokio::process::Command;
 use tokio::sync::mpsc;
@@ -84,6 +86,8 @@ struct Shell {
     inbox_tx: mpsc::Sender<Input>,
     inbox: mpsc::Receiver<Input>,
     parent: LinkTx,
+    /// The stdout writer, kept open once the parent link is on QUIC.
+    control: Option<LinkTx>,
     children: HashMap<LinkId, Child>,
     self_exe: Option<Vec<u8>>,
 }
@@ -99,6 +103,7 @@ impl Shell {
             inbox_tx,
             inbox,
             parent,
+            control: None,
             children: HashMap::new(),
             self_exe: None,
         }
@@ -178,6 +183,13 @@ impl Shell {
                     self.rules.child_exited(now, link, why);
                 }
             }
+            // The parent's QUIC connection: frames go up through it.
+            // Its stdout stays open (the ssh session is the control
+            // channel).
+            Input::Upgraded(link, tx, _) if link == PARENT => {
+                self.control = Some(std::mem::replace(&mut self.parent, tx));
+            }
+            Input::Upgraded(..) | Input::NotUpgraded(..) => {}
         }
     }
 
@@ -190,7 +202,8 @@ impl Shell {
                     // Waits for room, but not past the keepalive: a parent
                     // link that takes nothing that long is dead.
                     let parent = self.parent.clone();
-                    let send = parent.send(frame);
+                    let lane = quic::lane_up(&self.rules, &frame);
+                    let send = parent.send_lane(frame, lane);
                     tokio::pin!(send);
                     loop {
                         tokio::select! {
@@ -253,6 +266,15 @@ impl Shell {
                     if let Some(c) = self.children.get_mut(&link) {
                         c.link.cut_off(why);
                     }
+                }
+                Action::QuicListen {
+                    src,
+                    stream,
+                    accept_ms,
+                    idle_ms,
+                } => {
+                    let reply = quic::listen(self.inbox_tx.clone(), accept_ms, idle_ms);
+                    self.rules.answer(Instant::now(), src, stream, &reply);
                 }
                 Action::Exit { why } => {
                     if let Some(why) = why {

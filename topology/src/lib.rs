@@ -60,7 +60,14 @@ pub struct Hop {
     /// `sudo` as a hop: the password it asks for (never shown).
     #[serde(default)]
     pub password: Option<Secret>,
+    /// How frames reach a via host's relay once ssh has started it:
+    /// `ssh` (none: the same) or `quic` (`arbor_transport`).
+    #[serde(default)]
+    pub transport: Option<String>,
 }
+
+/// The transports a via host may ask for.
+pub const TRANSPORTS: [&str; 2] = ["ssh", "quic"];
 
 /// A password: carried, never printed.
 #[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -95,6 +102,11 @@ pub const CONTAINER_METHODS: [&str; 10] = [
 pub const SETNS_KINDS: [&str; 6] = ["docker", "podman", "lxc", "lxd", "machinectl", "pid"];
 
 impl Hop {
+    /// Its relay's parent link is to move to QUIC.
+    pub fn quic(&self) -> bool {
+        self.transport.as_deref() == Some("quic")
+    }
+
     pub fn is_container(&self) -> bool {
         CONTAINER_METHODS.contains(&self.method.as_str())
     }
@@ -132,6 +144,8 @@ pub enum TopologyError {
     UnknownVia(String),
     #[error("a host with an empty name")]
     EmptyName,
+    #[error("{host}: arbor_transport {transport:?} is neither ssh nor quic")]
+    Transport { host: String, transport: String },
 }
 
 /// Checks a chain (outermost hop first, the target last).
@@ -164,6 +178,12 @@ pub fn validate(chain: &[Hop]) -> Result<(), TopologyError> {
         if hop.host.is_empty() {
             return Err(TopologyError::NoHost(hop.name.clone()));
         }
+        if let Some(t) = hop.transport.as_deref().filter(|t| !TRANSPORTS.contains(t)) {
+            return Err(TopologyError::Transport {
+                host: hop.name.clone(),
+                transport: t.to_string(),
+            });
+        }
     }
     Ok(())
 }
@@ -186,7 +206,7 @@ impl HopKey {
             .iter()
             .map(|h| {
                 format!(
-                    "{}:{}@{}:{}[{}][{}|{}|{}]",
+                    "{}:{}@{}:{}[{}][{}|{}|{}]{}",
                     h.method,
                     h.user.as_deref().unwrap_or(""),
                     h.host,
@@ -194,7 +214,8 @@ impl HopKey {
                     h.ssh_args.join(" "),
                     h.exe.as_deref().unwrap_or(""),
                     h.extra_args.join(" "),
-                    h.kind.as_deref().unwrap_or("")
+                    h.kind.as_deref().unwrap_or(""),
+                    if h.quic() { "+quic" } else { "" }
                 )
             })
             .collect();
@@ -230,6 +251,26 @@ mod tests {
         let mut other = hop("bastion1");
         other.user = Some("admin".into());
         assert_ne!(HopKey::of(&[hop("bastion1")]), HopKey::of(&[other]));
+    }
+
+    #[test]
+    fn a_quic_via_is_another_hop_and_a_transport_must_be_known() {
+        let mut quic = hop("bastion1");
+        quic.transport = Some("quic".into());
+        let mut ssh = hop("bastion1");
+        ssh.transport = Some("ssh".into());
+        assert_ne!(HopKey::of(&[hop("bastion1")]), HopKey::of(&[quic.clone()]));
+        assert_eq!(HopKey::of(&[hop("bastion1")]), HopKey::of(&[ssh]));
+        validate(&[quic, hop("target1")]).expect("valid");
+        let mut bad = hop("bastion1");
+        bad.transport = Some("udp".into());
+        assert_eq!(
+            validate(&[bad, hop("target1")]),
+            Err(TopologyError::Transport {
+                host: "bastion1".into(),
+                transport: "udp".into()
+            })
+        );
     }
 
     #[test]

@@ -159,6 +159,25 @@ options:
     ini:
       - section: arbor
         key: persist
+  arbor_transport:
+    description:
+      - How arbor's frames reach this host's relay when it is a via host reached from
+        the controller. C(ssh) (the default) keeps them in its ssh session; C(quic) has
+        the relay (then its build with QUIC) listen on an ephemeral UDP port with a
+        certificate made in RAM, and moves the frames to a QUIC connection that pins it
+        and proves a one-time secret, each host behind the relay in a stream of its own.
+        The ssh session stays the control channel. If QUIC does not get through in 3
+        seconds the hop stays on ssh, and C(-vvv) says why.
+    type: str
+    default: ssh
+    choices: [ssh, quic]
+    vars:
+      - name: arbor_transport
+    env:
+      - name: ARBOR_TRANSPORT
+    ini:
+      - section: arbor
+        key: transport
 """
 
 # arbor's own options, beside the builtin ssh plugin's.
@@ -314,12 +333,13 @@ class Connection(Hops, Become, _vanilla.Connection):
             self._arbor_hello = self._arbor.recv()[0]
             if display.verbosity >= 3:
                 for hop in self._arbor_hello.get("hops", ()):
-                    display.vvv("ARBOR HOP %s: node %s%s%s%s%s" % (
+                    display.vvv("ARBOR HOP %s: node %s%s%s%s%s%s" % (
                         hop.get("label", "?"), hop.get("node"),
                         ", up in %s ms" % hop["connect_ms"] if "connect_ms" in hop else "",
                         ", pid %s" % hop["pid"] if "pid" in hop else "",
                         ", %s relay" % hop["machine"] if hop.get("machine") else "",
-                        ", python %s" % hop["python"] if hop.get("python") else ""),
+                        ", python %s" % hop["python"] if hop.get("python") else "",
+                        ", over %s" % hop["transport"] if hop.get("transport") else ""),
                         host=self._chain[-1]["name"])
         return self._arbor_hello
 

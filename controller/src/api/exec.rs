@@ -231,7 +231,7 @@ pub(super) async fn send_body(
     let _held = holdings.lock_relays(relays).await;
     for part in &body.parts {
         if let Part::Cached(key, data) = part {
-            ensure_cached(tree, holdings, relays, key, data).await?;
+            ensure_cached(tree, holdings, relays, node, key, data).await?;
         }
     }
     // What a later put pushed out again goes from here.

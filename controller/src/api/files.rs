@@ -191,7 +191,7 @@ impl Outgoing {
         if let Some(&relay) = self.relays.last() {
             let key = format!("f:{}", hex(&Sha256::digest(&chunk)));
             let _held = holdings.lock_relays(&self.relays).await;
-            if ensure_cached(tree, holdings, &self.relays, &key, &chunk).await? {
+            if ensure_cached(tree, holdings, &self.relays, self.node, &key, &chunk).await? {
                 let mut keys = vec![key];
                 return inject(tree, relay, self.node, self.stream, &mut keys).await;
             }

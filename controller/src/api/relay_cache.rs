@@ -19,7 +19,7 @@ pub(super) async fn inject(
         stream,
         keys: std::mem::take(keys),
     };
-    tree.post(relay, control::encode(&req))
+    tree.post_about(relay, dst, control::encode(&req))
         .await
         .map(|_| ())
         .map_err(ApiError::from)
@@ -48,10 +48,13 @@ pub(super) async fn relays_of(tree: &TreeHandle, t: &Target) -> Vec<NodeId> {
 /// (`Forward`), or put into the first relay and forwarded down, so the bytes
 /// cross each link at most once. The caller holds the relays' locks. False
 /// if the cache cannot keep it (then the caller sends the bytes itself).
+/// `about` is the node the entry is put for (its frames and these requests
+/// keep one order on a QUIC link).
 pub(super) async fn ensure_cached(
     tree: &TreeHandle,
     holdings: &Holdings,
     relays: &[NodeId],
+    about: NodeId,
     key: &str,
     data: &[u8],
 ) -> Result<bool, ApiError> {
@@ -80,7 +83,7 @@ pub(super) async fn ensure_cached(
                 },
             ),
         };
-        tree.post(to, control::encode(&req)).await?;
+        tree.post_about(to, about, control::encode(&req)).await?;
     }
     Ok(true)
 }

@@ -49,13 +49,20 @@ impl Tree {
         // The relay the stage-0 is sent: from here, the one for the
         // machine this host had before (else this controller's); from a
         // relay, that relay's own.
+        // A first hop's relay with `arbor_transport: quic` is the one built
+        // with QUIC; its link moves there once it is up (tree/quic.rs).
+        let quic = role == HopRole::Relay && hop.quic() && chain.len() == 1;
+        if quic {
+            self.upgrades.want(node);
+        }
         let relay = if chain.len() == 1 {
-            relays::guess(self.host_machine.get(&hop.name).copied())
+            relays::guess(self.host_machine.get(&hop.name).copied(), quic)
         } else {
             relays::guess(
                 self.hops
                     .up_node(&parent_key)
                     .and_then(|p| self.machine_of(p)),
+                false,
             )
         };
         let remote_cmd = match role {
@@ -176,7 +183,7 @@ impl Tree {
         // Only a relay understands compressed frames.
         let compress = role == HopRole::Relay;
         let relay_for: Option<arbor_io::stage0::RelayFor> = match role {
-            HopRole::Relay => Some(Box::new(|m: &str| relays::answer(m))),
+            HopRole::Relay => Some(Box::new(move |m: &str| relays::answer(m, relay.quic))),
             HopRole::Agent => None,
         };
         let child_link = start_child_link(

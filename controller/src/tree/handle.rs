@@ -28,6 +28,9 @@ pub(super) enum Cmd {
         payload: Vec<u8>,
         replies: mpsc::Sender<Frame>,
         credit: Option<watch::Sender<u64>>,
+        /// The node (below the relay `dst`) the request is for: on a QUIC
+        /// link it goes in that node's lane (tree/quic.rs).
+        about: Option<NodeId>,
         done: oneshot::Sender<StreamId>,
     },
     Send(Frame),
@@ -150,7 +153,7 @@ impl TreeHandle {
         dst: NodeId,
         payload: Vec<u8>,
     ) -> Result<(StreamId, mpsc::Receiver<Frame>), TreeError> {
-        self.open_with(dst, payload, None).await
+        self.open_with(dst, payload, None, None).await
     }
 
     /// As [`TreeHandle::open`], for a stream whose data the receiver paces
@@ -162,7 +165,7 @@ impl TreeHandle {
         payload: Vec<u8>,
     ) -> Result<(StreamId, mpsc::Receiver<Frame>, watch::Receiver<u64>), TreeError> {
         let (credit, consumed) = watch::channel(0);
-        let (stream, rx) = self.open_with(dst, payload, Some(credit)).await?;
+        let (stream, rx) = self.open_with(dst, payload, Some(credit), None).await?;
         Ok((stream, rx, consumed))
     }
 
@@ -171,6 +174,7 @@ impl TreeHandle {
         dst: NodeId,
         payload: Vec<u8>,
         credit: Option<watch::Sender<u64>>,
+        about: Option<NodeId>,
     ) -> Result<(StreamId, mpsc::Receiver<Frame>), TreeError> {
         fits(&payload)?;
         let (replies, rx) = mpsc::channel(REPLY_QUEUE_FRAMES);
@@ -181,6 +185,7 @@ impl TreeHandle {
                 payload,
                 replies,
                 credit,
+                about,
                 done,
             })
             .await?;
@@ -207,6 +212,19 @@ impl TreeHandle {
     /// its Data and End parts go on the returned stream.
     pub async fn post(&self, dst: NodeId, payload: Vec<u8>) -> Result<StreamId, TreeError> {
         let (stream, _rx) = self.open(dst, payload).await?;
+        self.forget(stream).await;
+        Ok(stream)
+    }
+
+    /// [`TreeHandle::post`] to the relay `dst` of a request for `about`
+    /// (a node below it): kept in order with `about`'s own frames.
+    pub async fn post_about(
+        &self,
+        dst: NodeId,
+        about: NodeId,
+        payload: Vec<u8>,
+    ) -> Result<StreamId, TreeError> {
+        let (stream, _rx) = self.open_with(dst, payload, None, Some(about)).await?;
         self.forget(stream).await;
         Ok(stream)
     }

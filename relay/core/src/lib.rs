@@ -25,6 +25,7 @@ pub mod becomes;
 pub mod cache;
 pub mod hops;
 pub mod liveness;
+pub mod parked;
 pub mod relay;
 pub mod window;
 

@@ -16,6 +16,7 @@ use arbor_wire::{Frame, Kind, NodeId, StreamId};
 
 use crate::cache::Fifo;
 use crate::liveness::Liveness;
+use crate::parked::{Held, Parked};
 use crate::{Event, Limits, LinkId, Node, Role};
 
 /// The parent link's id.
@@ -45,6 +46,14 @@ pub enum Action {
     CutOff { link: LinkId, why: String },
     /// Stop every child and end the relay; `why` is for its stderr.
     Exit { why: Option<String> },
+    /// Open a QUIC endpoint for the parent link (`Request::QuicListen`),
+    /// and answer `src`'s request with [`Relay::answer`].
+    QuicListen {
+        src: NodeId,
+        stream: StreamId,
+        accept_ms: u32,
+        idle_ms: u32,
+    },
 }
 
 struct Child {
@@ -79,6 +88,8 @@ pub struct Relay {
     parent: Liveness,
     actions: VecDeque<Action>,
     exiting: bool,
+    /// Destinations waiting for entries an inject names (QUIC lanes).
+    parked: Parked,
 }
 
 impl Relay {
@@ -99,7 +110,13 @@ impl Relay {
             parent: Liveness::new(now),
             actions: VecDeque::new(),
             exiting: false,
+            parked: Parked::default(),
         }
+    }
+
+    /// The link `node` is reached through, if it is known here.
+    pub fn route(&self, node: NodeId) -> Option<LinkId> {
+        self.node.route(node)
     }
 
     pub fn id(&self) -> NodeId {
@@ -121,6 +138,10 @@ impl Relay {
     pub fn handle_frame(&mut self, now: Instant, link: LinkId, frame: Frame) {
         if link == PARENT {
             self.parent.heard(now);
+            if self.parked.holds(frame.dst) {
+                self.parked.push(frame.dst, Held::Frame(frame));
+                return;
+            }
         }
         self.node.handle_frame(now, link, frame);
         self.drain(now);
@@ -187,6 +208,9 @@ impl Relay {
                 self.actions.push_back(Action::Kill { link });
             }
         }
+        for (dst, held) in self.parked.expired(now) {
+            self.replay(now, dst, held, true);
+        }
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -196,10 +220,10 @@ impl Relay {
             .filter(|c| !c.killed)
             .map(|c| c.deadline)
             .min();
-        match (self.parent.deadline(), connect) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.parent.deadline(), connect, self.parked.deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn poll_transmit(&mut self) -> Option<(LinkId, Frame)> {
@@ -312,8 +336,11 @@ impl Relay {
                 let max = usize::try_from(max_bytes).unwrap_or(usize::MAX);
                 let weight = data.len();
                 self.cache.put(&key, data, weight, max);
+                for (dst, held) in self.parked.arrived(&key) {
+                    self.replay(now, dst, held, false);
+                }
             }
-            Ok(Request::Inject { dst, stream, keys }) => self.inject(now, dst, stream, &keys),
+            Ok(Request::Inject { dst, stream, keys }) => self.inject(now, dst, stream, keys),
             Ok(Request::Forward {
                 dst,
                 keys,
@@ -333,6 +360,14 @@ impl Relay {
                     self.pins.insert(key, data);
                 }
             }
+            Ok(Request::QuicListen { accept_ms, idle_ms }) => {
+                self.actions.push_back(Action::QuicListen {
+                    src,
+                    stream,
+                    accept_ms,
+                    idle_ms,
+                });
+            }
             Ok(Request::Shutdown) => {
                 self.reply(now, src, stream, &Reply::Done);
                 self.exit(None);
@@ -342,6 +377,11 @@ impl Relay {
                 self.reply(now, src, stream, &Reply::Error { message });
             }
         }
+    }
+
+    /// Answers a request the shell carried out (see [`Action`]).
+    pub fn answer(&mut self, now: Instant, dst: NodeId, stream: StreamId, reply: &Reply) {
+        self.reply(now, dst, stream, reply);
     }
 
     fn reply(&mut self, now: Instant, dst: NodeId, stream: StreamId, reply: &Reply) {
@@ -376,9 +416,46 @@ impl Relay {
         }
     }
 
+    /// Sends cached entries to `dst` as the controller's Data frames, or,
+    /// if some have not arrived yet, parks `dst` until they have (see
+    /// [`crate::parked`]).
+    fn inject(&mut self, now: Instant, dst: NodeId, stream: StreamId, keys: Vec<String>) {
+        if self.parked.holds(dst) {
+            self.parked.push(dst, Held::Inject { stream, keys });
+            return;
+        }
+        let missing: Vec<String> = keys
+            .iter()
+            .filter(|k| self.cache.get(k).is_none())
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            self.send_injected(now, dst, stream, &keys);
+        } else {
+            self.parked
+                .park(now, dst, Held::Inject { stream, keys }, missing);
+        }
+    }
+
+    /// What a park held, in order; `expired`: its first inject sends what
+    /// the cache holds (the agent asks again for the rest).
+    fn replay(&mut self, now: Instant, dst: NodeId, held: VecDeque<Held>, expired: bool) {
+        let mut first = expired;
+        for item in held {
+            match item {
+                Held::Inject { stream, keys } if first => {
+                    self.send_injected(now, dst, stream, &keys);
+                }
+                Held::Inject { stream, keys } => self.inject(now, dst, stream, keys),
+                Held::Frame(f) => self.handle_frame(now, PARENT, f),
+            }
+            first = false;
+        }
+    }
+
     /// Sends cached entries to `dst` as the controller's Data frames,
     /// routed exactly as the controller's own frames from the parent.
-    fn inject(&mut self, now: Instant, dst: NodeId, stream: StreamId, keys: &[String]) {
+    fn send_injected(&mut self, now: Instant, dst: NodeId, stream: StreamId, keys: &[String]) {
         for key in keys {
             let Some(data) = self.cache.get(key) else {
                 return;

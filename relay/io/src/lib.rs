@@ -4,6 +4,8 @@
 //! Each reports to the node's main loop as a [`LinkEvent`].
 
 pub mod askpass;
+#[cfg(feature = "quic")]
+pub mod quic;
 pub mod stage0;
 
 use std::collections::HashMap;
@@ -42,18 +44,32 @@ pub enum LinkEvent {
     Closed(LinkId, String),
     /// The link's process exited: how, and the tail of its stderr.
     Exited(LinkId, String, Vec<u8>),
+    /// From now on the link's frames go out through this writer (its QUIC
+    /// lanes, described for messages); its process or stdio stays the
+    /// control channel.
+    Upgraded(LinkId, LinkTx, String),
+    /// The link could not move off its channel: why (it stays on it).
+    NotUpgraded(LinkId, String),
 }
 
 /// The sending side of a link's writer: frames queue without a frame
 /// count, bounded by their bytes.
 #[derive(Clone)]
 pub struct LinkTx {
-    tx: mpsc::UnboundedSender<Frame>,
+    tx: mpsc::UnboundedSender<(Frame, Option<u32>)>,
     queued: Arc<AtomicUsize>,
     room: Arc<Notify>,
     max: usize,
     /// When the writer last got bytes out ([`mono_ms`]).
     progress: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for LinkTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkTx")
+            .field("queued", &self.queued())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Milliseconds on a monotonic clock private to this process.
@@ -120,8 +136,8 @@ impl LinkTx {
         Ok(())
     }
 
-    fn push(&self, frame: Frame, len: usize) -> Result<(), SendError> {
-        self.tx.send(frame).map_err(|_| {
+    fn push(&self, frame: Frame, lane: Option<u32>, len: usize) -> Result<(), SendError> {
+        self.tx.send((frame, lane)).map_err(|_| {
             self.queued.fetch_sub(len, Ordering::AcqRel);
             SendError::Closed
         })
@@ -129,20 +145,32 @@ impl LinkTx {
 
     /// Queues `frame` without waiting.
     pub fn try_send(&self, frame: Frame) -> Result<(), SendError> {
+        self.try_send_lane(frame, None)
+    }
+
+    /// Queues `frame` without waiting, for `lane` on a link of lanes (a
+    /// QUIC link keeps order within a lane only; other links ignore it).
+    pub fn try_send_lane(&self, frame: Frame, lane: Option<u32>) -> Result<(), SendError> {
         let len = frame.wire_len();
         self.reserve(len)?;
-        self.push(frame, len)
+        self.push(frame, lane, len)
     }
 
     /// Queues `frame`, waiting while the queue is full.
     pub async fn send(&self, frame: Frame) -> Result<(), SendError> {
+        self.send_lane(frame, None).await
+    }
+
+    /// Queues `frame` for `lane` (see [`LinkTx::try_send_lane`]), waiting
+    /// while the queue is full.
+    pub async fn send_lane(&self, frame: Frame, lane: Option<u32>) -> Result<(), SendError> {
         let len = frame.wire_len();
         loop {
             let room = self.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
             match self.reserve(len) {
-                Ok(()) => return self.push(frame, len),
+                Ok(()) => return self.push(frame, lane, len),
                 Err(SendError::Full(_)) if !self.tx.is_closed() => room.await,
                 Err(e) => return Err(e),
             }
@@ -152,7 +180,7 @@ impl LinkTx {
 
 /// The writer's side of a [`LinkTx`].
 pub struct LinkRx {
-    rx: mpsc::UnboundedReceiver<Frame>,
+    rx: mpsc::UnboundedReceiver<(Frame, Option<u32>)>,
     queued: Arc<AtomicUsize>,
     room: Arc<Notify>,
     progress: Arc<AtomicU64>,
@@ -160,14 +188,38 @@ pub struct LinkRx {
 
 impl LinkRx {
     async fn recv(&mut self) -> Option<Frame> {
-        self.rx.recv().await
+        self.rx.recv().await.map(|(f, _)| f)
     }
 
     fn try_recv(&mut self) -> Option<Frame> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv().ok().map(|(f, _)| f)
     }
 
     /// `len` bytes have left the queue.
+    fn written(&self, len: usize) {
+        self.written_handle().written(len);
+    }
+
+    /// What a writer of part of the queue (a QUIC lane) reports through.
+    #[cfg_attr(not(feature = "quic"), allow(dead_code))]
+    fn written_handle(&self) -> Written {
+        Written {
+            queued: self.queued.clone(),
+            room: self.room.clone(),
+            progress: self.progress.clone(),
+        }
+    }
+}
+
+/// Reports bytes that left a [`LinkTx`]'s queue.
+#[derive(Clone)]
+struct Written {
+    queued: Arc<AtomicUsize>,
+    room: Arc<Notify>,
+    progress: Arc<AtomicU64>,
+}
+
+impl Written {
     fn written(&self, len: usize) {
         self.progress.store(mono_ms(), Ordering::Release);
         self.queued.fetch_sub(len, Ordering::AcqRel);
@@ -179,6 +231,8 @@ impl LinkRx {
 /// process, and why the link is going, for the message when it has gone.
 pub struct ChildLink {
     writer: LinkTx,
+    /// The process's own writer, kept open once frames go elsewhere.
+    control: Option<LinkTx>,
     pid: u32,
     /// The program it runs (`ssh`, `docker`, …), for messages.
     program: String,
@@ -195,10 +249,22 @@ impl ChildLink {
         self.pid
     }
 
+    /// From now on, frames go through `writer` (the link's QUIC lanes);
+    /// the process stays the link's control channel (its stdin stays
+    /// open: closing it would end the child).
+    pub fn set_writer(&mut self, writer: LinkTx) {
+        self.control = Some(std::mem::replace(&mut self.writer, writer));
+    }
+
     /// Queues `frame` without waiting: a child that stops reading is cut
     /// off once its queue is full.
     pub fn send(&mut self, frame: Frame) {
-        if let Err(SendError::Full(queued)) = self.writer.try_send(frame) {
+        self.send_lane(frame, None);
+    }
+
+    /// [`ChildLink::send`] for `lane` (see [`LinkTx::try_send_lane`]).
+    pub fn send_lane(&mut self, frame: Frame, lane: Option<u32>) {
+        if let Err(SendError::Full(queued)) = self.writer.try_send_lane(frame, lane) {
             self.cut_off(format!(
                 "stopped reading: {queued} bytes queued (bound {CHILD_QUEUE_BYTES})"
             ));
@@ -412,6 +478,7 @@ pub fn start_child_link(
     tokio::spawn(watch_child(child, stderr, inbox, link));
     Ok(ChildLink {
         writer: tx,
+        control: None,
         pid,
         program: program.rsplit('/').next().unwrap_or(program).to_string(),
         cut_off: None,
@@ -580,6 +647,7 @@ mod tests {
                 LinkEvent::Closed(_, why) => closed = Some(why),
                 LinkEvent::Exited(_, status, tail) => exited = Some((status, tail)),
                 LinkEvent::Frame(..) => {}
+                other => panic!("unexpected {other:?}"),
             }
         }
         let (status, tail) = exited.expect("exit");

@@ -51,6 +51,36 @@ pub enum Request {
     /// `silent_ms`: the controller pings each relay well within it, so a
     /// relay on the far side of a dead link does not live on. No reply.
     Keepalive { silent_ms: u32 },
+    /// Open a QUIC endpoint (a relay built with it) on an ephemeral UDP
+    /// port, with a certificate made in RAM, and take, within
+    /// `accept_ms`, the one connection that proves the secret: from then
+    /// on the parent link's frames flow over it and this link stays the
+    /// control channel. The endpoint goes with the link or the relay.
+    /// Replied [`Reply::QuicOffer`] (the offer crosses only this link), or
+    /// `Error`.
+    QuicListen { accept_ms: u32, idle_ms: u32 },
+}
+
+/// A relay's QUIC endpoint, as its parent needs it: where, the SHA-256 of
+/// its certificate (pinned), and the one-time secret that proves the
+/// parent.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuicOffer {
+    /// The address the parent's ssh reached (from `SSH_CONNECTION`), if
+    /// known, else none: the parent uses the host it connected to.
+    pub ip: Option<String>,
+    pub port: u16,
+    pub cert_sha256: [u8; 32],
+    pub secret: [u8; 32],
+}
+
+impl std::fmt::Debug for QuicOffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicOffer")
+            .field("ip", &self.ip)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Most entries a relay pins.
@@ -120,6 +150,9 @@ pub enum Reply {
     Done,
     /// The request could not be decoded or done.
     Error { message: String },
+    /// The relay listens for its parent over QUIC (see
+    /// [`Request::QuicListen`]).
+    QuicOffer(QuicOffer),
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -182,6 +215,10 @@ mod tests {
                 via: NodeId(4),
             },
             Request::Keepalive { silent_ms: 30_000 },
+            Request::QuicListen {
+                accept_ms: 10_000,
+                idle_ms: 30_000,
+            },
             Request::Pin {
                 key: "pin:agent:00".into(),
                 data: vec![4, 5],
@@ -189,6 +226,20 @@ mod tests {
         ] {
             assert_eq!(decode::<Request>(&encode(&req)), Ok(req));
         }
+    }
+
+    #[test]
+    fn a_quic_offer_roundtrips_and_never_prints_its_secret() {
+        let offer = QuicOffer {
+            ip: Some("10.0.0.1".into()),
+            port: 4433,
+            cert_sha256: [7; 32],
+            secret: [0xab; 32],
+        };
+        let reply = Reply::QuicOffer(offer);
+        assert_eq!(decode::<Reply>(&encode(&reply)), Ok(reply.clone()));
+        let shown = format!("{reply:?}");
+        assert!(shown.contains("4433") && !shown.contains("171"), "{shown}");
     }
 
     #[test]

@@ -250,3 +250,106 @@ pub fn run(seed: u64, s: CacheScenario) -> CacheReport {
     }
     r
 }
+
+/// Over QUIC lanes an `Inject` for one agent can overtake the `CachePut`
+/// sent (in another agent's lane) for the entry it names. The relay under
+/// test gets, for agent n11: the inject, then the rest of n11's request (a
+/// Data frame), and only then the entry's `CachePut` (or never, if
+/// `never_put`, until its park expires). What n11 must see, in order: the
+/// entry's bytes, then the rest (after an expiry: the rest alone, the
+/// agent then asks again). Returns the violations.
+pub fn overtaken_inject(never_put: bool) -> Vec<String> {
+    use arbor_core::parked::PARK_TIMEOUT;
+    let mut v = Vec::new();
+    let t0 = Instant::now();
+    let mut relay = Relay::new(t0, A);
+    let mut links: HashMap<LinkId, NodeId> = HashMap::new();
+    let to_relay = |req: &Request| {
+        Frame::new(
+            Kind::Request,
+            A,
+            NodeId::CONTROLLER,
+            StreamId(0),
+            control::encode(req),
+        )
+    };
+    for n in [NodeId(11), NodeId(12)] {
+        relay.handle_frame(t0, PARENT, to_relay(&spawn(n)));
+        while let Some(action) = relay.poll_action() {
+            if let Action::Spawn { link, spawn, .. } = action {
+                links.insert(link, spawn.node);
+                relay.child_started(link, spawn.node.0);
+                relay.handle_frame(t0, link, crate::hello(spawn.node));
+            }
+        }
+    }
+    let agent = NodeId(11);
+    let stream = StreamId(77);
+    let entry = entry(3, 100_000);
+    let inject = Request::Inject {
+        dst: agent,
+        stream,
+        keys: vec!["k".into()],
+    };
+    relay.handle_frame(t0, PARENT, to_relay(&inject));
+    let rest = Frame::new(
+        Kind::Data,
+        agent,
+        NodeId::CONTROLLER,
+        stream,
+        b"rest".to_vec(),
+    );
+    relay.handle_frame(t0, PARENT, rest);
+    // Another agent's frames are not held up.
+    let other = Frame::new(
+        Kind::Data,
+        NodeId(12),
+        NodeId::CONTROLLER,
+        stream,
+        b"x".to_vec(),
+    );
+    relay.handle_frame(t0, PARENT, other);
+    let mut got: HashMap<NodeId, Vec<u8>> = HashMap::new();
+    let collect = |relay: &mut Relay, got: &mut HashMap<NodeId, Vec<u8>>| {
+        while let Some((link, f)) = relay.poll_transmit() {
+            if let Some(n) = links.get(&link) {
+                if f.stream == stream {
+                    got.entry(*n).or_default().extend_from_slice(&f.payload);
+                }
+            }
+        }
+    };
+    collect(&mut relay, &mut got);
+    if got.get(&NodeId(12)).map(Vec::as_slice) != Some(b"x".as_slice()) {
+        v.push("the other agent's frame waited behind the park".into());
+    }
+    if got.contains_key(&agent) {
+        v.push("n11's frames went before the entry arrived".into());
+    }
+    let want: Vec<u8> = if never_put {
+        if relay.poll_timeout() > Some(t0 + PARK_TIMEOUT) {
+            v.push("the park's deadline is past its bound".into());
+        }
+        relay.handle_timeout(t0 + PARK_TIMEOUT);
+        b"rest".to_vec()
+    } else {
+        let put = Request::CachePut {
+            key: "k".into(),
+            data: entry.clone(),
+            max_bytes: 1 << 20,
+        };
+        relay.handle_frame(t0, PARENT, to_relay(&put));
+        [entry.as_slice(), b"rest"].concat()
+    };
+    collect(&mut relay, &mut got);
+    let seen = got.get(&agent).cloned().unwrap_or_default();
+    if seen != want {
+        v.push(format!(
+            "n11 saw {} bytes (want {}), in order: {}",
+            seen.len(),
+            want.len(),
+            seen.ends_with(b"rest")
+        ));
+    }
+    v
+}

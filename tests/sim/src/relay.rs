@@ -130,6 +130,9 @@ impl Sim {
                 }
                 Action::CutOff { link, why } => self.violation(format!("{link:?} cut off: {why}")),
                 Action::Joined { .. } => {}
+                Action::QuicListen { .. } => {
+                    self.violation("a QUIC listen nobody asked for".into())
+                }
                 Action::Exit { .. } => {
                     self.exited = true;
                     self.report.exited_at = Some(self.now - self.t0);

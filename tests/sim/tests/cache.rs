@@ -37,3 +37,15 @@ fn the_mirror_holds_what_each_relay_holds_while_entries_are_evicted() {
         );
     }
 }
+
+#[test]
+fn an_inject_that_overtakes_its_entry_waits_for_it_and_keeps_the_order() {
+    let v = arbor_sim::cache::overtaken_inject(false);
+    assert!(v.is_empty(), "{v:#?}");
+}
+
+#[test]
+fn an_entry_that_never_comes_releases_the_agent_at_the_bound() {
+    let v = arbor_sim::cache::overtaken_inject(true);
+    assert!(v.is_empty(), "{v:#?}");
+}
