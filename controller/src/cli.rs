@@ -96,6 +96,12 @@ pub enum Cmd {
     PluginPath,
     /// Print the relays carried (machine, bytes, build) as JSON
     RelayInfo,
+    /// Try a relay's QUIC endpoint as a stranger would (any certificate,
+    /// a made-up secret): exits 0 if it is refused, 1 if it lets in
+    QuicProbe {
+        /// IP:PORT of the endpoint
+        addr: std::net::SocketAddr,
+    },
     /// Write the relay carried for MACHINE to PATH (for inspection)
     RelayWrite {
         /// Where to write it

@@ -91,6 +91,24 @@ fn run(cmd: Option<cli::Cmd>) -> Result<()> {
             println!("{}", serde_json::Value::Array(info));
             Ok(())
         }
+        Some(Cmd::QuicProbe { addr }) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            match rt.block_on(arbor_io::quic::probe(
+                addr,
+                std::time::Duration::from_secs(5),
+            )) {
+                Ok(()) => {
+                    println!("{addr}: let in");
+                    std::process::exit(1);
+                }
+                Err(why) => {
+                    println!("{addr}: refused: {why}");
+                    Ok(())
+                }
+            }
+        }
         Some(Cmd::RelayWrite {
             path,
             machine,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ARBOR = Path(__file__).resolve().parents[2] / "target" / "release" / "arbor"
-SUBCOMMANDS = ["daemon", "plan", "plugin-path", "relay-info", "relay-write", "version"]
+SUBCOMMANDS = ["daemon", "plan", "plugin-path", "quic-probe", "relay-info", "relay-write", "version"]
 
 
 def arbor(*args):

@@ -236,14 +236,25 @@ pub async fn connect(
     idle: Duration,
 ) -> Result<(Endpoint, Connection), String> {
     let provider = provider();
-    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let verifier = Arc::new(Pinned {
+        sha256: offer.cert_sha256,
+        provider,
+    });
+    connect_with(addr, offer, verifier, timeout, idle).await
+}
+
+async fn connect_with(
+    addr: SocketAddr,
+    offer: &QuicOffer,
+    verifier: Arc<dyn ServerCertVerifier>,
+    timeout: Duration,
+    idle: Duration,
+) -> Result<(Endpoint, Connection), String> {
+    let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| format!("QUIC TLS: {e}"))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Pinned {
-            sha256: offer.cert_sha256,
-            provider,
-        }))
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| format!("QUIC TLS: {e}"))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
@@ -286,6 +297,58 @@ pub async fn connect(
             Err(format!("QUIC to {addr}: no answer in {timeout:?}"))
         }
     }
+}
+
+/// Connects to `addr` as a stranger: any certificate, a made-up secret.
+/// Ok if the endpoint let it in (it must not); why it did not otherwise.
+pub async fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+    #[derive(Debug)]
+    struct Any(Pinned);
+    impl ServerCertVerifier for Any {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.0.verify_tls12_signature(m, c, d)
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.0.verify_tls13_signature(m, c, d)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.supported_verify_schemes()
+        }
+    }
+    let offer = QuicOffer {
+        ip: None,
+        port: addr.port(),
+        cert_sha256: [0; 32],
+        secret: [0x5a; 32],
+    };
+    let provider = provider();
+    let verifier = Arc::new(Any(Pinned {
+        sha256: [0; 32],
+        provider: provider.clone(),
+    }));
+    connect_with(addr, &offer, verifier, timeout, Duration::from_secs(10))
+        .await
+        .map(|_| ())
 }
 
 /// Which way a link's frames go, for their default lane.

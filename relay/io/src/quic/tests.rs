@@ -111,6 +111,16 @@ async fn a_client_without_the_secret_is_refused_and_the_parent_still_gets_in() {
 }
 
 #[tokio::test]
+async fn a_stranger_trusting_any_certificate_is_refused_for_its_secret() {
+    let (listener, offer) = listen(LOOPBACK, IDLE).expect("listen");
+    let _accepting = tokio::spawn(listener.accept(Duration::from_secs(10)));
+    let err = probe(addr(&offer), Duration::from_secs(5))
+        .await
+        .expect_err("a stranger must be refused");
+    assert!(err.contains("refused"), "{err}");
+}
+
+#[tokio::test]
 async fn another_certificate_is_not_trusted() {
     let (listener, offer) = listen(LOOPBACK, IDLE).expect("listen");
     let _accepting = tokio::spawn(listener.accept(Duration::from_secs(10)));
