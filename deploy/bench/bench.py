@@ -27,6 +27,8 @@ Modes:
   arbor-persist  arbor with ARBOR_PERSIST: every measured run is a second
            run, reusing the tree a warm-up run left (kept.py); the kept
            daemon's CPU during a run counts as that run's controller CPU
+  arbor-quic, arbor-quic-persist  the same with ARBOR_TRANSPORT=quic: the
+           bastion's relay link moves to QUIC once ssh has started it
 
 Every mode runs with a tuned ansible.cfg (pipelining, ControlPersist) unless
 --ansible-defaults is given, which leaves both at Ansible's defaults (the
@@ -73,7 +75,8 @@ RECAP = re.compile(
     r"\s+skipped=(\d+)\s+rescued=(\d+)\s+ignored=(\d+)", re.M)
 # arbor-base: the arbor of another checkout (ARBOR_BENCH_BASE=DIR, with its
 # own release build), to compare a change with the code before it.
-ALL_MODES = ("floor", "vanilla", "mitogen", "mitogen-agent", "arbor", "arbor-base", "arbor-persist")
+ALL_MODES = ("floor", "vanilla", "mitogen", "mitogen-agent", "arbor", "arbor-base", "arbor-persist",
+             "arbor-quic", "arbor-quic-persist")
 ARBOR_BIN = REPO / "target" / "release" / "arbor"
 GLUE = REPO / "ansible-glue" / "plugins" / "connection"
 
@@ -170,11 +173,13 @@ def mode_setup(mode, style, labinfo, out, forks, agent_sock, venv):
         return cfg, labinfo["inventory"], [], {}
     if mode == "mitogen-agent":
         return cfg, labinfo["inventory"], [], {"SSH_AUTH_SOCK": str(agent_sock)}
-    if mode in ("arbor", "arbor-persist"):
+    if mode in ("arbor", "arbor-persist", "arbor-quic", "arbor-quic-persist"):
         if not ARBOR_BIN.exists():
             raise BenchError(f"{ARBOR_BIN} not built: run deploy/setup")
-        return cfg, labinfo["inventory"], [], {"ANSIBLE_CONNECTION_PLUGINS": str(GLUE),
-                                               "ARBOR_BIN": str(ARBOR_BIN)}
+        env = {"ANSIBLE_CONNECTION_PLUGINS": str(GLUE), "ARBOR_BIN": str(ARBOR_BIN)}
+        if "quic" in mode:
+            env["ARBOR_TRANSPORT"] = "quic"
+        return cfg, labinfo["inventory"], [], env
     if mode == "arbor-base":
         base = Path(os.environ.get("ARBOR_BENCH_BASE") or "/nonexistent")
         binary = base / "target" / "release" / "arbor"
@@ -397,7 +402,8 @@ def markdown(summary):
          if c.get("local") else
          f"### {c['workload']} — {c['targets']} target(s) behind {c['bastions']} bastion(s), "
          f"WAN {c['wan_delay_ms']:g} ms one-way"
-         + (f", {c['wan_rate_mbit']:g} Mbit/s" if c["wan_rate_mbit"] else ""))
+         + (f", {c['wan_rate_mbit']:g} Mbit/s" if c["wan_rate_mbit"] else "")
+         + (f", {c['wan_loss_pct']:g} % loss" if c.get("wan_loss_pct") else ""))
         + f", forks={c['forks']}",
         "",
         f"{c['reps']} interleaved reps per mode; median (min–max). "
@@ -507,6 +513,7 @@ def main(argv=None):
     p.add_argument("--bastions", type=int, default=1)
     p.add_argument("--wan-delay-ms", type=float, default=0.0)
     p.add_argument("--wan-rate-mbit", type=float, default=0.0, help="0 = unlimited")
+    p.add_argument("--wan-loss-pct", type=float, default=0.0, help="packets lost each way, in percent")
     p.add_argument("--forks", type=int, default=None, help="default: max(targets, 5), at most 50")
     p.add_argument("--run-timeout-s", type=float, default=RUN_TIMEOUT_S_DEFAULT)
     p.add_argument("--keep-lab", action="store_true", help="leave the lab up afterwards")
@@ -546,11 +553,12 @@ def main(argv=None):
             s = labinfo["settings"]
             targets, args.bastions = s["targets_per_bastion"], s["bastions"]
             args.wan_delay_ms, args.wan_rate_mbit = s["wan"]["delay_ms"], s["wan"]["rate_mbit"]
+            args.wan_loss_pct = s["wan"].get("loss_pct", 0.0)
         else:
             up = subprocess.run(
                 [str(REPO / "deploy/lab/up"), "--bastions", str(args.bastions),
                  "--targets", str(targets), "--wan-delay-ms", str(args.wan_delay_ms),
-                 "--wan-rate-mbit", str(args.wan_rate_mbit),
+                 "--wan-rate-mbit", str(args.wan_rate_mbit), "--wan-loss-pct", str(args.wan_loss_pct),
                  *(["--key-on-bastions"] if any(b == "mitogen" for b, _ in styled.values()) else [])],
                 capture_output=True, text=True)
             if up.returncode != 0:
@@ -577,12 +585,13 @@ def main(argv=None):
                 "modes": {m: mode_setup(*styled[m], labinfo, out, forks, agent_sock, venv)
                           for m in modes},
                 "kept": {m: KeptTree(m, controller_cgroup().parent, ARBOR_BIN)
-                         for m in modes if styled[m][0] == "arbor-persist"},
+                         for m in modes if styled[m][0].endswith("-persist")},
             }
             config = {
                 "workload": args.workload, "modes": modes, "reps": args.reps, "targets": targets,
                 "bastions": args.bastions, "wan_delay_ms": args.wan_delay_ms,
-                "wan_rate_mbit": args.wan_rate_mbit, "forks": forks, "local": args.local,
+                "wan_rate_mbit": args.wan_rate_mbit, "wan_loss_pct": args.wan_loss_pct,
+                "forks": forks, "local": args.local,
                 "date": datetime.date.today().isoformat(), "versions": found,
                 "ansible_defaults": args.ansible_defaults,
                 "command": "deploy/bench/run " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -36,7 +36,7 @@ pub fn listen(inbox: mpsc::Sender<LinkEvent>, accept_ms: u32, idle_ms: u32) -> R
                 let tx = arbor_io::quic::spawn_lanes(
                     endpoint,
                     conn,
-                    true,
+                    false,
                     arbor_io::quic::Toward::Parent,
                     arbor_io::PARENT_QUEUE_BYTES,
                     inbox.clone(),

@@ -198,7 +198,7 @@ async fn connect(
         let tx = arbor_io::quic::spawn_lanes(
             endpoint,
             conn,
-            true,
+            false,
             arbor_io::quic::Toward::Child,
             arbor_io::CHILD_QUEUE_BYTES,
             inbox.clone(),
