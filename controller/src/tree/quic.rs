@@ -133,7 +133,12 @@ impl Tree {
         let about = (frame.kind == Kind::Request)
             .then(|| self.upgrades.about.get(&frame.stream).copied())
             .flatten();
-        let mut n = about.or_else(|| subject(frame)).unwrap_or(frame.dst);
+        // Only a relay's requests are control payloads (an agent's are
+        // JSON, which postcard might still decode as something).
+        let to_relay = self.hops.of(frame.dst).map(|i| i.key.1) == Some(HopRole::Relay);
+        let mut n = about
+            .or_else(|| to_relay.then(|| subject(frame)).flatten())
+            .unwrap_or(frame.dst);
         let mut steps = 0;
         while let Some(&p) = self.node_parent.get(&n) {
             if p == relay || steps > 64 {
