@@ -394,18 +394,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
     let enc = Encoder::new(compress);
     let mut out = Vec::new();
     while let Some(frame) = rx.recv().await {
-        out.clear();
-        let mut taken = frame.wire_len();
-        enc.encode(&frame, &mut out);
-        while out.len() < READ_CHUNK_BYTES {
-            match rx.try_recv() {
-                Some(f) => {
-                    taken += f.wire_len();
-                    enc.encode(&f, &mut out);
-                }
-                None => break,
-            }
-        }
+        let taken = coalesce(&enc, frame, &mut out, || rx.try_recv());
         if let Err(e) = w.write_all(&out).await {
             let _ = inbox
                 .send(LinkEvent::Closed(link, format!("write error: {e}")))
@@ -417,6 +406,29 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
         }
         rx.written(taken);
     }
+}
+
+/// Encodes `first` and what `more` has queued behind it into `out` (up to
+/// about one read's worth); the frames' bytes as the queue counts them.
+fn coalesce(
+    enc: &Encoder,
+    first: Frame,
+    out: &mut Vec<u8>,
+    mut more: impl FnMut() -> Option<Frame>,
+) -> usize {
+    out.clear();
+    let mut taken = first.wire_len();
+    enc.encode(&first, out);
+    while out.len() < READ_CHUNK_BYTES {
+        match more() {
+            Some(f) => {
+                taken += f.wire_len();
+                enc.encode(&f, out);
+            }
+            None => break,
+        }
+    }
+    taken
 }
 
 /// Makes a child process (running `program`) a link: writes `preamble`

@@ -425,18 +425,7 @@ async fn write_lane(
     let mut out = Vec::new();
     let mut packed = Vec::new();
     while let Some(frame) = rx.recv().await {
-        out.clear();
-        let mut taken = frame.wire_len();
-        enc.encode(&frame, &mut out);
-        while out.len() < READ_CHUNK_BYTES {
-            match rx.try_recv() {
-                Ok(f) => {
-                    taken += f.wire_len();
-                    enc.encode(&f, &mut out);
-                }
-                Err(_) => break,
-            }
-        }
+        let taken = crate::coalesce(&enc, frame, &mut out, || rx.try_recv().ok());
         if deflate(&mut z, &out, &mut packed).is_err() || send.write_all(&packed).await.is_err() {
             return;
         }
