@@ -91,6 +91,9 @@ fn run(cmd: Option<cli::Cmd>) -> Result<()> {
             println!("{}", serde_json::Value::Array(info));
             Ok(())
         }
+        #[cfg(not(feature = "quic"))]
+        Some(Cmd::QuicProbe { .. }) => bail!("this arbor is built without QUIC"),
+        #[cfg(feature = "quic")]
         Some(Cmd::QuicProbe { addr }) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -17,6 +17,7 @@ use arbor_wire::control::QuicOffer;
 
 /// How long the daemon tries to reach a relay's endpoint before the hop
 /// stays on ssh (README, "QUIC hops").
+#[cfg_attr(not(feature = "quic"), allow(dead_code))]
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the relay's endpoint waits for the daemon (past the daemon's
 /// own bound).
@@ -197,6 +198,12 @@ async fn connect(
     inbox: mpsc::Sender<Input>,
     link: LinkId,
 ) {
+    #[cfg(not(feature = "quic"))]
+    let outcome: Result<(std::net::SocketAddr, arbor_io::LinkTx), String> = {
+        let _ = (&offer, &host, idle);
+        Err("this arbor is built without QUIC".to_string())
+    };
+    #[cfg(feature = "quic")]
     let outcome = async {
         let addr = address(&offer, host.as_deref()).await?;
         let (endpoint, conn) = arbor_io::quic::connect(addr, &offer, CONNECT_TIMEOUT, idle).await?;
@@ -221,6 +228,7 @@ async fn connect(
 
 /// Where the relay listens: the address its sshd was reached at, else
 /// the hop's host as this controller resolves it.
+#[cfg(feature = "quic")]
 async fn address(offer: &QuicOffer, host: Option<&str>) -> Result<std::net::SocketAddr, String> {
     if let Some(ip) = offer.ip.as_deref().and_then(|i| i.parse().ok()) {
         return Ok(std::net::SocketAddr::new(ip, offer.port));
