@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 
 use arbor_wire::{Frame, NodeId, StreamId};
 
-/// How long a destination waits for the entries its inject names.
-pub const PARK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a destination waits for the entries its inject names: they are
+/// on their way (the daemon sent them first, in another lane), and a big one
+/// takes a while through a lossy link.
+pub const PARK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes of frames parked at one relay, in all.
 pub const PARKED_BYTES_MAX: usize = 16 << 20;
 
