@@ -348,24 +348,36 @@ where
             }
         }
         fresh = false;
-        loop {
-            match dec.next_frame() {
-                Ok(Some(f)) => {
-                    if inbox.send(LinkEvent::Frame(link, f)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = inbox
-                        .send(LinkEvent::Closed(link, format!("malformed frame: {e}")))
-                        .await;
-                    return;
-                }
+        match hand_on(&mut dec, &inbox, link).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(why) => {
+                let _ = inbox.send(LinkEvent::Closed(link, why)).await;
+                return;
             }
         }
     };
     let _ = inbox.send(LinkEvent::Closed(link, why)).await;
+}
+
+/// Hands every whole frame `dec` holds to the node as `link`'s: Ok(false)
+/// if the node has gone, Err(why) at a malformed frame.
+async fn hand_on(
+    dec: &mut Decoder,
+    inbox: &mpsc::Sender<LinkEvent>,
+    link: LinkId,
+) -> Result<bool, String> {
+    loop {
+        match dec.next_frame() {
+            Ok(Some(f)) => {
+                if inbox.send(LinkEvent::Frame(link, f)).await.is_err() {
+                    return Ok(false);
+                }
+            }
+            Ok(None) => return Ok(true),
+            Err(e) => return Err(format!("malformed frame: {e}")),
+        }
+    }
 }
 
 /// A writer task for `w`; `compress` only toward another Rust node.

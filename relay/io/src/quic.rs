@@ -508,18 +508,12 @@ async fn read_lane(
             }
             input = &input[used..];
             dec.push(&plain);
-            loop {
-                match dec.next_frame() {
-                    Ok(Some(f)) => {
-                        if inbox.send(LinkEvent::Frame(link, f)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = bad.try_send(format!("malformed frame: {e}"));
-                        return;
-                    }
+            match crate::hand_on(&mut dec, &inbox, link).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(why) => {
+                    let _ = bad.try_send(why);
+                    return;
                 }
             }
             if input.is_empty() && plain.len() < plain.capacity() {
