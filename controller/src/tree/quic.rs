@@ -138,7 +138,11 @@ impl Tree {
         // JSON, which postcard might still decode as something).
         let to_relay = self.hops.of(frame.dst).map(|i| i.key.1) == Some(HopRole::Relay);
         let mut n = about
-            .or_else(|| to_relay.then(|| subject(frame)).flatten())
+            .or_else(|| {
+                (to_relay && frame.kind == Kind::Request)
+                    .then(|| control::subject(&frame.payload))
+                    .flatten()
+            })
             .unwrap_or(frame.dst);
         let mut steps = 0;
         while let Some(&p) = self.node_parent.get(&n) {
@@ -172,20 +176,6 @@ impl Tree {
             .iter()
             .find(|(_, n)| **n == node)
             .map(|(l, _)| *l)
-    }
-}
-
-/// The child a request to a relay is about, when its order with that
-/// child's own frames matters (frames injected or forwarded into its
-/// stream, its expected announcement).
-fn subject(frame: &Frame) -> Option<NodeId> {
-    if frame.kind != Kind::Request {
-        return None;
-    }
-    match control::decode::<Request>(&frame.payload).ok()? {
-        Request::Inject { dst, .. } | Request::Forward { dst, .. } => Some(dst),
-        Request::Expect { via, .. } => Some(via),
-        _ => None,
     }
 }
 

@@ -155,6 +155,24 @@ pub enum Reply {
     QuicOffer(QuicOffer),
 }
 
+/// The node a request to a relay is about, where its order with that
+/// node's own frames matters: an `Inject`'s or `Forward`'s `dst`, an
+/// `Expect`'s `via`. Only those (postcard's variant index comes first) are
+/// decoded: a `CachePut` is not copied to learn it names none.
+pub fn subject(payload: &[u8]) -> Option<NodeId> {
+    const INJECT: u8 = 3;
+    const FORWARD: u8 = 4;
+    const EXPECT: u8 = 6;
+    if !matches!(payload.first(), Some(&(INJECT | FORWARD | EXPECT))) {
+        return None;
+    }
+    match decode::<Request>(payload).ok()? {
+        Request::Inject { dst, .. } | Request::Forward { dst, .. } => Some(dst),
+        Request::Expect { via, .. } => Some(via),
+        _ => None,
+    }
+}
+
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serialising these plain types to a Vec cannot fail.
     postcard::to_allocvec(value).unwrap_or_default()
@@ -240,6 +258,38 @@ mod tests {
         assert_eq!(decode::<Reply>(&encode(&reply)), Ok(reply.clone()));
         let shown = format!("{reply:?}");
         assert!(shown.contains("4433") && !shown.contains("171"), "{shown}");
+    }
+
+    #[test]
+    fn a_subject_is_read_from_the_requests_that_have_one() {
+        let inject = Request::Inject {
+            dst: NodeId(7),
+            stream: StreamId(1),
+            keys: vec!["k".into()],
+        };
+        let forward = Request::Forward {
+            dst: NodeId(8),
+            keys: vec![],
+            max_bytes: 1,
+        };
+        let expect = Request::Expect {
+            node: NodeId(9),
+            via: NodeId(4),
+        };
+        assert_eq!(subject(&encode(&inject)), Some(NodeId(7)));
+        assert_eq!(subject(&encode(&forward)), Some(NodeId(8)));
+        assert_eq!(subject(&encode(&expect)), Some(NodeId(4)));
+        for other in [
+            Request::CachePut {
+                key: "k".into(),
+                data: vec![3; 100],
+                max_bytes: 1,
+            },
+            Request::Shutdown,
+            Request::Keepalive { silent_ms: 1 },
+        ] {
+            assert_eq!(subject(&encode(&other)), None, "{other:?}");
+        }
     }
 
     #[test]
