@@ -115,7 +115,8 @@ class Build(object):
         self.files = {}
         self.collections = set()
         self.keepable = True
-        self.seeded = False
+        # The entry's key, worked out once per build (seed, then keep).
+        self.key = None
 
     def wrote(self, name, source, origin_path):
         if origin_path:
@@ -145,6 +146,11 @@ class BuildCache(object):
             return None
 
     def key(self, name, build):
+        if build.key is None:
+            build.key = self._key(name, build)
+        return build.key
+
+    def _key(self, name, build):
         coll_paths = self._collection_paths()
         if coll_paths is None:
             return None
@@ -364,8 +370,7 @@ def install(module_common, version, directory=None):
             target = lock_path[:-len(".lock")] if lock_path.endswith(".lock") else None
             name = os.path.basename(target) if target else None
             if build is not None and target and not os.path.exists(target):
-                build.seeded = cache.seed(name, build, target)
-                fresh = not build.seeded
+                fresh = not cache.seed(name, build, target)
             else:
                 fresh = False
             yield
