@@ -33,7 +33,9 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, TransportConfig, VarInt};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+use tls::provider;
 use tokio::sync::mpsc;
 
 use crate::{LinkEvent, LinkRx, LinkTx};
@@ -58,10 +60,6 @@ const AUTH_OK: u8 = 0xa5;
 const CLOSE_REFUSED: u32 = 1;
 const CLOSE_DONE: u32 = 0;
 const CLOSE_MALFORMED: u32 = 2;
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 fn transport(idle: Duration) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
@@ -97,18 +95,13 @@ pub struct Listener {
 /// and key made here, in RAM. Connections idle for `idle` are dead.
 pub fn listen(ip: IpAddr, idle: Duration) -> Result<(Listener, QuicOffer), String> {
     use ring::rand::{SecureRandom, SystemRandom};
-    let key =
-        rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| format!("QUIC key: {e}"))?;
-    let cert = rcgen::CertificateParams::new(vec![NAME.to_string()])
-        .and_then(|p| p.self_signed(&key))
-        .map_err(|e| format!("QUIC certificate: {e}"))?;
-    let der = CertificateDer::from(cert.der().to_vec());
+    let (der, key) = tls::self_signed(NAME)?;
     let cert_sha256 = sha256(&der);
     let tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| format!("QUIC TLS: {e}"))?
         .with_no_client_auth()
-        .with_single_cert(vec![der], PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .with_single_cert(vec![der], key)
         .map_err(|e| format!("QUIC TLS: {e}"))?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| format!("QUIC TLS: {e}"))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -522,6 +515,8 @@ async fn read_lane(
         }
     }
 }
+
+mod tls;
 
 #[cfg(test)]
 mod tests;
