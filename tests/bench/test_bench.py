@@ -52,9 +52,13 @@ def test_all_modes_interleaved_with_outputs(tmp_path):
         assert r["controller_leftover_processes"] > 0 and r["controller_teardown_s"] is None, r
     for r in by_mode["arbor"]:
         assert r["controller_leftover_processes"] == 0 and r["controller_teardown_s"] < 5, r
-    # The floor touches no host; the others cross the WAN and run on targets.
+    # The floor touches no host: next to no bytes cross the WAN. Its
+    # targets' CPU is not zero: the run before it ends its agents and sshd
+    # sessions within the floor's window (0.059 s seen after an arbor run),
+    # so that bound only catches work on a scale the WAN bound would too.
+    # The others cross the WAN and run on targets.
     for r in by_mode["floor"]:
-        assert r["wan_up_bytes"] < 10_000 and r["cpu_targets_s"] < 0.05, r
+        assert r["wan_up_bytes"] < 10_000 and r["cpu_targets_s"] < 0.2, r
     for r in by_mode["vanilla"] + by_mode["mitogen"] + by_mode["mitogen-agent"] + by_mode["arbor"]:
         assert r["wan_up_bytes"] > 50_000 and r["wan_down_bytes"] > 1_000, r
         assert r["cpu_targets_s"] > 0, r
