@@ -122,6 +122,7 @@ def run_once(mode, rep, args, ctx):
     cmd = [str(VENV / "ansible-playbook"), "-vvv", "-i", ctx["inventory"], str(ctx["book"]),
            "-e", f"big={ctx['big']}", "-e", f"pings={args.pings}",
            "-e", "big_host=" + ("none" if mode.endswith("-idle") else "target1")]
+    wan(ctx, "reset")
     t0 = time.monotonic()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=f,
@@ -134,6 +135,10 @@ def run_once(mode, rep, args, ctx):
                 if done:
                     break
             time.sleep(0.2)
+        # What crossed the WAN toward the bastion while the pings ran: the
+        # copy's pace beside them.
+        up = wan(ctx, "stats")["up"]["bytes"]
+        secs = time.monotonic() - t0
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -156,8 +161,14 @@ def run_once(mode, rep, args, ctx):
     # A run cut by the limit counts with the items it saw (at least 5).
     ok = over and done != "failed" and (done == "done" or len(lat) >= 5)
     return {"mode": mode, "rep": rep, "ok": ok, "end": done or f"cut at {args.run_limit_s} s",
-            "link_as_asked": over,
+            "link_as_asked": over, "wan_up_bytes": up, "wan_up_mbit_s": round(up * 8 / secs / 1e6, 3),
             "latencies_ms": lat, "leftover_processes": len(left), "log": str(log.relative_to(ctx["out"]))}
+
+
+def wan(ctx, verb):
+    res = subprocess.run([ctx["wan"]["binary"], "ctl", "--control", ctx["wan"]["control_socket"], verb],
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout)
 
 
 def pct(xs, p):
@@ -201,7 +212,8 @@ def main(argv=None):
     with open(big, "wb") as f:
         for _ in range(args.mbytes):
             f.write(os.urandom(1 << 20))
-    ctx = {"out": out, "tmp": tmp, "book": book, "big": big, "inventory": lab["inventory"]}
+    ctx = {"out": out, "tmp": tmp, "book": book, "big": big, "inventory": lab["inventory"],
+           "wan": lab["wan"]}
     rows = []
     try:
         with open(out / "runs.jsonl", "w") as jl:
@@ -214,7 +226,8 @@ def main(argv=None):
                     jl.flush()
                     lat = r["latencies_ms"]
                     print(f"hol: rep {rep + 1} {mode}: " + (
-                        f"p50 {pct(lat, 50):.0f} ms, p90 {pct(lat, 90):.0f} ms over {len(lat)}"
+                        f"p50 {pct(lat, 50):.0f} ms, p90 {pct(lat, 90):.0f} ms over {len(lat)}, "
+                        f"WAN up {r['wan_up_mbit_s']} Mbit/s"
                         if r["ok"] else f"FAILED ({r['end']}, as asked: {r['link_as_asked']}, "
                                         f"{len(lat)} items; see {out / r['log']})"),
                           file=sys.stderr, flush=True)
@@ -232,6 +245,7 @@ def main(argv=None):
         summary["modes"][m] = {
             "runs": len(runs), "runs_ok": sum(r["ok"] for r in runs),
             "leftover_processes": sum(r["leftover_processes"] for r in runs),
+            "wan_up_mbit_s_median": statistics.median(r["wan_up_mbit_s"] for r in runs),
             **({"p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "max_ms": max(lat),
                 "p90_rtts": round(pct(lat, 90) / rtt, 2),
                 "p90_per_run_ms": [pct(r["latencies_ms"], 90) for r in runs if r["ok"]],
