@@ -36,11 +36,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 LAB = REPO / "deploy" / "lab"
-ARBOR = REPO / "target" / "release" / "arbor"
-VENV = REPO / ".venv" / "bin"
-GLUE = REPO / "ansible-glue" / "plugins" / "connection"
+sys.path.insert(0, str(HERE))
+from bench import ARBOR_BIN, GLUE, VENV, wan_ctl  # noqa: E402  (the side-by-side harness's)
 # A run is stopped this long after it starts even if target2's loop is
 # not done (over a stalled link it may not be for a long time); the items
 # seen by then are its measurements.
@@ -111,7 +111,7 @@ def arbor_pids():
 
 def run_once(mode, rep, args, ctx):
     notes = ctx["tmp"] / f"{rep:02d}-{mode}.jsonl"
-    env = dict(os.environ, ANSIBLE_CONNECTION_PLUGINS=str(GLUE), ARBOR_BIN=str(ARBOR),
+    env = dict(os.environ, ANSIBLE_CONNECTION_PLUGINS=str(GLUE), ARBOR_BIN=str(ARBOR_BIN),
                ANSIBLE_NOCOLOR="1", ANSIBLE_CALLBACK_PLUGINS=str(ctx["tmp"]),
                ANSIBLE_CALLBACKS_ENABLED="arbor_hol", ARBOR_HOL_OUT=str(notes))
     env.pop("SSH_AUTH_SOCK", None)
@@ -119,10 +119,10 @@ def run_once(mode, rep, args, ctx):
     if mode.startswith("quic"):
         env["ARBOR_TRANSPORT"] = "quic"
     log = ctx["out"] / "logs" / f"{rep:02d}-{mode}.log"
-    cmd = [str(VENV / "ansible-playbook"), "-vvv", "-i", ctx["inventory"], str(ctx["book"]),
+    cmd = [str(VENV / "bin" / "ansible-playbook"), "-vvv", "-i", ctx["inventory"], str(ctx["book"]),
            "-e", f"big={ctx['big']}", "-e", f"pings={args.pings}",
            "-e", "big_host=" + ("none" if mode.endswith("-idle") else "target1")]
-    wan(ctx, "reset")
+    wan_ctl(ctx["lab"], "reset")
     t0 = time.monotonic()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=f,
@@ -137,7 +137,7 @@ def run_once(mode, rep, args, ctx):
             time.sleep(0.2)
         # What crossed the WAN toward the bastion while the pings ran: the
         # copy's pace beside them.
-        up = wan(ctx, "stats")["up"]["bytes"]
+        up = wan_ctl(ctx["lab"], "stats")["up"]["bytes"]
         secs = time.monotonic() - t0
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -163,12 +163,6 @@ def run_once(mode, rep, args, ctx):
     return {"mode": mode, "rep": rep, "ok": ok, "end": done or f"cut at {args.run_limit_s} s",
             "link_as_asked": over, "wan_up_bytes": up, "wan_up_mbit_s": round(up * 8 / secs / 1e6, 3),
             "latencies_ms": lat, "leftover_processes": len(left), "log": str(log.relative_to(ctx["out"]))}
-
-
-def wan(ctx, verb):
-    res = subprocess.run([ctx["wan"]["binary"], "ctl", "--control", ctx["wan"]["control_socket"], verb],
-                         capture_output=True, text=True, check=True)
-    return json.loads(res.stdout)
 
 
 def pct(xs, p):
@@ -213,7 +207,7 @@ def main(argv=None):
         for _ in range(args.mbytes):
             f.write(os.urandom(1 << 20))
     ctx = {"out": out, "tmp": tmp, "book": book, "big": big, "inventory": lab["inventory"],
-           "wan": lab["wan"]}
+           "lab": lab}
     rows = []
     try:
         with open(out / "runs.jsonl", "w") as jl:

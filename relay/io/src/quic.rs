@@ -34,11 +34,10 @@ use quinn::{Connection, Endpoint, TransportConfig, VarInt};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-
-use tls::provider;
 use tokio::sync::mpsc;
 
 use crate::{LinkEvent, LinkRx, LinkTx};
+use tls::provider;
 
 /// Lanes each way on one link; frames of more subtrees share them. Each
 /// holds a deflate state (about 300 KiB sending, 50 KiB receiving).

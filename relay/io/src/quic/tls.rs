@@ -65,9 +65,11 @@ const ED25519_OID: [u8; 5] = [0x06, 0x03, 0x2b, 0x65, 0x70];
 const NOT_BEFORE: &[u8] = b"250101000000Z";
 const NOT_AFTER: &[u8] = b"99991231235959Z";
 
-/// One DER element: `tag`, its length, `content`.
+/// One DER element: `tag`, its length, `content` (under 64 KiB: a
+/// certificate of one short name and one key).
 fn der(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
+    debug_assert!(len <= 0xffff, "a DER element of {len} bytes");
     let mut out = vec![tag];
     match len {
         0..=0x7f => out.push(len as u8),
