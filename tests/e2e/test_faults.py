@@ -47,7 +47,11 @@ def clean(lab):
     assert not any_arbor(procs), procs
     # Whatever the fault, no temp dir of any kind is left on any host:
     # Ansible's module payloads, remote_tmp's task dirs, arbor's own.
-    deadline = time.monotonic() + 5
+    # sshd's forwarded-agent dir on a bastion goes when sshd's session ends,
+    # and after a WAN cut that is when its TCP retransmission reaches the
+    # controller (whose ssh is gone) and meets a reset: TCP's backoff can put
+    # that 10-15 s after the WAN comes back.
+    deadline = time.monotonic() + 30
     left = {}
     while time.monotonic() < deadline:
         left = {h: leftovers(lab, h) for h in lab["hosts"]}
