@@ -222,8 +222,9 @@ impl Tree {
                 chain,
                 role,
                 task,
+                quic_below,
                 done,
-            } => self.ensure(chain, role, task, done).await,
+            } => self.ensure(chain, role, task, quic_below, done).await,
             Cmd::Reset { host, done } => {
                 let _ = done.send(self.reset(&host));
             }
@@ -472,6 +473,19 @@ impl Tree {
         relays::for_machine(m).map(|r| r.machine)
     }
 
+    /// The relay node is built with QUIC (its hello), so the relays it
+    /// starts, which are sent its own binary, are too.
+    fn has_quic(&self, node: NodeId) -> bool {
+        let Ok(hellos) = self.hellos.lock() else {
+            return false;
+        };
+        hellos
+            .get(&node)
+            .and_then(|h| h.get("quic"))
+            .and_then(|q| q.as_bool())
+            .unwrap_or(false)
+    }
+
     /// The label of a hop or become agent.
     fn label_of(&self, node: NodeId) -> Option<String> {
         self.hops
@@ -489,6 +503,7 @@ impl Tree {
         self.pins.remove(&node);
         self.relay_parent.remove(&node);
         self.node_parent.remove(&node);
+        self.upgrades.forget(node);
         self.traffic.remove(&node);
         if let Ok(mut h) = self.hellos.lock() {
             h.remove(&node);
@@ -538,6 +553,10 @@ impl Tree {
                 },
                 _ => Err(String::from_utf8_lossy(&frame.payload).into_owned()),
             };
+            // A relay moving to QUIC is settled when it has.
+            if outcome.is_ok() && self.upgrades.pending(node) {
+                return;
+            }
             self.settle(node, outcome.map(|_| ()));
             return;
         }

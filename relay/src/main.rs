@@ -22,7 +22,7 @@ use arbor_io::{
     mono_ms, signal, spawn_reader, spawn_writer, start_child_link, stop_children, ChildLink,
     LinkEvent as Input, LinkTx,
 };
-use arbor_wire::control::{Spawn, AUTH_SOCK_TOKEN, KNOWN_HOSTS_TOKEN};
+use arbor_wire::control::{Reply, Spawn, AUTH_SOCK_TOKEN, KNOWN_HOSTS_TOKEN};
 
 mod quic;
 use arbor_wire::NodeId;
@@ -90,6 +90,8 @@ struct Shell {
     control: Option<LinkTx>,
     children: HashMap<LinkId, Child>,
     self_exe: Option<Vec<u8>>,
+    /// `QuicConnect` requests under way, by the child link they move.
+    quic_asks: HashMap<LinkId, (NodeId, arbor_wire::StreamId)>,
 }
 
 impl Shell {
@@ -106,15 +108,18 @@ impl Shell {
             control: None,
             children: HashMap::new(),
             self_exe: None,
+            quic_asks: HashMap::new(),
         }
     }
 
     async fn run(mut self) -> i32 {
+        // `quic`: it is built with QUIC (the relays it starts are too).
         let hello = format!(
-            r#"{{"pid":{},"relay":"{}","machine":"{}"}}"#,
+            r#"{{"pid":{},"relay":"{}","machine":"{}","quic":{}}}"#,
             std::process::id(),
             env!("CARGO_PKG_VERSION"),
-            std::env::consts::ARCH
+            std::env::consts::ARCH,
+            cfg!(feature = "quic")
         );
         self.rules.announce(
             Instant::now(),
@@ -174,6 +179,9 @@ impl Shell {
             // A child's routes go when its process has exited and its
             // stderr says why.
             Input::Closed(link, why) => match self.children.get_mut(&link) {
+                // A link over QUIC ends with either channel: its ssh is
+                // ended with why.
+                Some(c) if c.link.on_lanes() => c.link.cut_off(why),
                 Some(c) => c.link.stdout_closed(why, now),
                 None => self.rules.link_down(now, link, &why),
             },
@@ -189,7 +197,22 @@ impl Shell {
             Input::Upgraded(link, tx, _) if link == PARENT => {
                 self.control = Some(std::mem::replace(&mut self.parent, tx));
             }
-            Input::Upgraded(..) | Input::NotUpgraded(..) => {}
+            // A child relay's link: its frames go over QUIC from now on
+            // (its ssh stays the control channel); or it stays on ssh.
+            Input::Upgraded(link, tx, _) => {
+                if let Some(c) = self.children.get_mut(&link) {
+                    c.link.set_writer(tx);
+                    self.answer_quic(link, Reply::Done);
+                } else {
+                    self.answer_quic(
+                        link,
+                        Reply::Error {
+                            message: "the relay is gone".into(),
+                        },
+                    );
+                }
+            }
+            Input::NotUpgraded(link, message) => self.answer_quic(link, Reply::Error { message }),
         }
     }
 
@@ -223,8 +246,10 @@ impl Shell {
                     }
                 } else if let Some(c) = self.children.get_mut(&link) {
                     // Never waits for a child (one that stops reading is
-                    // cut off).
-                    c.link.send(frame);
+                    // cut off). Over QUIC, a frame's lane is what it is
+                    // about, else its destination's.
+                    let lane = self.rules.subject(&frame).map(|n| n.0);
+                    c.link.send_lane(frame, lane);
                 }
                 continue;
             }
@@ -276,6 +301,17 @@ impl Shell {
                     let reply = quic::listen(self.inbox_tx.clone(), accept_ms, idle_ms);
                     self.rules.answer(Instant::now(), src, stream, &reply);
                 }
+                Action::QuicConnect {
+                    src,
+                    stream,
+                    link,
+                    offer,
+                    timeout_ms,
+                    idle_ms,
+                } => {
+                    self.quic_asks.insert(link, (src, stream));
+                    quic::connect(self.inbox_tx.clone(), link, *offer, timeout_ms, idle_ms);
+                }
                 Action::Exit { why } => {
                     if let Some(why) = why {
                         eprintln!("{why}");
@@ -285,6 +321,13 @@ impl Shell {
             }
         }
         true
+    }
+
+    /// Answers the `QuicConnect` request that moved `link`, if one did.
+    fn answer_quic(&mut self, link: LinkId, reply: Reply) {
+        if let Some((src, stream)) = self.quic_asks.remove(&link) {
+            self.rules.answer(Instant::now(), src, stream, &reply);
+        }
     }
 
     /// Starts a child process on `link`; its pid.

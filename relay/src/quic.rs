@@ -1,6 +1,8 @@
-//! The relay's side of a QUIC parent link (`Request::QuicListen`): the
-//! endpoint, its offer (answered over the ssh channel), the parent's
-//! connection taken as the parent link's writer, and each frame's lane.
+//! The relay's side of QUIC links: a parent link (`Request::QuicListen`:
+//! the endpoint, its offer answered over the ssh channel, the parent's
+//! connection taken as the parent link's writer) and a child relay's link
+//! (`Request::QuicConnect`: this relay connects, as the daemon does to a
+//! first hop), and each frame's lane.
 
 use arbor_io::LinkEvent;
 use arbor_wire::control::{self, Reply};
@@ -50,6 +52,53 @@ pub fn listen(inbox: mpsc::Sender<LinkEvent>, accept_ms: u32, idle_ms: u32) -> R
         }
     });
     Reply::QuicOffer(offer)
+}
+
+/// Connects to the endpoint of the relay on child `link` (its `offer`);
+/// the link's frames then go over it ([`LinkEvent::Upgraded`]), or it
+/// stays on ssh ([`LinkEvent::NotUpgraded`], with why).
+#[cfg(feature = "quic")]
+pub fn connect(
+    inbox: mpsc::Sender<LinkEvent>,
+    link: arbor_core::LinkId,
+    offer: arbor_wire::control::QuicOffer,
+    timeout_ms: u32,
+    idle_ms: u32,
+) {
+    use std::time::Duration;
+    tokio::spawn(async move {
+        let timeout = Duration::from_millis(u64::from(timeout_ms));
+        let idle = Duration::from_millis(u64::from(idle_ms));
+        // No name lookup here: the child said where its sshd was reached.
+        let addr = offer
+            .ip
+            .as_deref()
+            .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+            .map(|ip| std::net::SocketAddr::new(ip, offer.port));
+        let event = match addr {
+            None => LinkEvent::NotUpgraded(link, "the relay gave no address".into()),
+            Some(addr) => {
+                let to = inbox.clone();
+                match arbor_io::quic::connect_child(addr, &offer, timeout, idle, to, link).await {
+                    Ok(tx) => LinkEvent::Upgraded(link, tx, format!("QUIC {addr}")),
+                    Err(why) => LinkEvent::NotUpgraded(link, why),
+                }
+            }
+        };
+        let _ = inbox.send(event).await;
+    });
+}
+
+#[cfg(not(feature = "quic"))]
+pub fn connect(
+    inbox: mpsc::Sender<LinkEvent>,
+    link: arbor_core::LinkId,
+    _offer: arbor_wire::control::QuicOffer,
+    _timeout_ms: u32,
+    _idle_ms: u32,
+) {
+    let why = "this relay is built without QUIC".to_string();
+    let _ = inbox.try_send(LinkEvent::NotUpgraded(link, why));
 }
 
 #[cfg(not(feature = "quic"))]

@@ -195,6 +195,16 @@ def wait_gone(lab, seconds=5.0):
     return arbor_procs(lab)
 
 
+def udp_endpoints(lab):
+    """Every UDP socket in every lab namespace (`ss`; the lab has none of
+    its own): (host, line)."""
+    found = []
+    for host, h in lab["hosts"].items():
+        out = run("ip", "netns", "exec", h["netns"], "ss", "-Huanp", check=False).stdout
+        found += [(host, line) for line in out.splitlines()]
+    return found
+
+
 # sshd's socket for a forwarded agent: made by sshd for the session, in a
 # 0700 directory, removed when the session ends.
 SSHD_AGENT = re.compile(r"^/tmp/ssh-\w+(/agent\.\d+)?$")

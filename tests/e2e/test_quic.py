@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from labkit import (ARBOR, PLAYBOOKS, VENV, arbor_procs, clean_targets, env_for, recap, run,
-                    target_state, vanilla_modules, wait_gone)
+                    target_state, udp_endpoints, vanilla_modules, wait_gone)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
@@ -46,16 +46,6 @@ def over(out):
     m = OVER.search(out)
     assert m, out[-3000:]
     return ("QUIC", int(m[3])) if m[2] else ("ssh", m[1])
-
-
-def udp_endpoints(lab):
-    """Every UDP socket in every lab namespace (`ss`; the lab has none of
-    its own): (host, line)."""
-    found = []
-    for host, h in lab["hosts"].items():
-        out = run("ip", "netns", "exec", h["netns"], "ss", "-Huanp", check=False).stdout
-        found += [(host, line) for line in out.splitlines()]
-    return found
 
 
 def test_a_playbook_over_quic_matches_vanilla_and_leaves_no_endpoint(lab, tmp_path):

@@ -19,6 +19,7 @@ impl Tree {
         chain: Vec<Hop>,
         role: HopRole,
         task: Option<String>,
+        quic_below: bool,
         done: oneshot::Sender<Result<NodeId, TreeError>>,
     ) {
         let key = (HopKey::of(&chain), role);
@@ -49,20 +50,24 @@ impl Tree {
         // The relay the stage-0 is sent: from here, the one for the
         // machine this host had before (else this controller's); from a
         // relay, that relay's own.
-        // A first hop's relay with `arbor_transport: quic` is the one built
-        // with QUIC; its link moves there once it is up (tree/quic.rs).
-        let quic = role == HopRole::Relay && hop.quic() && chain.len() == 1;
+        // A relay with `arbor_transport: quic` moves its link there once
+        // it is up (tree/quic.rs). A first hop's relay is the one built
+        // with QUIC if it or a relay below it moves (those below are sent
+        // the relay before them).
+        let quic = role == HopRole::Relay && hop.quic();
         if quic {
             self.upgrades.want(node);
         }
         let relay = if chain.len() == 1 {
-            relays::guess(self.host_machine.get(&hop.name).copied(), quic)
-        } else {
             relays::guess(
-                self.hops
-                    .up_node(&parent_key)
-                    .and_then(|p| self.machine_of(p)),
-                false,
+                self.host_machine.get(&hop.name).copied(),
+                quic || quic_below,
+            )
+        } else {
+            let parent = self.hops.up_node(&parent_key);
+            relays::guess(
+                parent.and_then(|p| self.machine_of(p)),
+                parent.is_some_and(|p| self.has_quic(p)),
             )
         };
         let remote_cmd = match role {
@@ -103,6 +108,7 @@ impl Tree {
         let keys = self.hop_keys.remove(&node).unwrap_or_default();
         let outcome = outcome.map_err(|why| {
             self.started.remove(&node);
+            self.upgrades.forget(node);
             self.with_key_hint(why, &keys)
         });
         self.hops.settle(node, outcome);

@@ -8,6 +8,9 @@ pub(super) enum Cmd {
         chain: Vec<Hop>,
         role: HopRole,
         task: Option<String>,
+        /// A relay further down the whole chain moves to QUIC: a first
+        /// hop's relay is then the one built with QUIC (it connects).
+        quic_below: bool,
         done: oneshot::Sender<Result<NodeId, TreeError>>,
     },
     /// Forgets the become agent under `parent` whose process (or its
@@ -103,6 +106,11 @@ impl TreeHandle {
             }
         }
         let mut nodes = Vec::with_capacity(chain.len());
+        let relays = if role == HopRole::Relay {
+            chain.len()
+        } else {
+            chain.len() - 1
+        };
         for i in 0..chain.len() {
             let r = if i + 1 == chain.len() {
                 role
@@ -115,6 +123,9 @@ impl TreeHandle {
                     chain: chain[..=i].to_vec(),
                     role: r,
                     task: task.map(str::to_string),
+                    quic_below: chain
+                        .get(i + 1..relays)
+                        .is_some_and(|c| c.iter().any(Hop::quic)),
                     done,
                 })
                 .await?;

@@ -1,10 +1,11 @@
-//! A first hop's relay moved to QUIC (`arbor_transport: quic`): once the
-//! relay is up over ssh, it is asked to listen (`QuicListen`), its offer
-//! comes back over ssh, and the daemon connects, pinning the certificate
-//! and proving the secret. Until then the hop is not settled, so nothing
-//! else is sent to that relay but its keepalive and pings. If QUIC does
-//! not get through within [`CONNECT_TIMEOUT`], the hop stays on ssh and
-//! its `-vvv` line says why. Either way ssh stays the control channel:
+//! A relay's link moved to QUIC (`arbor_transport: quic`): once the relay
+//! is up over ssh, it is asked to listen (`QuicListen`), its offer comes
+//! back over ssh, and its parent connects, pinning the certificate and
+//! proving the secret: the daemon for a first hop, else the relay before
+//! it, asked with `QuicConnect`. Until then the hop is not settled, so
+//! nothing else is sent to that relay but its keepalive and pings. If QUIC
+//! does not get through within [`CONNECT_TIMEOUT`], the hop stays on ssh
+//! and its `-vvv` line says why. Either way ssh stays the control channel:
 //! when it goes, the relay and its endpoint go.
 //!
 //! Frames to an upgraded link go in lanes, one per child subtree of its
@@ -32,6 +33,9 @@ pub(super) struct Upgrades {
     asked: HashMap<StreamId, NodeId>,
     /// Relays whose upgrade is under way, by their ssh link.
     connecting: HashMap<LinkId, NodeId>,
+    /// A `QuicConnect` request's stream, the relay below whose link it
+    /// moves, and the endpoint's address.
+    below: HashMap<StreamId, (NodeId, String)>,
     /// Links whose frames go over QUIC, and the relay at their far end.
     lanes: HashMap<LinkId, NodeId>,
     /// Requests to a relay over QUIC about a node below it (see
@@ -42,6 +46,21 @@ pub(super) struct Upgrades {
 impl Upgrades {
     pub(super) fn want(&mut self, node: NodeId) {
         self.wanted.insert(node);
+    }
+
+    /// `node`'s link is moving to QUIC: its hop is settled when it has
+    /// (a relay below the first hop must not be sent anything first).
+    pub(super) fn pending(&self, node: NodeId) -> bool {
+        self.wanted.contains(&node)
+            || self.asked.values().any(|n| *n == node)
+            || self.below.values().any(|(n, _)| *n == node)
+    }
+
+    /// `node` is gone: its upgrade with it.
+    pub(super) fn forget(&mut self, node: NodeId) {
+        self.wanted.remove(&node);
+        self.asked.retain(|_, n| *n != node);
+        self.below.retain(|_, (n, _)| *n != node);
     }
 
     pub(super) fn is_lanes(&self, link: LinkId) -> bool {
@@ -81,12 +100,23 @@ impl Tree {
         true
     }
 
-    /// The relay's answer to `QuicListen`, if `frame` is one (consumed).
+    /// The relay's answer to `QuicListen`, or its parent relay's to
+    /// `QuicConnect`, if `frame` is one (consumed).
     pub(super) fn upgrade_answer(&mut self, frame: &Frame) -> bool {
+        if let Some((node, addr)) = self.upgrades.below.remove(&frame.stream) {
+            let outcome = match control::decode::<Reply>(&frame.payload) {
+                Ok(Reply::Done) => Ok(format!("QUIC {addr}")),
+                Ok(Reply::Error { message }) => Err(message),
+                other => Err(format!("unexpected answer {other:?}")),
+            };
+            self.upgraded(node, outcome);
+            return true;
+        }
         let Some(node) = self.upgrades.asked.remove(&frame.stream) else {
             return false;
         };
         let Some(link) = self.local_link_of(node) else {
+            self.connect_below(node, frame);
             return true;
         };
         match control::decode::<Reply>(&frame.payload) {
@@ -103,6 +133,36 @@ impl Tree {
         true
     }
 
+    /// A relay below the first hop offered its endpoint (`frame`): the
+    /// relay before it is asked to connect.
+    fn connect_below(&mut self, node: NodeId, frame: &Frame) {
+        let offer = match control::decode::<Reply>(&frame.payload) {
+            Ok(Reply::QuicOffer(offer)) => offer,
+            Ok(Reply::Error { message }) => return self.upgraded(node, Err(message)),
+            other => return self.upgraded(node, Err(format!("unexpected answer {other:?}"))),
+        };
+        let Some(parent) = self.relay_parent.get(&node).copied() else {
+            return self.upgraded(node, Err("its via relay is gone".into()));
+        };
+        let addr = format!("{}:{}", offer.ip.as_deref().unwrap_or("?"), offer.port);
+        let req = Request::QuicConnect {
+            node,
+            offer,
+            timeout_ms: CONNECT_TIMEOUT.as_millis() as u32,
+            idle_ms: ssh::keepalive_secs().saturating_mul(1000),
+        };
+        let stream = self.stream_id();
+        self.upgrades.below.insert(stream, (node, addr));
+        let f = Frame::new(
+            Kind::Request,
+            parent,
+            NodeId::CONTROLLER,
+            stream,
+            control::encode(&req),
+        );
+        self.core.send(Instant::now(), f);
+    }
+
     /// How the upgrade of `link` ended: the hop is settled either way.
     pub(super) fn upgrade_done(&mut self, link: LinkId, outcome: Result<String, String>) {
         let Some(node) = self.upgrades.connecting.remove(&link).or_else(|| {
@@ -111,11 +171,17 @@ impl Tree {
         }) else {
             return;
         };
-        let transport = match &outcome {
-            Ok(channel) => {
-                self.upgrades.lanes.insert(link, node);
-                channel.clone()
-            }
+        if outcome.is_ok() {
+            self.upgrades.lanes.insert(link, node);
+        }
+        self.upgraded(node, outcome);
+    }
+
+    /// How the upgrade of `node`'s link ended: its `-vvv` line says which
+    /// transport it is on, and the hop is settled either way.
+    fn upgraded(&mut self, node: NodeId, outcome: Result<String, String>) {
+        let transport = match outcome {
+            Ok(channel) => channel,
             Err(why) => format!("ssh (QUIC: {why})"),
         };
         tracing::debug!(node = node.0, transport, "relay link");
@@ -196,16 +262,9 @@ async fn connect(
     #[cfg(feature = "quic")]
     let outcome = async {
         let addr = address(&offer, host.as_deref()).await?;
-        let (endpoint, conn) = arbor_io::quic::connect(addr, &offer, CONNECT_TIMEOUT, idle).await?;
-        let tx = arbor_io::quic::spawn_lanes(
-            endpoint,
-            conn,
-            false,
-            arbor_io::quic::Toward::Child,
-            arbor_io::CHILD_QUEUE_BYTES,
-            inbox.clone(),
-            link,
-        );
+        let inbox = inbox.clone();
+        let tx =
+            arbor_io::quic::connect_child(addr, &offer, CONNECT_TIMEOUT, idle, inbox, link).await?;
         Ok::<_, String>((addr, tx))
     }
     .await;

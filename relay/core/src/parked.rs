@@ -1,5 +1,5 @@
 //! Frames held back at a relay until its cache holds what an `Inject`
-//! needs.
+//! (or its cache and pins what a `Forward`) needs.
 //!
 //! Over one ssh channel the controller's `CachePut` of an entry always
 //! arrives before an `Inject` that names it. Over QUIC each child subtree
@@ -9,7 +9,11 @@
 //! its destination: the inject and every later frame from the parent to
 //! that node wait, in order, until the entries arrive or
 //! [`PARK_TIMEOUT`] passes (then the inject sends what it can and the
-//! agent asks again for a short body, as before). At most
+//! agent asks again for a short body, as before). A `Forward` to a relay
+//! below is the same: the entry (a pin for the agent's code, say) may be
+//! put here in the lane of this relay while the forward comes in the lane
+//! of the relay below, ahead of it; that relay's spawn then waits behind
+//! the forward, as it must. At most
 //! [`PARKED_BYTES_MAX`] wait in all; past that the oldest park is let go.
 
 use std::collections::{HashMap, VecDeque};
@@ -31,6 +35,8 @@ pub enum Held {
     Frame(Frame),
     /// An inject into that node's stream.
     Inject { stream: StreamId, keys: Vec<String> },
+    /// A forward of entries into that relay's cache and pins.
+    Forward { keys: Vec<String>, max_bytes: u64 },
 }
 
 struct Park {
@@ -126,7 +132,7 @@ impl Parked {
             .flat_map(|p| p.held.iter())
             .map(|h| match h {
                 Held::Frame(f) => f.payload.len(),
-                Held::Inject { .. } => 0,
+                Held::Inject { .. } | Held::Forward { .. } => 0,
             })
             .sum()
     }

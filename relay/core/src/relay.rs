@@ -8,10 +8,10 @@
 //! Nothing here reads a clock or touches a process, so the simulator
 //! (`tests/sim`) drives the same code the relay runs.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use arbor_wire::control::{self, Reply, Request, Spawn, PINS_MAX};
+use arbor_wire::control::{self, QuicOffer, Reply, Request, Spawn, PINS_MAX};
 use arbor_wire::{Frame, Kind, NodeId, StreamId};
 
 use crate::cache::Fifo;
@@ -54,6 +54,17 @@ pub enum Action {
         accept_ms: u32,
         idle_ms: u32,
     },
+    /// Connect to the QUIC endpoint of the relay on child `link`
+    /// (`Request::QuicConnect`); from then on that link's frames go over
+    /// it. Answer `src`'s request with [`Relay::answer`] once it did.
+    QuicConnect {
+        src: NodeId,
+        stream: StreamId,
+        link: LinkId,
+        offer: Box<QuicOffer>,
+        timeout_ms: u32,
+        idle_ms: u32,
+    },
 }
 
 struct Child {
@@ -90,6 +101,9 @@ pub struct Relay {
     exiting: bool,
     /// Destinations waiting for entries an inject names (QUIC lanes).
     parked: Parked,
+    /// The relays below this one (by their announcement), whose requests
+    /// may name a subject (see [`Relay::subject`]). At most one per route.
+    relays: HashSet<NodeId>,
 }
 
 impl Relay {
@@ -111,6 +125,7 @@ impl Relay {
             actions: VecDeque::new(),
             exiting: false,
             parked: Parked::default(),
+            relays: HashSet::new(),
         }
     }
 
@@ -265,9 +280,17 @@ impl Relay {
         while let Some(event) = self.node.poll_event() {
             match event {
                 Event::Deliver(frame) => self.on_frame(now, frame),
-                Event::NodeUp { node, link, .. } => self.on_node_up(now, node, link),
+                Event::NodeUp { node, link, hello } => {
+                    if is_relay_hello(&hello) {
+                        self.relays.insert(node);
+                    }
+                    self.on_node_up(now, node, link)
+                }
                 Event::ParentLost => self.exit(None),
-                Event::NodeDown { .. } | Event::Dropped { .. } => {}
+                Event::NodeDown { node, .. } => {
+                    self.relays.remove(&node);
+                }
+                Event::Dropped { .. } => {}
             }
         }
     }
@@ -345,7 +368,7 @@ impl Relay {
                 dst,
                 keys,
                 max_bytes,
-            }) => self.forward(now, dst, &keys, max_bytes),
+            }) => self.forward_or_park(now, dst, keys, max_bytes),
             Ok(Request::Expect { node, via }) => {
                 if let Some(link) = self.node.route(via).filter(|l| *l != PARENT) {
                     self.node.expect(node, link);
@@ -357,7 +380,10 @@ impl Relay {
             }
             Ok(Request::Pin { key, data }) => {
                 if self.pins.len() < PINS_MAX || self.pins.contains_key(&key) {
-                    self.pins.insert(key, data);
+                    self.pins.insert(key.clone(), data);
+                    for (dst, held) in self.parked.arrived(&key) {
+                        self.replay(now, dst, held, false);
+                    }
                 }
             }
             Ok(Request::QuicListen { accept_ms, idle_ms }) => {
@@ -368,6 +394,32 @@ impl Relay {
                     idle_ms,
                 });
             }
+            Ok(Request::QuicConnect {
+                node,
+                offer,
+                timeout_ms,
+                idle_ms,
+            }) => {
+                let child = self.children.iter().find(|(l, c)| {
+                    c.node == node
+                        && !self.connecting.contains_key(l)
+                        && self.relays.contains(&node)
+                });
+                match child {
+                    Some((&link, _)) => self.actions.push_back(Action::QuicConnect {
+                        src,
+                        stream,
+                        link,
+                        offer: Box::new(offer),
+                        timeout_ms,
+                        idle_ms,
+                    }),
+                    None => {
+                        let message = format!("n{} is no relay started by this one", node.0);
+                        self.reply(now, src, stream, &Reply::Error { message });
+                    }
+                }
+            }
             Ok(Request::Shutdown) => {
                 self.reply(now, src, stream, &Reply::Done);
                 self.exit(None);
@@ -377,6 +429,15 @@ impl Relay {
                 self.reply(now, src, stream, &Reply::Error { message });
             }
         }
+    }
+
+    /// The node a frame going down to `frame.dst` is about, where its order
+    /// with that node's own frames matters (see [`control::subject`]): a
+    /// relay's request may name one; an agent's payload is not decoded.
+    pub fn subject(&self, frame: &Frame) -> Option<NodeId> {
+        (frame.kind == Kind::Request && self.relays.contains(&frame.dst))
+            .then(|| control::subject(&frame.payload))
+            .flatten()
     }
 
     /// Answers a request the shell carried out (see [`Action`]).
@@ -437,6 +498,26 @@ impl Relay {
         }
     }
 
+    /// Forwards `keys` to the relay `dst`, or parks `dst` behind the
+    /// forward until this relay holds them (see [`Parked`]).
+    fn forward_or_park(&mut self, now: Instant, dst: NodeId, keys: Vec<String>, max_bytes: u64) {
+        if self.parked.holds(dst) {
+            self.parked.push(dst, Held::Forward { keys, max_bytes });
+            return;
+        }
+        let missing: Vec<String> = keys
+            .iter()
+            .filter(|k| self.cache.get(k).is_none() && !self.pins.contains_key(*k))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            self.forward(now, dst, &keys, max_bytes);
+        } else {
+            self.parked
+                .park(now, dst, Held::Forward { keys, max_bytes }, missing);
+        }
+    }
+
     /// What a park held, in order; `expired`: its first inject sends what
     /// the cache holds (the agent asks again for the rest).
     fn replay(&mut self, now: Instant, dst: NodeId, held: VecDeque<Held>, expired: bool) {
@@ -447,6 +528,12 @@ impl Relay {
                     self.send_injected(now, dst, stream, &keys);
                 }
                 Held::Inject { stream, keys } => self.inject(now, dst, stream, keys),
+                Held::Forward { keys, max_bytes } if first => {
+                    self.forward(now, dst, &keys, max_bytes);
+                }
+                Held::Forward { keys, max_bytes } => {
+                    self.forward_or_park(now, dst, keys, max_bytes);
+                }
                 Held::Frame(f) => self.handle_frame(now, PARENT, f),
             }
             first = false;
@@ -539,4 +626,10 @@ impl Relay {
         });
         Ok(())
     }
+}
+
+/// A relay's announcement (its JSON has a `relay` key; an agent's has
+/// none, and a JSON string cannot hold the key's unescaped quotes).
+fn is_relay_hello(hello: &[u8]) -> bool {
+    arbor_wire::msg::split(hello).is_ok_and(|(json, _)| json.windows(8).any(|w| w == b"\"relay\":"))
 }

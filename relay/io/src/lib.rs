@@ -256,6 +256,11 @@ impl ChildLink {
         self.control = Some(std::mem::replace(&mut self.writer, writer));
     }
 
+    /// Its frames go over QUIC lanes ([`ChildLink::set_writer`]).
+    pub fn on_lanes(&self) -> bool {
+        self.control.is_some()
+    }
+
     /// Queues `frame` without waiting: a child that stops reading is cut
     /// off once its queue is full.
     pub fn send(&mut self, frame: Frame) {

@@ -358,6 +358,28 @@ pub async fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
         .map(|_| ())
 }
 
+/// Connects to a child relay's endpoint at `addr` (see [`connect`]) and
+/// makes the connection that child's `link`: the writer for its frames.
+pub async fn connect_child(
+    addr: SocketAddr,
+    offer: &QuicOffer,
+    timeout: Duration,
+    idle: Duration,
+    inbox: mpsc::Sender<LinkEvent>,
+    link: LinkId,
+) -> Result<LinkTx, String> {
+    let (endpoint, conn) = connect(addr, offer, timeout, idle).await?;
+    Ok(spawn_lanes(
+        endpoint,
+        conn,
+        false,
+        Toward::Child,
+        crate::CHILD_QUEUE_BYTES,
+        inbox,
+        link,
+    ))
+}
+
 /// Which way a link's frames go, for their default lane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Toward {

@@ -59,6 +59,18 @@ pub enum Request {
     /// Replied [`Reply::QuicOffer`] (the offer crosses only this link), or
     /// `Error`.
     QuicListen { accept_ms: u32, idle_ms: u32 },
+    /// Move the link to this relay's child `node` (a relay that answered
+    /// `QuicListen` with `offer`) to QUIC: connect to the offer's address
+    /// within `timeout_ms`, pinning its certificate and proving its
+    /// secret; the child's ssh stays the control channel. Replied `Done`
+    /// once frames to `node` flow over QUIC, else `Error` (the link stays
+    /// on ssh).
+    QuicConnect {
+        node: NodeId,
+        offer: QuicOffer,
+        timeout_ms: u32,
+        idle_ms: u32,
+    },
 }
 
 /// A relay's QUIC endpoint, as its parent needs it: where, the SHA-256 of
@@ -240,6 +252,17 @@ mod tests {
             Request::Pin {
                 key: "pin:agent:00".into(),
                 data: vec![4, 5],
+            },
+            Request::QuicConnect {
+                node: NodeId(9),
+                offer: QuicOffer {
+                    ip: Some("10.0.0.2".into()),
+                    port: 4433,
+                    cert_sha256: [1; 32],
+                    secret: [2; 32],
+                },
+                timeout_ms: 3000,
+                idle_ms: 30_000,
             },
         ] {
             assert_eq!(decode::<Request>(&encode(&req)), Ok(req));

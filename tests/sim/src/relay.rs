@@ -130,8 +130,8 @@ impl Sim {
                 }
                 Action::CutOff { link, why } => self.violation(format!("{link:?} cut off: {why}")),
                 Action::Joined { .. } => {}
-                Action::QuicListen { .. } => {
-                    self.violation("a QUIC listen nobody asked for".into())
+                Action::QuicListen { .. } | Action::QuicConnect { .. } => {
+                    self.violation("a QUIC link nobody asked for".into())
                 }
                 Action::Exit { .. } => {
                     self.exited = true;

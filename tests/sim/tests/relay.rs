@@ -190,3 +190,201 @@ fn pinned_code_goes_into_each_spawn_and_pins_are_bounded() {
         }
     }
 }
+
+#[test]
+fn only_a_joined_child_relay_is_moved_to_quic_and_only_a_relays_requests_name_a_subject() {
+    use arbor_core::relay::{Action, Relay, PARENT};
+    use arbor_wire::control::{self, QuicOffer, Reply, Request};
+    use arbor_wire::{msg, Frame, Kind, NodeId, StreamId};
+    let t = std::time::Instant::now();
+    let mut relay = Relay::new(t, NodeId(1));
+    let ask = |relay: &mut Relay, dst: u32, req: &Request, stream: u32| {
+        let f = Frame::new(
+            Kind::Request,
+            NodeId(dst),
+            NodeId::CONTROLLER,
+            StreamId(stream),
+            control::encode(req),
+        );
+        relay.handle_frame(t, PARENT, f);
+    };
+    let offer = QuicOffer {
+        ip: Some("10.0.0.2".into()),
+        port: 4433,
+        cert_sha256: [1; 32],
+        secret: [2; 32],
+    };
+    let connect = |node: u32| Request::QuicConnect {
+        node: NodeId(node),
+        offer: offer.clone(),
+        timeout_ms: 3000,
+        idle_ms: 30_000,
+    };
+    // n10 a relay, n11 an agent, both started by this relay.
+    let mut links = Vec::new();
+    for node in [10, 11] {
+        ask(
+            &mut relay,
+            1,
+            &Request::Spawn(arbor_sim::spawn_of(NodeId(node), 10_000, 0)),
+            node,
+        );
+        match relay.poll_action() {
+            Some(Action::Spawn { link, .. }) => links.push(link),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Not yet joined: refused.
+    ask(&mut relay, 1, &connect(10), 20);
+    let hellos: [&[u8]; 2] = [
+        br#"{"pid":7,"relay":"0.1.0"}"#,
+        br#"{"pid":8,"home":"/\"relay\":"}"#,
+    ];
+    for ((node, link), hello) in [10, 11].into_iter().zip(&links).zip(hellos) {
+        relay.child_started(*link, node);
+        let up = Frame::new(
+            Kind::RouteAdd,
+            NodeId::CONTROLLER,
+            NodeId(node),
+            StreamId(0),
+            msg::encode(hello, b""),
+        );
+        relay.handle_frame(t, *link, up);
+    }
+    while relay.poll_action().is_some() {}
+    for (node, stream) in [(10, 21), (11, 22), (99, 23)] {
+        ask(&mut relay, 1, &connect(node), stream);
+    }
+    match relay.poll_action() {
+        Some(Action::QuicConnect {
+            link,
+            src,
+            stream,
+            offer: o,
+            ..
+        }) => {
+            assert_eq!(
+                (link, src, stream),
+                (links[0], NodeId::CONTROLLER, StreamId(21))
+            );
+            assert_eq!(*o, offer);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(relay.poll_action(), None);
+    let mut errors: Vec<u32> = std::iter::from_fn(|| relay.poll_transmit())
+        .filter(|(_, f)| f.kind == Kind::Reply)
+        .filter(|(_, f)| {
+            matches!(
+                control::decode::<Reply>(&f.payload),
+                Ok(Reply::Error { .. })
+            )
+        })
+        .map(|(_, f)| f.stream.0)
+        .collect();
+    errors.sort();
+    assert_eq!(errors, [20, 22, 23]);
+    // An inject to the relay n10 is about its destination; the same bytes
+    // to the agent n11 are its own business.
+    let inject = control::encode(&Request::Inject {
+        dst: NodeId(12),
+        stream: StreamId(5),
+        keys: vec!["k".into()],
+    });
+    let to = |dst: u32| {
+        Frame::new(
+            Kind::Request,
+            NodeId(dst),
+            NodeId::CONTROLLER,
+            StreamId(5),
+            inject.clone(),
+        )
+    };
+    assert_eq!(relay.subject(&to(10)), Some(NodeId(12)));
+    assert_eq!(relay.subject(&to(11)), None);
+}
+
+#[test]
+fn a_forward_that_overtakes_its_pin_waits_for_it_and_holds_the_frames_behind_it() {
+    use arbor_core::relay::{Action, Relay, PARENT};
+    use arbor_wire::control::{self, Request};
+    use arbor_wire::{msg, Frame, Kind, NodeId, StreamId};
+    let t = std::time::Instant::now();
+    let mut relay = Relay::new(t, NodeId(1));
+    let to = |dst: u32, req: &Request| {
+        Frame::new(
+            Kind::Request,
+            NodeId(dst),
+            NodeId::CONTROLLER,
+            StreamId(7),
+            control::encode(req),
+        )
+    };
+    relay.handle_frame(
+        t,
+        PARENT,
+        to(
+            1,
+            &Request::Spawn(arbor_sim::spawn_of(NodeId(10), 10_000, 0)),
+        ),
+    );
+    let link = match relay.poll_action() {
+        Some(Action::Spawn { link, .. }) => link,
+        other => panic!("{other:?}"),
+    };
+    relay.child_started(link, 10);
+    let hello = msg::encode(br#"{"pid":7,"relay":"0.1.0"}"#, b"");
+    relay.handle_frame(
+        t,
+        link,
+        Frame::new(
+            Kind::RouteAdd,
+            NodeId::CONTROLLER,
+            NodeId(10),
+            StreamId(0),
+            hello,
+        ),
+    );
+    while relay.poll_transmit().is_some() {}
+    let key = "pin:agent:00".to_string();
+    // The forward (the lane of n10) overtook the pin (this relay's lane);
+    // the spawn to n10 that names the pin came behind the forward.
+    let forward = Request::Forward {
+        dst: NodeId(10),
+        keys: vec![key.clone()],
+        max_bytes: 0,
+    };
+    relay.handle_frame(t, PARENT, to(1, &forward));
+    let spawn = to(
+        10,
+        &Request::Spawn(arbor_sim::spawn_of(NodeId(11), 10_000, 0)),
+    );
+    relay.handle_frame(t, PARENT, spawn.clone());
+    assert!(
+        relay.poll_transmit().is_none(),
+        "nothing goes to n10 before the pin"
+    );
+    relay.handle_frame(
+        t,
+        PARENT,
+        to(
+            1,
+            &Request::Pin {
+                key: key.clone(),
+                data: vec![1, 2],
+            },
+        ),
+    );
+    let sent: Vec<(arbor_core::LinkId, Frame)> =
+        std::iter::from_fn(|| relay.poll_transmit()).collect();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(sent[0].0, link);
+    assert_eq!(
+        control::decode::<Request>(&sent[0].1.payload),
+        Ok(Request::Pin {
+            key,
+            data: vec![1, 2]
+        })
+    );
+    assert_eq!(sent[1], (link, spawn));
+}
