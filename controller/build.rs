@@ -11,8 +11,11 @@
 //!
 //! Each machine also gets the relay with QUIC (feature `quic`, for hosts
 //! with `arbor_transport: quic`), where ring's C builds: the host's own
-//! machine (`ARBOR_RELAY_BIN_QUIC` / `ARBOR_RELAY_BIN_AARCH64_QUIC` name
-//! prebuilt ones).
+//! machine, and another where a C cross compiler for it is on PATH
+//! (`aarch64-linux-musl-gcc` or Debian's `aarch64-linux-gnu-gcc`: ring's
+//! C needs no libc, and lld links it with Rust's own musl)
+//! (`ARBOR_RELAY_BIN_QUIC` / `ARBOR_RELAY_BIN_AARCH64_QUIC` name prebuilt
+//! ones).
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -88,12 +91,19 @@ fn relay_for(m: &Machine, root: &Path, out: &Path, dest: &Path, quic: bool) -> S
         std::fs::write(dest, b"").expect("write an empty relay");
         return format!("not built ({} not installed)", m.targets[0].0);
     };
-    // ring compiles C for its target: only where the host's C compiler
-    // builds for it (not aarch64 from x86_64 without a cross compiler).
-    if quic && !target.starts_with(env::consts::ARCH) {
-        std::fs::write(dest, b"").expect("write an empty relay");
-        return format!("not built (ring needs a C compiler for {target})");
-    }
+    // ring compiles C for its target: the host's C compiler for its own
+    // machine, a cross compiler for another (none: no QUIC relay for it).
+    let cross_cc = if quic && !target.starts_with(env::consts::ARCH) {
+        match cross_compiler(target) {
+            Some(cc) => Some(cc),
+            None => {
+                std::fs::write(dest, b"").expect("write an empty relay");
+                return format!("not built (ring needs a C compiler for {target})");
+            }
+        }
+    } else {
+        None
+    };
     let target_dir = out.join(if quic {
         "relay-quic-target"
     } else {
@@ -138,6 +148,11 @@ fn relay_for(m: &Machine, root: &Path, out: &Path, dest: &Path, quic: bool) -> S
         // Rust's musl targets carry their own C runtime: lld links them.
         cmd.env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER", "rust-lld");
     }
+    if let Some(cc) = cross_cc {
+        let t = target.replace('-', "_");
+        cmd.env(format!("AR_{t}"), cc.replace("-gcc", "-ar"))
+            .env(format!("CC_{t}"), cc);
+    }
     let status = cmd.status().expect("run cargo for the relay");
     assert!(status.success(), "building arbor-relay for {target} failed");
     let built = target_dir.join(target).join("relay").join("arbor-relay");
@@ -147,6 +162,19 @@ fn relay_for(m: &Machine, root: &Path, out: &Path, dest: &Path, quic: bool) -> S
     } else {
         "glibc static (musl target not installed)".into()
     }
+}
+
+/// A C compiler on PATH that builds for `target`'s machine.
+fn cross_compiler(target: &str) -> Option<String> {
+    let arch = target.split('-').next()?;
+    let path = env::var_os("PATH")?;
+    println!("cargo:rerun-if-env-changed=PATH");
+    [
+        format!("{arch}-linux-musl-gcc"),
+        format!("{arch}-linux-gnu-gcc"),
+    ]
+    .into_iter()
+    .find(|cc| env::split_paths(&path).any(|d| d.join(cc).is_file()))
 }
 
 fn has_target(target: &str) -> bool {

@@ -2,8 +2,10 @@
 an aarch64 busybox) and runs aarch64 binaries through qemu-user and
 binfmt_misc. arbor's stage-0 there skips the x86_64 relay it was sent first,
 asks for the aarch64 one, and the playbook runs through it with vanilla's
-results; the next hop to it gets the aarch64 relay at once. A host of a
-machine arbor has no relay for is named with its machine."""
+results; the next hop to it gets the aarch64 relay at once. Its QUIC hop
+works too (the aarch64 relay built with QUIC: ring's C from a cross
+compiler). A host of a machine arbor has no relay for is named with its
+machine."""
 
 import json
 import os
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from labkit import LAB, VENV, env_for, host_procs, playbook, recap, run, ssh, target_state, vanilla_modules
+from labkit import (LAB, VENV, any_arbor, env_for, host_procs, playbook, recap, run, ssh, target_state,
+                    udp_endpoints, vanilla_modules, wait_gone)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
@@ -85,3 +88,40 @@ def test_a_machine_without_a_relay_is_named(lab, tmp_path):
     line = next((x for x in out.splitlines() if "riscv64" in x), "")
     assert "target1" in line and "bastion1" in line, out[-3000:]
     assert "this host's machine is riscv64; arbor's relays are built for x86_64 and aarch64" in line
+
+
+def test_an_aarch64_bastion_takes_a_quic_hop(lab, tmp_path):
+    (tmp_path / "play.yml").write_text("""
+- hosts: target1,target2
+  gather_facts: false
+  tasks:
+    - command: hostname
+    - copy: {content: "quic {{ inventory_hostname }}\\n", dest: /tmp/arbor-quic-probe}
+    - file: {path: /tmp/arbor-quic-probe, state: absent}
+""")
+    seen = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            seen.extend(relays_on(lab, "bastion1"))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        res = subprocess.run([str(VENV / "ansible-playbook"), "-i", lab["inventory"], str(tmp_path / "play.yml"),
+                              "-vvv"], env=dict(env_for("arbor"), ARBOR_TRANSPORT="quic"),
+                             capture_output=True, text=True, timeout=600)
+    finally:
+        stop.set()
+        sampler.join()
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert re.search(r"ARBOR HOP bastion1 \(relay, from the controller\): node \d+, up in \d+ ms, "
+                     r"pid \d+, aarch64 relay, over QUIC [\d.]+:\d+$", out, re.M), out[-4000:]
+    assert out.count("ok=3") == 2, out[-3000:]
+    assert seen and all("aarch64" in exe and "qemu" in exe for exe, _ in seen), seen
+    left = wait_gone(lab, 10)
+    assert not any_arbor(left), left
+    assert udp_endpoints(lab) == []
