@@ -195,6 +195,17 @@ def wait_gone(lab, seconds=5.0):
     return arbor_procs(lab)
 
 
+# Three tasks on two targets, for a QUIC hop's tests (ok=3 each).
+QUIC_PLAY = """
+- hosts: target1,target2
+  gather_facts: false
+  tasks:
+    - command: hostname
+    - copy: {content: "quic {{ inventory_hostname }}\\n", dest: /tmp/arbor-quic-probe}
+    - file: {path: /tmp/arbor-quic-probe, state: absent}
+"""
+
+
 def udp_endpoints(lab):
     """Every UDP socket in every lab namespace (`ss`; the lab has none of
     its own): (host, line)."""

@@ -7,6 +7,7 @@ works too (the aarch64 relay built with QUIC: ring's C from a cross
 compiler). A host of a machine arbor has no relay for is named with its
 machine."""
 
+import contextlib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit import (LAB, VENV, any_arbor, env_for, host_procs, playbook, recap, run, ssh, target_state,
+from labkit import (LAB, QUIC_PLAY, VENV, any_arbor, env_for, host_procs, playbook, recap, run, ssh, target_state,
                     udp_endpoints, vanilla_modules, wait_gone)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
@@ -38,10 +39,10 @@ def relays_on(lab, host):
             if b"\0arbor-relay\0--node\0" in cmd]
 
 
-def test_the_playbook_runs_through_an_aarch64_relay(lab, tmp_path):
-    assert ssh(lab, "bastion1", "uname -m").stdout.strip() == "aarch64"
-    vanilla_recap, vanilla_state = vanilla_modules(lab, tmp_path)
-
+@contextlib.contextmanager
+def bastion_relays(lab):
+    """The relays seen on the bastion while the block runs, sampled every
+    0.2 s: a list of (exe, cmdline), filled in as they are seen."""
     seen = []
     stop = threading.Event()
 
@@ -52,12 +53,20 @@ def test_the_playbook_runs_through_an_aarch64_relay(lab, tmp_path):
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    p = playbook(lab, "arbor", "modules.yml", "-vvv", "-e", f"fetch_dir={tmp_path / 'arbor'}")
     try:
-        out, _ = p.communicate(timeout=900)
+        yield seen
     finally:
         stop.set()
         sampler.join()
+
+
+def test_the_playbook_runs_through_an_aarch64_relay(lab, tmp_path):
+    assert ssh(lab, "bastion1", "uname -m").stdout.strip() == "aarch64"
+    vanilla_recap, vanilla_state = vanilla_modules(lab, tmp_path)
+
+    with bastion_relays(lab) as seen:
+        p = playbook(lab, "arbor", "modules.yml", "-vvv", "-e", f"fetch_dir={tmp_path / 'arbor'}")
+        out, _ = p.communicate(timeout=900)
     assert p.returncode == 0, out[-5000:]
     assert recap(out) == vanilla_recap and len(vanilla_recap) == 3, out[-3000:]
     assert target_state(lab) == vanilla_state
@@ -91,31 +100,11 @@ def test_a_machine_without_a_relay_is_named(lab, tmp_path):
 
 
 def test_an_aarch64_bastion_takes_a_quic_hop(lab, tmp_path):
-    (tmp_path / "play.yml").write_text("""
-- hosts: target1,target2
-  gather_facts: false
-  tasks:
-    - command: hostname
-    - copy: {content: "quic {{ inventory_hostname }}\\n", dest: /tmp/arbor-quic-probe}
-    - file: {path: /tmp/arbor-quic-probe, state: absent}
-""")
-    seen = []
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            seen.extend(relays_on(lab, "bastion1"))
-            time.sleep(0.2)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    (tmp_path / "play.yml").write_text(QUIC_PLAY)
+    with bastion_relays(lab) as seen:
         res = subprocess.run([str(VENV / "ansible-playbook"), "-i", lab["inventory"], str(tmp_path / "play.yml"),
                               "-vvv"], env=dict(env_for("arbor"), ARBOR_TRANSPORT="quic"),
                              capture_output=True, text=True, timeout=600)
-    finally:
-        stop.set()
-        sampler.join()
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert re.search(r"ARBOR HOP bastion1 \(relay, from the controller\): node \d+, up in \d+ ms, "

@@ -14,22 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from labkit import (ARBOR, PLAYBOOKS, VENV, arbor_procs, clean_targets, env_for, recap, run,
+from labkit import (ARBOR, PLAYBOOKS, QUIC_PLAY, VENV, arbor_procs, clean_targets, env_for, recap, run,
                     target_state, udp_endpoints, vanilla_modules, wait_gone)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
 OVER = re.compile(r"ARBOR HOP bastion1 \(relay, from the controller\): .*, over (QUIC ([\d.]+):(\d+)|ssh \(QUIC: [^)]*\))")
-PLAY = """
-- hosts: target1,target2
-  gather_facts: false
-  tasks:
-    - command: hostname
-    - copy: {content: "quic {{ inventory_hostname }}\\n", dest: /tmp/arbor-quic-probe}
-    - file: {path: /tmp/arbor-quic-probe, state: absent}
-"""
-
-
 def quic_env(**more):
     e = env_for("arbor")
     e.update(ARBOR_TRANSPORT="quic", **more)
@@ -63,7 +53,7 @@ def test_a_playbook_over_quic_matches_vanilla_and_leaves_no_endpoint(lab, tmp_pa
 
 
 def test_a_stranger_is_refused_while_the_tree_keeps_its_quic_link(lab, tmp_path):
-    (tmp_path / "play.yml").write_text(PLAY)
+    (tmp_path / "play.yml").write_text(QUIC_PLAY)
     tmp = Path(tempfile.mkdtemp(prefix="aq", dir="/tmp"))
     env = quic_env(TMPDIR=str(tmp), ARBOR_PERSIST="5m")
     try:
@@ -92,7 +82,7 @@ def test_a_stranger_is_refused_while_the_tree_keeps_its_quic_link(lab, tmp_path)
 
 
 def test_blocked_udp_keeps_the_hop_on_ssh_and_says_why(lab, tmp_path):
-    (tmp_path / "play.yml").write_text(PLAY)
+    (tmp_path / "play.yml").write_text(QUIC_PLAY)
     ns = lab["hosts"]["bastion1"]["netns"]
     rule = ["INPUT", "-p", "udp", "-j", "DROP"]
     run("ip", "netns", "exec", ns, "iptables", "-I", *rule)

@@ -101,7 +101,8 @@ pub struct Relay {
     parent: Liveness,
     actions: VecDeque<Action>,
     exiting: bool,
-    /// Destinations waiting for entries an inject names (QUIC lanes).
+    /// Destinations waiting for entries an inject or forward names (QUIC
+    /// lanes).
     parked: Parked,
     /// The relays below this one (by their announcement), whose requests
     /// may name a subject (see [`Relay::subject`]). At most one per route.
@@ -365,12 +366,14 @@ impl Relay {
                     self.replay(now, dst, held, false);
                 }
             }
-            Ok(Request::Inject { dst, stream, keys }) => self.inject(now, dst, stream, keys),
+            Ok(Request::Inject { dst, stream, keys }) => {
+                self.enter(now, dst, Held::Inject { stream, keys })
+            }
             Ok(Request::Forward {
                 dst,
                 keys,
                 max_bytes,
-            }) => self.forward_or_park(now, dst, keys, max_bytes),
+            }) => self.enter(now, dst, Held::Forward { keys, max_bytes }),
             Ok(Request::Expect { node, via }) => {
                 if let Some(link) = self.node.route(via).filter(|l| *l != PARENT) {
                     self.node.expect(node, link);

@@ -14,7 +14,7 @@ use crate::parked::Held;
 impl Relay {
     /// Puts cached entries into the cache of the relay `dst` below, as the
     /// controller's own requests (pinned entries as pins).
-    pub(super) fn forward(&mut self, now: Instant, dst: NodeId, keys: &[String], max_bytes: u64) {
+    fn forward(&mut self, now: Instant, dst: NodeId, keys: &[String], max_bytes: u64) {
         for key in keys {
             let put = match (self.cache.get(key), self.pins.get(key)) {
                 (Some(data), _) => Request::CachePut {
@@ -39,61 +39,43 @@ impl Relay {
         }
     }
 
-    /// Sends cached entries to `dst` as the controller's Data frames, or,
-    /// if some have not arrived yet, parks `dst` until they have (see
-    /// [`crate::parked`]).
-    pub(super) fn inject(
-        &mut self,
-        now: Instant,
-        dst: NodeId,
-        stream: StreamId,
-        keys: Vec<String>,
-    ) {
+    /// An inject into `dst`'s stream or a forward into the relay `dst`:
+    /// done now, or held behind `dst`'s park, or parking `dst` until this
+    /// relay holds the entries it names (an inject's in the cache, a
+    /// forward's in the cache or the pins; see [`crate::parked`]).
+    pub(super) fn enter(&mut self, now: Instant, dst: NodeId, item: Held) {
         if self.parked.holds(dst) {
-            self.parked.push(dst, Held::Inject { stream, keys });
+            self.parked.push(dst, item);
             return;
         }
+        let (keys, pinned_too) = match &item {
+            Held::Inject { keys, .. } => (keys.as_slice(), false),
+            Held::Forward { keys, .. } => (keys.as_slice(), true),
+            Held::Frame(_) => (&[][..], false),
+        };
         let missing: Vec<String> = keys
             .iter()
-            .filter(|k| self.cache.get(k).is_none())
+            .filter(|k| self.cache.get(k).is_none() && !(pinned_too && self.pins.contains_key(*k)))
             .cloned()
             .collect();
         if missing.is_empty() {
-            self.send_injected(now, dst, stream, &keys);
+            self.go(now, dst, item);
         } else {
-            self.parked
-                .park(now, dst, Held::Inject { stream, keys }, missing);
+            self.parked.park(now, dst, item, missing);
         }
     }
 
-    /// Forwards `keys` to the relay `dst`, or parks `dst` behind the
-    /// forward until this relay holds them (see [`Parked`]).
-    pub(super) fn forward_or_park(
-        &mut self,
-        now: Instant,
-        dst: NodeId,
-        keys: Vec<String>,
-        max_bytes: u64,
-    ) {
-        if self.parked.holds(dst) {
-            self.parked.push(dst, Held::Forward { keys, max_bytes });
-            return;
-        }
-        let missing: Vec<String> = keys
-            .iter()
-            .filter(|k| self.cache.get(k).is_none() && !self.pins.contains_key(*k))
-            .cloned()
-            .collect();
-        if missing.is_empty() {
-            self.forward(now, dst, &keys, max_bytes);
-        } else {
-            self.parked
-                .park(now, dst, Held::Forward { keys, max_bytes }, missing);
+    /// Does `item` with what this relay holds now.
+    fn go(&mut self, now: Instant, dst: NodeId, item: Held) {
+        match item {
+            Held::Inject { stream, keys } => self.send_injected(now, dst, stream, &keys),
+            Held::Forward { keys, max_bytes } => self.forward(now, dst, &keys, max_bytes),
+            Held::Frame(f) => self.handle_frame(now, PARENT, f),
         }
     }
 
-    /// What a park held, in order; `expired`: its first inject sends what
-    /// the cache holds (the agent asks again for the rest).
+    /// What a park held, in order; `expired`: its first item goes with
+    /// what this relay holds (an agent asks again for a short body).
     pub(super) fn replay(
         &mut self,
         now: Instant,
@@ -104,17 +86,9 @@ impl Relay {
         let mut first = expired;
         for item in held {
             match item {
-                Held::Inject { stream, keys } if first => {
-                    self.send_injected(now, dst, stream, &keys);
-                }
-                Held::Inject { stream, keys } => self.inject(now, dst, stream, keys),
-                Held::Forward { keys, max_bytes } if first => {
-                    self.forward(now, dst, &keys, max_bytes);
-                }
-                Held::Forward { keys, max_bytes } => {
-                    self.forward_or_park(now, dst, keys, max_bytes);
-                }
                 Held::Frame(f) => self.handle_frame(now, PARENT, f),
+                item if first => self.go(now, dst, item),
+                item => self.enter(now, dst, item),
             }
             first = false;
         }
@@ -122,13 +96,7 @@ impl Relay {
 
     /// Sends cached entries to `dst` as the controller's Data frames,
     /// routed exactly as the controller's own frames from the parent.
-    pub(super) fn send_injected(
-        &mut self,
-        now: Instant,
-        dst: NodeId,
-        stream: StreamId,
-        keys: &[String],
-    ) {
+    fn send_injected(&mut self, now: Instant, dst: NodeId, stream: StreamId, keys: &[String]) {
         for key in keys {
             let Some(data) = self.cache.get(key) else {
                 return;
