@@ -68,7 +68,9 @@ fn transport(idle: Duration) -> Arc<TransportConfig> {
         .max_concurrent_bidi_streams(VarInt::from_u32(1))
         .stream_receive_window(VarInt::from_u32(LANE_WINDOW_BYTES))
         .receive_window(VarInt::from_u32(LINK_WINDOW_BYTES))
-        .send_window(u64::from(LINK_WINDOW_BYTES));
+        .send_window(u64::from(LINK_WINDOW_BYTES))
+        .datagram_receive_buffer_size(Some(dup::RECV_BUFFER_BYTES))
+        .datagram_send_buffer_size(dup::SEND_BUFFER_BYTES);
     // BBR, not quinn's default (CUBIC): a link chosen for QUIC is lossy,
     // and a loss-based controller holds a 2 %-loss, 300 ms link to about
     // nine packets a round trip, so a small request waits for a slot behind
@@ -421,7 +423,14 @@ async fn write_lanes(conn: Connection, mut rx: LinkRx, compress: bool, toward: T
                 return; // the reader reports the connection's end
             };
             let (tx, lane_rx) = mpsc::unbounded_channel();
-            tokio::spawn(write_lane(send, lane_rx, compress, rx.written_handle()));
+            let copies = conn.clone();
+            tokio::spawn(write_lane(
+                send,
+                copies,
+                lane_rx,
+                compress,
+                rx.written_handle(),
+            ));
             *slot = Some(tx);
         }
         if let Some(tx) = slot {
@@ -434,6 +443,7 @@ async fn write_lanes(conn: Connection, mut rx: LinkRx, compress: bool, toward: T
 
 async fn write_lane(
     mut send: quinn::SendStream,
+    conn: Connection,
     mut rx: mpsc::UnboundedReceiver<Frame>,
     compress: bool,
     written: crate::Written,
@@ -444,12 +454,25 @@ async fn write_lane(
     let mut z = flate2::Compress::new(flate2::Compression::new(DEFLATE_LEVEL), false);
     let mut out = Vec::new();
     let mut packed = Vec::new();
+    let index = send.id().index();
+    let mut numbered = 0u64;
     while let Some(frame) = rx.recv().await {
-        let taken = crate::coalesce(&enc, frame, &mut out, || rx.try_recv().ok());
+        let first = numbered;
+        numbered += 1;
+        let taken = crate::coalesce(&enc, frame, &mut out, || {
+            let more = rx.try_recv().ok();
+            numbered += u64::from(more.is_some());
+            more
+        });
         if deflate(&mut z, &out, &mut packed).is_err() || send.write_all(&packed).await.is_err() {
             return;
         }
         written.written(taken);
+        if let Some(copy) = dup::copy(index, first, &out, conn.max_datagram_size()) {
+            tokio::time::sleep(dup::DELAY).await;
+            // Dropped if the connection has no room: the stream has it.
+            let _ = conn.send_datagram(copy.into());
+        }
     }
 }
 
@@ -476,11 +499,20 @@ async fn read_lanes(
     link: LinkId,
 ) {
     let (bad_tx, mut bad_rx) = mpsc::channel::<String>(1);
+    let handed = dup::Handed::default();
+    let copies = tokio::spawn(read_copies(
+        conn.clone(),
+        handed.clone(),
+        inbox.clone(),
+        link,
+        bad_tx.clone(),
+    ));
     let why = loop {
         tokio::select! {
             accepted = conn.accept_uni() => match accepted {
                 Ok(recv) => {
-                    tokio::spawn(read_lane(recv, inbox.clone(), link, bad_tx.clone()));
+                    let lane = (handed.clone(), recv.id().index());
+                    tokio::spawn(read_lane(recv, lane, inbox.clone(), link, bad_tx.clone()));
                 }
                 Err(e) => break format!("QUIC: {e}"),
             },
@@ -490,16 +522,78 @@ async fn read_lanes(
             }
         }
     };
+    copies.abort();
     let _ = inbox.send(LinkEvent::Closed(link, why)).await;
     endpoint.close(VarInt::from_u32(CLOSE_DONE), b"");
 }
 
-async fn read_lane(
-    mut recv: quinn::RecvStream,
+/// Hands on the frames of each datagram copy its lane has not yet.
+async fn read_copies(
+    conn: Connection,
+    handed: dup::Handed,
     inbox: mpsc::Sender<LinkEvent>,
     link: LinkId,
     bad: mpsc::Sender<String>,
 ) {
+    while let Ok(d) = conn.read_datagram().await {
+        let frames = dup::parse(&d).and_then(|(index, first, bytes)| {
+            let mut dec = Decoder::new();
+            dec.push(bytes);
+            let mut frames = Vec::new();
+            while let Some(f) = dec
+                .next_frame()
+                .map_err(|e| format!("malformed frame: {e}"))?
+            {
+                frames.push(f);
+            }
+            if dec.buffered() > 0 {
+                return Err("a datagram with part of a frame".into());
+            }
+            Ok((index, first, frames))
+        });
+        let (index, first, frames) = match frames {
+            Ok(parsed) => parsed,
+            Err(why) => {
+                let _ = bad.try_send(why);
+                return;
+            }
+        };
+        let Some(lane) = handed.datagram(index) else {
+            continue;
+        };
+        let mut count = lane.lock().await;
+        let Some(fresh) = dup::fresh(*count, first, frames.len() as u64) else {
+            continue;
+        };
+        for f in frames.into_iter().skip(fresh.start as usize) {
+            if inbox.send(LinkEvent::Frame(link, f)).await.is_err() {
+                return;
+            }
+            *count += 1;
+        }
+    }
+}
+
+async fn read_lane(
+    mut recv: quinn::RecvStream,
+    (handed, index): (dup::Handed, u64),
+    inbox: mpsc::Sender<LinkEvent>,
+    link: LinkId,
+    bad: mpsc::Sender<String>,
+) {
+    let lane = handed.stream(index);
+    read_lane_frames(&mut recv, &lane, &inbox, link, &bad).await;
+    handed.end(index);
+}
+
+async fn read_lane_frames(
+    recv: &mut quinn::RecvStream,
+    lane: &dup::Lane,
+    inbox: &mpsc::Sender<LinkEvent>,
+    link: LinkId,
+    bad: &mpsc::Sender<String>,
+) {
+    let mut numbered = 0u64;
     let mut dec = Decoder::new();
     let mut z = flate2::Decompress::new(false);
     let mut buf = vec![0u8; READ_CHUNK_BYTES];
@@ -528,13 +622,26 @@ async fn read_lane(
             }
             input = &input[used..];
             dec.push(&plain);
-            match crate::hand_on(&mut dec, &inbox, link).await {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(why) => {
-                    let _ = bad.try_send(why);
+            loop {
+                let f = match dec.next_frame() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = bad.try_send(format!("malformed frame: {e}"));
+                        return;
+                    }
+                };
+                let n = numbered;
+                numbered += 1;
+                let mut count = lane.lock().await;
+                // Its datagram copy came first.
+                if n < *count {
+                    continue;
+                }
+                if inbox.send(LinkEvent::Frame(link, f)).await.is_err() {
                     return;
                 }
+                *count = n + 1;
             }
             if input.is_empty() && plain.len() < plain.capacity() {
                 break;
@@ -543,6 +650,7 @@ async fn read_lane(
     }
 }
 
+mod dup;
 mod tls;
 
 #[cfg(test)]

@@ -175,3 +175,102 @@ async fn the_endpoint_closes_when_no_parent_comes() {
     let late = connect(addr(&offer), &offer, Duration::from_millis(800), IDLE).await;
     assert!(late.is_err());
 }
+
+/// A relay's side as lanes, its parent's as the bare connection.
+async fn bare_parent() -> (Connection, Endpoint, mpsc::Receiver<LinkEvent>, LinkTx) {
+    let (listener, offer) = listen(LOOPBACK, IDLE).expect("listen");
+    let accepting = tokio::spawn(listener.accept(Duration::from_secs(10)));
+    let (cep, cconn) = connect(addr(&offer), &offer, Duration::from_secs(5), IDLE)
+        .await
+        .expect("connect");
+    let (sep, sconn) = accepting.await.expect("join").expect("accept");
+    let (rtx, rrx) = mpsc::channel(64);
+    let relay = spawn_lanes(sep, sconn, true, Toward::Parent, 8 << 20, rtx, LinkId(0));
+    (cconn, cep, rrx, relay)
+}
+
+fn encoded(frames: &[Frame]) -> Vec<u8> {
+    let enc = Encoder::new(false);
+    let mut out = Vec::new();
+    for f in frames {
+        enc.encode(f, &mut out);
+    }
+    out
+}
+
+async fn nothing_more(inbox: &mut mpsc::Receiver<LinkEvent>) {
+    let more = tokio::time::timeout(Duration::from_millis(300), inbox.recv()).await;
+    assert!(more.is_err(), "a frame handed on twice: {more:?}");
+}
+
+#[tokio::test]
+async fn a_copy_that_comes_first_is_handed_on_and_the_streams_frames_once() {
+    let (conn, _ep, mut inbox, _relay) = bare_parent().await;
+    let frames: Vec<Frame> = (0..4).map(|n| frame(5, 0, n, 20)).collect();
+    let mut send = conn.open_uni().await.expect("stream");
+    let index = send.id().index();
+    // Frames 0 and 1 come as a copy, before any byte of their stream.
+    let copy = dup::copy(index, 0, &encoded(&frames[..2]), conn.max_datagram_size());
+    conn.send_datagram(copy.expect("fits").into())
+        .expect("datagram");
+    for n in 0..2 {
+        assert_eq!(next_frame(&mut inbox).await.stream, StreamId(n));
+    }
+    // A copy past a missing frame (2) is not handed on.
+    let ahead = dup::copy(index, 3, &encoded(&frames[3..]), conn.max_datagram_size());
+    conn.send_datagram(ahead.expect("fits").into())
+        .expect("datagram");
+    nothing_more(&mut inbox).await;
+    // The stream brings all four: only 2 and 3 are new.
+    let mut z = flate2::Compress::new(flate2::Compression::new(DEFLATE_LEVEL), false);
+    let mut packed = Vec::new();
+    deflate(&mut z, &encoded(&frames), &mut packed).expect("deflate");
+    send.write_all(&packed).await.expect("write");
+    for n in 2..4 {
+        assert_eq!(next_frame(&mut inbox).await.stream, StreamId(n));
+    }
+    // A late copy of frames the stream brought is dropped.
+    let late = dup::copy(index, 1, &encoded(&frames[1..]), conn.max_datagram_size());
+    conn.send_datagram(late.expect("fits").into())
+        .expect("datagram");
+    nothing_more(&mut inbox).await;
+}
+
+#[tokio::test]
+async fn small_writes_cross_once_though_sent_twice() {
+    let ((parent, _from_relay), (_relay, mut from_parent)) = pair().await;
+    for n in 0..50 {
+        parent.send(frame(5 + n % 2, 0, n, 30)).await.expect("send");
+        if n % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let mut got: std::collections::HashMap<u32, Vec<u32>> = Default::default();
+    for _ in 0..50 {
+        let f = next_frame(&mut from_parent).await;
+        got.entry(f.dst.0).or_default().push(f.stream.0);
+    }
+    for (dst, streams) in &got {
+        let want: Vec<u32> = (0..50).filter(|n| 5 + n % 2 == *dst).collect();
+        assert_eq!(streams, &want);
+    }
+    nothing_more(&mut from_parent).await;
+}
+
+#[tokio::test]
+async fn a_malformed_copy_closes_the_link() {
+    let (conn, _ep, mut inbox, _relay) = bare_parent().await;
+    let mut bad = dup::copy(
+        0,
+        0,
+        &encoded(&[frame(5, 0, 1, 20)]),
+        conn.max_datagram_size(),
+    )
+    .expect("fits");
+    bad.truncate(bad.len() - 3);
+    conn.send_datagram(bad.into()).expect("datagram");
+    match tokio::time::timeout(Duration::from_secs(10), inbox.recv()).await {
+        Ok(Some(LinkEvent::Closed(_, why))) => assert!(why.contains("part of a frame"), "{why}"),
+        other => panic!("expected the link closed, got {other:?}"),
+    }
+}
