@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use arbor_core::LinkId;
 use arbor_wire::control::QuicOffer;
-use arbor_wire::link::{Decoder, Encoder, READ_CHUNK_BYTES};
+use arbor_wire::link::{Encoder, READ_CHUNK_BYTES};
 use arbor_wire::Frame;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, TransportConfig, VarInt};
@@ -455,20 +455,16 @@ async fn write_lane(
     let mut out = Vec::new();
     let mut packed = Vec::new();
     let index = send.id().index();
-    let mut numbered = 0u64;
+    let mut sent = 0u64;
     while let Some(frame) = rx.recv().await {
-        let first = numbered;
-        numbered += 1;
-        let taken = crate::coalesce(&enc, frame, &mut out, || {
-            let more = rx.try_recv().ok();
-            numbered += u64::from(more.is_some());
-            more
-        });
+        let taken = crate::coalesce(&enc, frame, &mut out, || rx.try_recv().ok());
         if deflate(&mut z, &out, &mut packed).is_err() || send.write_all(&packed).await.is_err() {
             return;
         }
         written.written(taken);
-        if let Some(copy) = dup::copy(index, first, &out, conn.max_datagram_size()) {
+        let at = sent;
+        sent += packed.len() as u64;
+        if let Some(copy) = dup::copy(index, at, &packed, conn.max_datagram_size()) {
             tokio::time::sleep(dup::DELAY).await;
             // Dropped if the connection has no room: the stream has it.
             let _ = conn.send_datagram(copy.into());
@@ -499,10 +495,10 @@ async fn read_lanes(
     link: LinkId,
 ) {
     let (bad_tx, mut bad_rx) = mpsc::channel::<String>(1);
-    let handed = dup::Handed::default();
+    let lanes = dup::Lanes::default();
     let copies = tokio::spawn(read_copies(
         conn.clone(),
-        handed.clone(),
+        lanes.clone(),
         inbox.clone(),
         link,
         bad_tx.clone(),
@@ -511,7 +507,7 @@ async fn read_lanes(
         tokio::select! {
             accepted = conn.accept_uni() => match accepted {
                 Ok(recv) => {
-                    let lane = (handed.clone(), recv.id().index());
+                    let lane = (lanes.clone(), recv.id().index());
                     tokio::spawn(read_lane(recv, lane, inbox.clone(), link, bad_tx.clone()));
                 }
                 Err(e) => break format!("QUIC: {e}"),
@@ -527,127 +523,61 @@ async fn read_lanes(
     endpoint.close(VarInt::from_u32(CLOSE_DONE), b"");
 }
 
-/// Hands on the frames of each datagram copy its lane has not yet.
+/// Takes each datagram copy's bytes its lane has not taken yet.
 async fn read_copies(
     conn: Connection,
-    handed: dup::Handed,
+    lanes: dup::Lanes,
     inbox: mpsc::Sender<LinkEvent>,
     link: LinkId,
     bad: mpsc::Sender<String>,
 ) {
     while let Ok(d) = conn.read_datagram().await {
-        let frames = dup::parse(&d).and_then(|(index, first, bytes)| {
-            let mut dec = Decoder::new();
-            dec.push(bytes);
-            let mut frames = Vec::new();
-            while let Some(f) = dec
-                .next_frame()
-                .map_err(|e| format!("malformed frame: {e}"))?
-            {
-                frames.push(f);
-            }
-            if dec.buffered() > 0 {
-                return Err("a datagram with part of a frame".into());
-            }
-            Ok((index, first, frames))
-        });
-        let (index, first, frames) = match frames {
-            Ok(parsed) => parsed,
+        let taken = match dup::parse(&d) {
+            Ok((index, at, bytes)) => match lanes.datagram(index) {
+                Some(lane) => lane.lock().await.take(at, bytes, &inbox, link).await,
+                None => Ok(true),
+            },
+            Err(why) => Err(why),
+        };
+        match taken {
+            Ok(true) => {}
+            Ok(false) => return,
             Err(why) => {
                 let _ = bad.try_send(why);
                 return;
             }
-        };
-        let Some(lane) = handed.datagram(index) else {
-            continue;
-        };
-        let mut count = lane.lock().await;
-        let Some(fresh) = dup::fresh(*count, first, frames.len() as u64) else {
-            continue;
-        };
-        for f in frames.into_iter().skip(fresh.start as usize) {
-            if inbox.send(LinkEvent::Frame(link, f)).await.is_err() {
-                return;
-            }
-            *count += 1;
         }
     }
 }
 
 async fn read_lane(
     mut recv: quinn::RecvStream,
-    (handed, index): (dup::Handed, u64),
+    (lanes, index): (dup::Lanes, u64),
     inbox: mpsc::Sender<LinkEvent>,
     link: LinkId,
     bad: mpsc::Sender<String>,
 ) {
-    let lane = handed.stream(index);
-    read_lane_frames(&mut recv, &lane, &inbox, link, &bad).await;
-    handed.end(index);
-}
-
-async fn read_lane_frames(
-    recv: &mut quinn::RecvStream,
-    lane: &dup::Lane,
-    inbox: &mpsc::Sender<LinkEvent>,
-    link: LinkId,
-    bad: &mpsc::Sender<String>,
-) {
-    let mut numbered = 0u64;
-    let mut dec = Decoder::new();
-    let mut z = flate2::Decompress::new(false);
+    let lane = lanes.stream(index);
     let mut buf = vec![0u8; READ_CHUNK_BYTES];
-    let mut plain = Vec::with_capacity(READ_CHUNK_BYTES);
+    let mut at = 0u64;
     loop {
         let n = match recv.read(&mut buf).await {
             Ok(Some(n)) => n,
             // A lane ends with its sender; the link's end is the
             // connection's.
-            Ok(None) | Err(_) => return,
+            Ok(None) | Err(_) => break,
         };
-        // Inflated a bounded piece at a time, its frames handed on before
-        // the next: the decoder holds at most a frame and a piece.
-        let mut input = &buf[..n];
-        loop {
-            plain.clear();
-            let before = z.total_in();
-            if let Err(e) = z.decompress_vec(input, &mut plain, flate2::FlushDecompress::Sync) {
-                let _ = bad.try_send(format!("bad deflate stream: {e}"));
-                return;
-            }
-            let used = (z.total_in() - before) as usize;
-            if used == 0 && plain.is_empty() && !input.is_empty() {
-                let _ = bad.try_send("the deflate stream ended".into());
-                return;
-            }
-            input = &input[used..];
-            dec.push(&plain);
-            loop {
-                let f = match dec.next_frame() {
-                    Ok(Some(f)) => f,
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = bad.try_send(format!("malformed frame: {e}"));
-                        return;
-                    }
-                };
-                let n = numbered;
-                numbered += 1;
-                let mut count = lane.lock().await;
-                // Its datagram copy came first.
-                if n < *count {
-                    continue;
-                }
-                if inbox.send(LinkEvent::Frame(link, f)).await.is_err() {
-                    return;
-                }
-                *count = n + 1;
-            }
-            if input.is_empty() && plain.len() < plain.capacity() {
+        match lane.lock().await.take(at, &buf[..n], &inbox, link).await {
+            Ok(true) => at += n as u64,
+            Ok(false) => break,
+            Err(why) => {
+                let _ = bad.try_send(why);
                 break;
             }
         }
     }
+    lane.lock().await.end();
+    lanes.end(index);
 }
 
 mod dup;

@@ -203,36 +203,47 @@ async fn nothing_more(inbox: &mut mpsc::Receiver<LinkEvent>) {
     assert!(more.is_err(), "a frame handed on twice: {more:?}");
 }
 
+/// Frames as a lane's writes: each write's frames deflated and flushed,
+/// one deflate stream across them.
+fn writes(groups: &[&[Frame]]) -> Vec<Vec<u8>> {
+    let mut z = flate2::Compress::new(flate2::Compression::new(DEFLATE_LEVEL), false);
+    groups
+        .iter()
+        .map(|g| {
+            let mut packed = Vec::new();
+            deflate(&mut z, &encoded(g), &mut packed).expect("deflate");
+            packed
+        })
+        .collect()
+}
+
 #[tokio::test]
-async fn a_copy_that_comes_first_is_handed_on_and_the_streams_frames_once() {
+async fn a_copy_that_comes_first_is_taken_and_the_streams_bytes_once() {
     let (conn, _ep, mut inbox, _relay) = bare_parent().await;
-    let frames: Vec<Frame> = (0..4).map(|n| frame(5, 0, n, 20)).collect();
+    let f: Vec<Frame> = (0..5).map(|n| frame(5, 0, n, 20)).collect();
+    let w = writes(&[&f[..2], &f[2..4], &f[4..]]);
+    let max = conn.max_datagram_size();
     let mut send = conn.open_uni().await.expect("stream");
     let index = send.id().index();
-    // Frames 0 and 1 come as a copy, before any byte of their stream.
-    let copy = dup::copy(index, 0, &encoded(&frames[..2]), conn.max_datagram_size());
-    conn.send_datagram(copy.expect("fits").into())
-        .expect("datagram");
+    // The first write comes as a copy, before any byte of its stream.
+    let first = dup::copy(index, 0, &w[0], max).expect("fits");
+    conn.send_datagram(first.into()).expect("datagram");
     for n in 0..2 {
         assert_eq!(next_frame(&mut inbox).await.stream, StreamId(n));
     }
-    // A copy past a missing frame (2) is not handed on.
-    let ahead = dup::copy(index, 3, &encoded(&frames[3..]), conn.max_datagram_size());
-    conn.send_datagram(ahead.expect("fits").into())
-        .expect("datagram");
+    // A copy of the third while the second is missing is not taken.
+    let third_at = (w[0].len() + w[1].len()) as u64;
+    let ahead = dup::copy(index, third_at, &w[2], max).expect("fits");
+    conn.send_datagram(ahead.into()).expect("datagram");
     nothing_more(&mut inbox).await;
-    // The stream brings all four: only 2 and 3 are new.
-    let mut z = flate2::Compress::new(flate2::Compression::new(DEFLATE_LEVEL), false);
-    let mut packed = Vec::new();
-    deflate(&mut z, &encoded(&frames), &mut packed).expect("deflate");
-    send.write_all(&packed).await.expect("write");
-    for n in 2..4 {
+    // The stream brings all three: only frames 2, 3 and 4 are new.
+    send.write_all(&w.concat()).await.expect("write");
+    for n in 2..5 {
         assert_eq!(next_frame(&mut inbox).await.stream, StreamId(n));
     }
-    // A late copy of frames the stream brought is dropped.
-    let late = dup::copy(index, 1, &encoded(&frames[1..]), conn.max_datagram_size());
-    conn.send_datagram(late.expect("fits").into())
-        .expect("datagram");
+    // A late copy of bytes the stream brought is dropped.
+    let late = dup::copy(index, w[0].len() as u64, &w[1], max).expect("fits");
+    conn.send_datagram(late.into()).expect("datagram");
     nothing_more(&mut inbox).await;
 }
 
@@ -260,17 +271,29 @@ async fn small_writes_cross_once_though_sent_twice() {
 #[tokio::test]
 async fn a_malformed_copy_closes_the_link() {
     let (conn, _ep, mut inbox, _relay) = bare_parent().await;
-    let mut bad = dup::copy(
-        0,
-        0,
-        &encoded(&[frame(5, 0, 1, 20)]),
-        conn.max_datagram_size(),
-    )
-    .expect("fits");
-    bad.truncate(bad.len() - 3);
+    let bad = dup::copy(0, 0, b"not deflate at all", conn.max_datagram_size()).expect("fits");
     conn.send_datagram(bad.into()).expect("datagram");
     match tokio::time::timeout(Duration::from_secs(10), inbox.recv()).await {
-        Ok(Some(LinkEvent::Closed(_, why))) => assert!(why.contains("part of a frame"), "{why}"),
+        Ok(Some(LinkEvent::Closed(_, why))) => assert!(why.contains("deflate"), "{why}"),
         other => panic!("expected the link closed, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_small_write_is_also_sent_as_a_copy_of_its_stream_bytes() {
+    let (conn, _ep, _inbox, relay) = bare_parent().await;
+    relay.send(frame(0, 9, 1, 30)).await.expect("send up");
+    let d = tokio::time::timeout(Duration::from_secs(5), conn.read_datagram())
+        .await
+        .expect("a copy in time")
+        .expect("a datagram");
+    let (index, at, bytes) = dup::parse(&d).expect("a copy");
+    assert_eq!(at, 0, "the lane's first write");
+    // The copy is the write's bytes as its stream carries them.
+    let mut recv = conn.accept_uni().await.expect("the lane's stream");
+    assert_eq!(recv.id().index(), index);
+    let mut on_stream = vec![0u8; bytes.len()];
+    recv.read_exact(&mut on_stream).await.expect("stream bytes");
+    assert_eq!(on_stream, bytes);
+    assert_eq!(bytes, writes(&[&[frame(0, 9, 1, 30)]])[0]);
 }
