@@ -28,17 +28,22 @@ async fn next_frame(inbox: &mut mpsc::Receiver<LinkEvent>) -> Frame {
     }
 }
 
+/// A parent's connection to a relay's endpoint, and the relay's side.
+async fn connected() -> ((Endpoint, Connection), (Endpoint, Connection)) {
+    let (listener, offer) = listen(LOOPBACK, IDLE).expect("listen");
+    let accepting = tokio::spawn(listener.accept(Duration::from_secs(10)));
+    let parent = connect(addr(&offer), &offer, Duration::from_secs(5), IDLE)
+        .await
+        .expect("connect");
+    (parent, accepting.await.expect("join").expect("accept"))
+}
+
 /// A relay's endpoint and its parent's connection, linked both ways.
 async fn pair() -> (
     (LinkTx, mpsc::Receiver<LinkEvent>),
     (LinkTx, mpsc::Receiver<LinkEvent>),
 ) {
-    let (listener, offer) = listen(LOOPBACK, IDLE).expect("listen");
-    let accepting = tokio::spawn(listener.accept(Duration::from_secs(10)));
-    let (cep, cconn) = connect(addr(&offer), &offer, Duration::from_secs(5), IDLE)
-        .await
-        .expect("connect");
-    let (sep, sconn) = accepting.await.expect("join").expect("accept");
+    let ((cep, cconn), (sep, sconn)) = connected().await;
     let (ptx, prx) = mpsc::channel(64);
     let (rtx, rrx) = mpsc::channel(64);
     let parent = spawn_lanes(cep, cconn, true, Toward::Child, 8 << 20, ptx, LinkId(1));
@@ -178,12 +183,7 @@ async fn the_endpoint_closes_when_no_parent_comes() {
 
 /// A relay's side as lanes, its parent's as the bare connection.
 async fn bare_parent() -> (Connection, Endpoint, mpsc::Receiver<LinkEvent>, LinkTx) {
-    let (listener, offer) = listen(LOOPBACK, IDLE).expect("listen");
-    let accepting = tokio::spawn(listener.accept(Duration::from_secs(10)));
-    let (cep, cconn) = connect(addr(&offer), &offer, Duration::from_secs(5), IDLE)
-        .await
-        .expect("connect");
-    let (sep, sconn) = accepting.await.expect("join").expect("accept");
+    let ((cep, cconn), (sep, sconn)) = connected().await;
     let (rtx, rrx) = mpsc::channel(64);
     let relay = spawn_lanes(sep, sconn, true, Toward::Parent, 8 << 20, rtx, LinkId(0));
     (cconn, cep, rrx, relay)
