@@ -507,8 +507,8 @@ async fn read_lanes(
         tokio::select! {
             accepted = conn.accept_uni() => match accepted {
                 Ok(recv) => {
-                    let lane = (lanes.clone(), recv.id().index());
-                    tokio::spawn(read_lane(recv, lane, inbox.clone(), link, bad_tx.clone()));
+                    let lanes = lanes.clone();
+                    tokio::spawn(read_lane(recv, lanes, inbox.clone(), link, bad_tx.clone()));
                 }
                 Err(e) => break format!("QUIC: {e}"),
             },
@@ -552,11 +552,12 @@ async fn read_copies(
 
 async fn read_lane(
     mut recv: quinn::RecvStream,
-    (lanes, index): (dup::Lanes, u64),
+    lanes: dup::Lanes,
     inbox: mpsc::Sender<LinkEvent>,
     link: LinkId,
     bad: mpsc::Sender<String>,
 ) {
+    let index = recv.id().index();
     let lane = lanes.stream(index);
     let mut buf = vec![0u8; READ_CHUNK_BYTES];
     let mut at = 0u64;

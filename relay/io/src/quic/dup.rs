@@ -26,7 +26,7 @@ use crate::LinkEvent;
 /// for the connection to send the stream's packet first.
 pub(super) const DELAY: Duration = Duration::from_millis(2);
 /// A datagram's header: the stream's index and the copy's offset in it.
-pub(super) const HEADER_BYTES: usize = 16;
+const HEADER_BYTES: usize = 16;
 /// Datagrams queued to send, and received but not yet read, at most.
 pub(super) const SEND_BUFFER_BYTES: usize = 64 << 10;
 pub(super) const RECV_BUFFER_BYTES: usize = 256 << 10;
@@ -64,7 +64,7 @@ pub(super) fn parse(d: &[u8]) -> Result<(u64, u64, &[u8]), String> {
 
 /// Of `len` bytes at offset `start`, those to take when a lane has taken
 /// `taken`: none if earlier bytes are missing or all were taken already.
-pub(super) fn fresh(taken: u64, start: u64, len: usize) -> Option<Range<usize>> {
+fn fresh(taken: u64, start: u64, len: usize) -> Option<Range<usize>> {
     let skip = usize::try_from(taken.checked_sub(start)?).ok()?;
     (skip < len).then_some(skip..len)
 }
@@ -137,7 +137,7 @@ impl Inflow {
     }
 }
 
-pub(super) type Lane = Arc<tokio::sync::Mutex<Inflow>>;
+type Lane = Arc<tokio::sync::Mutex<Inflow>>;
 
 /// Each lane's [`Inflow`], shared by the lane's stream reader and the
 /// connection's datagram reader; held while bytes are taken, so the two
